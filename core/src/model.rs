@@ -1,0 +1,141 @@
+//! Models: a model family owns its training step (an autoencoder's single update, a GAN's
+//! alternating discriminator and generator updates); the trainer owns everything around it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Batch, DataInfo};
+use crate::error::{Error, Result};
+use crate::layers::BuildContext;
+use crate::optim::Optimizer;
+use crate::stabilizer::{HookContext, StabilizerStack};
+use crate::state::StateDict;
+use crate::tensor::{Device, Grads, Matrix, Param, Parameterized, Rng};
+
+/// What one training step reports: named losses and diagnostics, all finite unless something
+/// went wrong (the trainer checks).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Loss values by name (`d_loss`, `g_loss`, `reconstruction`).
+    pub losses: BTreeMap<String, f64>,
+    /// Other measurements by name (`grad_norm/generator`, `d_real_mean`).
+    pub diagnostics: BTreeMap<String, f64>,
+}
+
+impl StepReport {
+    /// Records a loss.
+    pub fn loss(&mut self, name: impl Into<String>, value: f64) {
+        self.losses.insert(name.into(), value);
+    }
+    /// Records a diagnostic.
+    pub fn diagnostic(&mut self, name: impl Into<String>, value: f64) {
+        self.diagnostics.insert(name.into(), value);
+    }
+    /// The first non-finite value, by name.
+    pub fn first_non_finite(&self) -> Option<(&str, f64)> {
+        self.losses.iter().chain(self.diagnostics.iter()).find(|(_, v)| !v.is_finite()).map(|(k, v)| (k.as_str(), *v))
+    }
+}
+
+/// Everything a model's training step uses besides its own networks.
+pub struct TrainContext<'a> {
+    /// The global step, counted from 0.
+    pub step: u64,
+    /// Where tensors live.
+    pub device: &'a Device,
+    /// The run's seeded generator (latent codes, noise, dropout).
+    pub rng: &'a mut Rng,
+    /// One optimizer per parameter group the model declared ([`Model::param_groups`]).
+    pub optimizers: &'a mut BTreeMap<String, Box<dyn Optimizer>>,
+    /// The pipeline's stabilizers, in order.
+    pub stabilizers: &'a mut StabilizerStack,
+}
+
+impl TrainContext<'_> {
+    /// The hook context stabilizers receive, borrowed from this one.
+    pub fn hooks(&mut self) -> (&mut StabilizerStack, HookContext<'_>) {
+        (self.stabilizers, HookContext { step: self.step, device: self.device, rng: self.rng })
+    }
+
+    /// Applies `grads` to the parameters of `group`: stabilizers edit the gradients, the group's
+    /// optimizer updates, stabilizers act after the update. Returns the global L2 norm of the
+    /// gradients of `params` as the optimizer received them.
+    pub fn apply_gradients(&mut self, group: &str, params: &mut [(String, &mut Param)], mut grads: Grads) -> Result<f64> {
+        let ctx = &mut HookContext { step: self.step, device: self.device, rng: self.rng };
+        self.stabilizers.edit_gradients(group, params, &mut grads, ctx)?;
+        let norm = grad_norm(params, &mut grads);
+        let optimizer = self.optimizers.get_mut(group).ok_or_else(|| {
+            Error::config(format!("optimizers.{group}"), "no optimizer configured for this parameter group")
+        })?;
+        optimizer.step(params, &mut grads)?;
+        self.stabilizers.after_update(group, params, ctx)?;
+        Ok(norm)
+    }
+}
+
+/// Global L2 norm of the gradients of trainable `params` present in `grads`.
+pub fn grad_norm(params: &[(String, &mut Param)], grads: &mut Grads) -> f64 {
+    let mut sum = 0.0f64;
+    for (_, p) in params.iter() {
+        if p.trainable() {
+            if let Ok(g) = grads.get_or_alloc_mut(&p.value) {
+                sum += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            }
+        }
+    }
+    sum.sqrt()
+}
+
+/// What evaluation, sampling and reconstruction need.
+pub struct EvalContext<'a> {
+    /// Where tensors live.
+    pub device: &'a Device,
+    /// A seeded generator (latent codes).
+    pub rng: &'a mut Rng,
+}
+
+/// A trainable model: an autoencoder, a GAN, an autoencoder inside a GAN.
+pub trait Model: Parameterized {
+    /// The family (`autoencoder`, `gan`), used by metrics and outputs.
+    fn family(&self) -> &str;
+    /// A multi-line description of the networks.
+    fn describe(&self) -> String;
+    /// The parameter groups, each updated by its own optimizer (`["model"]`, or
+    /// `["discriminator", "generator"]`). Parameter names start with their group's name.
+    fn param_groups(&self) -> Vec<String>;
+    /// One training step on `batch`: forward, losses, backward, updates through
+    /// [`TrainContext::apply_gradients`], calling the stabilizer hooks at their points.
+    fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport>;
+    /// Losses on a held-out batch, without updating anything (eval mode).
+    fn evaluate(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>>;
+    /// `n` generated samples (rows), for generative models.
+    fn sample(&mut self, _n: usize, _ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
+        Ok(None)
+    }
+    /// Reconstructions of `batch`, for autoencoders.
+    fn reconstruct(&mut self, _batch: &Batch, _ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
+        Ok(None)
+    }
+    /// State beyond parameters and optimizers (BEGAN's k_t, say), for checkpoints.
+    fn extra_state(&self) -> StateDict {
+        StateDict::default()
+    }
+    /// Restores [`Model::extra_state`].
+    fn load_extra_state(&mut self, _state: &StateDict) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Serializable description of a [`Model`]; `type = "dense_autoencoder"` in pipeline files.
+#[typetag::serde(tag = "type")]
+pub trait ModelConfig: std::fmt::Debug {
+    /// Builds the model for data described by `data`, or explains why they do not fit.
+    fn build(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Model>>;
+}
+
+/// The parameters of `model` whose names start with `group.`.
+pub fn group_params<'a>(params: Vec<(String, &'a mut Param)>, group: &str) -> Vec<(String, &'a mut Param)> {
+    let prefix = format!("{group}.");
+    params.into_iter().filter(|(n, _)| n.starts_with(&prefix)).collect()
+}

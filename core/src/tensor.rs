@@ -1,0 +1,213 @@
+//! Tensors with runtime shapes, the activations that flow between layers, and parameters.
+//!
+//! Every activation is a `[batch, features]` matrix that carries a gradient tape, together with
+//! the logical per-sample [`FeatureShape`] (`features`, or `channels x height x width` stored
+//! row-major). Reshapes between the two are free. Every parameter is stored flat as a
+//! [`Vector`] plus its logical shape: a contiguous `reshape_like` keeps the tensor's id, so the
+//! gradient of the reshaped view lands on the flat parameter, and optimizers see one uniform type.
+
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The compute device: dfdx's `Cpu` by default, `Cuda` with the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub type Device = dfdx::tensor::Cpu;
+/// The compute device: dfdx's `Cpu` by default, `Cuda` with the `cuda` feature.
+#[cfg(feature = "cuda")]
+pub type Device = dfdx::tensor::Cuda;
+
+/// The gradient tape every training forward pass carries.
+pub type Tape = OwnedTape<f32, Device>;
+/// Gradients keyed by tensor id, as returned by `backward()`.
+pub type Grads = Gradients<f32, Device>;
+/// A 1-D tensor of runtime length.
+pub type Vector<T = NoneTape> = Tensor<(usize,), f32, Device, T>;
+/// A 2-D tensor of runtime shape, `[rows, cols]`.
+pub type Matrix<T = NoneTape> = Tensor<(usize, usize), f32, Device, T>;
+/// A scalar, usually a loss carrying the tape.
+pub type Scalar<T = Tape> = Tensor<(), f32, Device, T>;
+/// The seeded random generator used everywhere nash draws numbers (reproducible across platforms).
+pub type Rng = rand_chacha::ChaCha8Rng;
+
+/// The logical shape of one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FeatureShape {
+    /// A flat feature vector.
+    Flat(usize),
+    /// An image, stored channel-major: `[channels, height, width]`.
+    Image { channels: usize, height: usize, width: usize },
+}
+
+impl FeatureShape {
+    /// Number of scalars in one sample.
+    pub fn numel(&self) -> usize {
+        match *self {
+            FeatureShape::Flat(n) => n,
+            FeatureShape::Image { channels, height, width } => channels * height * width,
+        }
+    }
+    /// An image shape.
+    pub fn image(channels: usize, height: usize, width: usize) -> Self {
+        FeatureShape::Image { channels, height, width }
+    }
+    /// `(channels, height, width)` if this is an image.
+    pub fn as_image(&self) -> Option<(usize, usize, usize)> {
+        match *self {
+            FeatureShape::Image { channels, height, width } => Some((channels, height, width)),
+            FeatureShape::Flat(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for FeatureShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FeatureShape::Flat(n) => write!(f, "[{n}]"),
+            FeatureShape::Image { channels, height, width } => write!(f, "[{channels}, {height}, {width}]"),
+        }
+    }
+}
+
+/// A batch of activations: a `[batch, numel]` matrix on the tape, and its per-sample shape.
+#[derive(Debug)]
+pub struct Activation {
+    /// The values, one sample per row.
+    pub value: Matrix<Tape>,
+    /// The logical shape of each row.
+    pub shape: FeatureShape,
+}
+
+impl Activation {
+    /// Wraps a taped matrix, checking that its width matches `shape`.
+    pub fn new(value: Matrix<Tape>, shape: FeatureShape) -> Result<Self> {
+        let cols = value.shape().1;
+        if cols != shape.numel() {
+            return Err(Error::shape("activation", format!("{} features for {shape}", shape.numel()), cols));
+        }
+        Ok(Activation { value, shape })
+    }
+    /// Starts a fresh tape on a constant matrix (a data batch, a latent code).
+    pub fn input(value: &Matrix, shape: FeatureShape) -> Result<Self> {
+        Self::new(value.leaky_trace(), shape)
+    }
+    /// Number of samples.
+    pub fn batch_size(&self) -> usize {
+        self.value.shape().0
+    }
+    /// A copy sharing this tensor's id but with an empty tape: use it for a second use of a value
+    /// whose history stays on the original's tape (dfdx's idiom for reuse).
+    pub fn reuse(&self) -> Self {
+        Activation { value: self.value.with_empty_tape(), shape: self.shape }
+    }
+    /// The values without the tape.
+    pub fn detach(&self) -> Matrix {
+        self.value.retaped::<NoneTape>()
+    }
+}
+
+/// What a parameter is, so that stabilizers and optimizers can treat kinds differently
+/// (weight decay and spectral norm apply to weights, not to biases).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamRole {
+    /// A weight matrix or convolution kernel.
+    Weight,
+    /// An additive bias.
+    Bias,
+    /// A normalization scale (gamma).
+    Scale,
+    /// A normalization shift (beta).
+    Shift,
+    /// An embedding table or codebook.
+    Embedding,
+    /// Not trained by optimizers but part of the state (running statistics, power-iteration vectors).
+    Buffer,
+}
+
+/// One parameter or buffer: a flat tensor and its logical shape.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// The values, flat and contiguous.
+    pub value: Vector,
+    /// The logical shape (`[in, out]` for a linear weight, `[out_c, in_c, kh, kw]` for a kernel).
+    pub shape: Vec<usize>,
+    /// What the parameter is.
+    pub role: ParamRole,
+}
+
+impl Param {
+    /// A parameter from host values.
+    pub fn from_vec(device: &Device, values: Vec<f32>, shape: Vec<usize>, role: ParamRole) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != values.len() {
+            return Err(Error::shape("parameter", format!("{n} values for shape {shape:?}"), values.len()));
+        }
+        let value = device.tensor_from_vec(values, (n,));
+        Ok(Param { value, shape, role })
+    }
+    /// Whether optimizers update it.
+    pub fn trainable(&self) -> bool {
+        self.role != ParamRole::Buffer
+    }
+    /// Number of scalars.
+    pub fn numel(&self) -> usize {
+        self.value.shape().0
+    }
+    /// The values as a `[rows, cols]` matrix view sharing this parameter's id (so gradients land
+    /// on it). `rows * cols` must equal [`Param::numel`].
+    pub fn as_matrix(&self, rows: usize, cols: usize) -> Matrix {
+        self.value.clone().reshape_like(&(rows, cols))
+    }
+    /// Host copy of the values.
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.value.as_vec()
+    }
+    /// Overwrites the values in place, keeping the tensor id.
+    pub fn set(&mut self, values: &[f32]) -> Result<()> {
+        if values.len() != self.numel() {
+            return Err(Error::shape("parameter update", self.numel(), values.len()));
+        }
+        self.value.copy_from(values);
+        Ok(())
+    }
+}
+
+/// Anything that owns parameters: layers, networks, models.
+///
+/// Names are dotted paths (`discriminator.2.weight`), stable across runs: checkpoints, optimizer
+/// state and stabilizer selections are keyed by them.
+pub trait Parameterized {
+    /// Every parameter and buffer, with its name.
+    fn named_params(&self) -> Vec<(String, &Param)>;
+    /// Every parameter and buffer, mutably, in the same order as [`Parameterized::named_params`].
+    fn named_params_mut(&mut self) -> Vec<(String, &mut Param)>;
+}
+
+/// Prefixes names: `prefix.name` (or `name` when `prefix` is empty).
+pub fn join_name(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// A matrix from host values.
+pub fn matrix_from_vec(device: &Device, values: Vec<f32>, rows: usize, cols: usize) -> Result<Matrix> {
+    if values.len() != rows * cols {
+        return Err(Error::shape("matrix", format!("{rows}x{cols} = {} values", rows * cols), values.len()));
+    }
+    Ok(device.tensor_from_vec(values, (rows, cols)))
+}
+
+/// Fails with [`Error::NonFinite`] if `value` is NaN or infinite.
+pub fn check_finite(what: &str, value: f32) -> Result<f32> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(Error::NonFinite { what: format!("{what} = {value}") })
+    }
+}
