@@ -12,13 +12,23 @@ fn fnv1a(hash: &mut u64, bytes: &[u8]) {
 }
 
 fn hash_dir(dir: &Path, hash: &mut u64) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).expect("read core source dir").flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("read core source dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for path in entries {
         if path.is_dir() {
             hash_dir(&path, hash);
         } else if path.extension().is_some_and(|e| e == "rs") {
-            fnv1a(hash, path.strip_prefix(env_dir()).unwrap_or(&path).to_string_lossy().as_bytes());
+            fnv1a(
+                hash,
+                path.strip_prefix(env_dir())
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .as_bytes(),
+            );
             fnv1a(hash, &std::fs::read(&path).expect("read core source file"));
         }
     }
@@ -48,7 +58,10 @@ fn main() {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     let dir = env_dir();
     hash_dir(&dir.join("src"), &mut hash);
-    fnv1a(&mut hash, &std::fs::read(dir.join("Cargo.toml")).expect("read Cargo.toml"));
+    fnv1a(
+        &mut hash,
+        &std::fs::read(dir.join("Cargo.toml")).expect("read Cargo.toml"),
+    );
     fnv1a(&mut hash, features.join(",").as_bytes());
     fnv1a(&mut hash, version.as_bytes());
     println!("cargo:rustc-env=NASH_CORE_FINGERPRINT={hash:016x}");

@@ -5,9 +5,9 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use dfdx::shapes::HasShape;
 use crate::state::StateDict;
 use crate::tensor::{Device, FeatureShape, Matrix, Rng};
+use dfdx::shapes::HasShape;
 
 /// Which part of a data set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,7 +109,15 @@ impl DataLoader {
                 format!("the {split:?} split has {len} samples, fewer than one batch of {batch_size}"),
             ));
         }
-        let mut loader = DataLoader { split, batch_size, seed, len, epoch: 0, position: 0, order: Vec::new() };
+        let mut loader = DataLoader {
+            split,
+            batch_size,
+            seed,
+            len,
+            epoch: 0,
+            position: 0,
+            order: Vec::new(),
+        };
         loader.shuffle();
         Ok(loader)
     }

@@ -13,7 +13,11 @@ pub enum Error {
     Config { path: String, message: String },
     /// Two tensors or layers do not fit together.
     #[error("shape mismatch in {context}: expected {expected}, got {actual}")]
-    Shape { context: String, expected: String, actual: String },
+    Shape {
+        context: String,
+        expected: String,
+        actual: String,
+    },
     /// An operation is not supported by this component, and why.
     #[error("{what} is not supported: {why}")]
     Unsupported { what: String, why: String },
@@ -31,7 +35,11 @@ pub enum Error {
     NonFinite { what: String },
     /// An I/O error, with the file it happened on.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A JSON (de)serialization error.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
@@ -43,23 +51,39 @@ pub enum Error {
 impl Error {
     /// A [`Error::Config`] at `path`.
     pub fn config(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config { path: path.into(), message: message.into() }
+        Error::Config {
+            path: path.into(),
+            message: message.into(),
+        }
     }
     /// A [`Error::Shape`] in `context`.
     pub fn shape(context: impl Into<String>, expected: impl ToString, actual: impl ToString) -> Self {
-        Error::Shape { context: context.into(), expected: expected.to_string(), actual: actual.to_string() }
+        Error::Shape {
+            context: context.into(),
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        }
     }
     /// A [`Error::Unsupported`]: `what` cannot be done, because `why`.
     pub fn unsupported(what: impl Into<String>, why: impl Into<String>) -> Self {
-        Error::Unsupported { what: what.into(), why: why.into() }
+        Error::Unsupported {
+            what: what.into(),
+            why: why.into(),
+        }
     }
     /// A [`Error::State`] for `key`.
     pub fn state(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::State { key: key.into(), message: message.into() }
+        Error::State {
+            key: key.into(),
+            message: message.into(),
+        }
     }
     /// An [`Error::Io`] on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

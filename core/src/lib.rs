@@ -51,8 +51,7 @@ pub mod prelude {
     pub use crate::stabilizer::{Stabilizer, StabilizerConfig, StabilizerStack};
     pub use crate::state::StateDict;
     pub use crate::tensor::{
-        Activation, Device, FeatureShape, Grads, Matrix, Param, ParamRole, Parameterized, Rng,
-        Scalar, Tape, Vector,
+        Activation, Device, FeatureShape, Grads, Matrix, Param, ParamRole, Parameterized, Rng, Scalar, Tape, Vector,
     };
     pub use dfdx::prelude::*;
 }

@@ -11,7 +11,12 @@ pub trait Metric {
     /// The metric's name.
     fn name(&self) -> &str;
     /// Evaluates `model` against `data`.
-    fn evaluate(&mut self, model: &mut dyn Model, data: &dyn DataSource, ctx: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>>;
+    fn evaluate(
+        &mut self,
+        model: &mut dyn Model,
+        data: &dyn DataSource,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<BTreeMap<String, f64>>;
 }
 
 /// Serializable description of a [`Metric`]; `type = "mode_coverage"` in pipeline files.

@@ -34,7 +34,11 @@ impl StepReport {
     }
     /// The first non-finite value, by name.
     pub fn first_non_finite(&self) -> Option<(&str, f64)> {
-        self.losses.iter().chain(self.diagnostics.iter()).find(|(_, v)| !v.is_finite()).map(|(k, v)| (k.as_str(), *v))
+        self.losses
+            .iter()
+            .chain(self.diagnostics.iter())
+            .find(|(_, v)| !v.is_finite())
+            .map(|(k, v)| (k.as_str(), *v))
     }
 }
 
@@ -55,18 +59,37 @@ pub struct TrainContext<'a> {
 impl TrainContext<'_> {
     /// The hook context stabilizers receive, borrowed from this one.
     pub fn hooks(&mut self) -> (&mut StabilizerStack, HookContext<'_>) {
-        (self.stabilizers, HookContext { step: self.step, device: self.device, rng: self.rng })
+        (
+            self.stabilizers,
+            HookContext {
+                step: self.step,
+                device: self.device,
+                rng: self.rng,
+            },
+        )
     }
 
     /// Applies `grads` to the parameters of `group`: stabilizers edit the gradients, the group's
     /// optimizer updates, stabilizers act after the update. Returns the global L2 norm of the
     /// gradients of `params` as the optimizer received them.
-    pub fn apply_gradients(&mut self, group: &str, params: &mut [(String, &mut Param)], mut grads: Grads) -> Result<f64> {
-        let ctx = &mut HookContext { step: self.step, device: self.device, rng: self.rng };
+    pub fn apply_gradients(
+        &mut self,
+        group: &str,
+        params: &mut [(String, &mut Param)],
+        mut grads: Grads,
+    ) -> Result<f64> {
+        let ctx = &mut HookContext {
+            step: self.step,
+            device: self.device,
+            rng: self.rng,
+        };
         self.stabilizers.edit_gradients(group, params, &mut grads, ctx)?;
         let norm = grad_norm(params, &mut grads);
         let optimizer = self.optimizers.get_mut(group).ok_or_else(|| {
-            Error::config(format!("optimizers.{group}"), "no optimizer configured for this parameter group")
+            Error::config(
+                format!("optimizers.{group}"),
+                "no optimizer configured for this parameter group",
+            )
         })?;
         optimizer.step(params, &mut grads)?;
         self.stabilizers.after_update(group, params, ctx)?;
@@ -79,7 +102,7 @@ pub fn grad_norm(params: &[(String, &mut Param)], grads: &mut Grads) -> f64 {
     let mut sum = 0.0f64;
     for (_, p) in params.iter() {
         if p.trainable() {
-            if let Ok(g) = grads.get_or_alloc_mut(&p.value) {
+            if let Ok(g) = crate::tensor::grad_to_vec(grads, p) {
                 sum += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
             }
         }

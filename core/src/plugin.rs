@@ -127,7 +127,9 @@ impl PluginDeclaration {
         let mut diffs = Vec::new();
         for ((what, ours), theirs) in host_values().iter().zip(theirs.iter()) {
             if ours != theirs {
-                diffs.push(format!("{what}: plugin was built against `{theirs}`, this trainer has `{ours}`"));
+                diffs.push(format!(
+                    "{what}: plugin was built against `{theirs}`, this trainer has `{ours}`"
+                ));
             }
         }
         if !std::ptr::eq(self.core_anchor, &NASH_CORE_ANCHOR) {

@@ -41,8 +41,16 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in display order.
-    pub const ALL: [Kind; 8] =
-        [Kind::Model, Kind::Layer, Kind::Loss, Kind::Objective, Kind::Optimizer, Kind::Stabilizer, Kind::Data, Kind::Metric];
+    pub const ALL: [Kind; 8] = [
+        Kind::Model,
+        Kind::Layer,
+        Kind::Loss,
+        Kind::Objective,
+        Kind::Optimizer,
+        Kind::Stabilizer,
+        Kind::Data,
+        Kind::Metric,
+    ];
     /// The kind's name as `nash plugins` prints it.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -150,11 +158,17 @@ impl Registry {
 
     fn add(&mut self, kind: Kind, value: serde_json::Value, summary: &str) -> Result<()> {
         let serde_json::Value::Object(mut map) = value else {
-            return Err(Error::Other(format!("a {kind} config must serialize as a table, got {value}")));
+            return Err(Error::Other(format!(
+                "a {kind} config must serialize as a table, got {value}"
+            )));
         };
         let tag = match map.remove("type") {
             Some(serde_json::Value::String(t)) => t,
-            _ => return Err(Error::Other(format!("a {kind} config has no `type` tag: is it #[typetag::serde(name = \"...\")]?"))),
+            _ => {
+                return Err(Error::Other(format!(
+                    "a {kind} config has no `type` tag: is it #[typetag::serde(name = \"...\")]?"
+                )))
+            }
         };
         if let Some(existing) = self.types.iter().find(|t| t.kind == kind && t.tag == tag) {
             return Err(Error::Other(format!(
@@ -162,8 +176,17 @@ impl Registry {
                 existing.plugin, self.current_plugin
             )));
         }
-        let fields = map.into_iter().map(|(name, default)| FieldInfo { name, default }).collect();
-        self.types.push(TypeInfo { kind, tag, plugin: self.current_plugin.clone(), summary: summary.to_string(), fields });
+        let fields = map
+            .into_iter()
+            .map(|(name, default)| FieldInfo { name, default })
+            .collect();
+        self.types.push(TypeInfo {
+            kind,
+            tag,
+            plugin: self.current_plugin.clone(),
+            summary: summary.to_string(),
+            fields,
+        });
         Ok(())
     }
     /// Every registered type, in registration order.
@@ -172,7 +195,12 @@ impl Registry {
     }
     /// The tags of `kind`, sorted.
     pub fn tags(&self, kind: Kind) -> Vec<&str> {
-        let mut t: Vec<&str> = self.types.iter().filter(|t| t.kind == kind).map(|t| t.tag.as_str()).collect();
+        let mut t: Vec<&str> = self
+            .types
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(|t| t.tag.as_str())
+            .collect();
         t.sort_unstable();
         t
     }

@@ -88,7 +88,12 @@ pub trait Stabilizer {
         None
     }
     /// Transforms a discriminator input (instance noise, augmentation, packing).
-    fn transform_input(&mut self, _role: InputRole, input: Activation, _ctx: &mut HookContext<'_>) -> Result<Activation> {
+    fn transform_input(
+        &mut self,
+        _role: InputRole,
+        input: Activation,
+        _ctx: &mut HookContext<'_>,
+    ) -> Result<Activation> {
         Ok(input)
     }
     /// Transforms the discriminator's targets (label smoothing, label noise).
@@ -100,11 +105,22 @@ pub trait Stabilizer {
         Ok(None)
     }
     /// Edits the gradients of `group` before its optimizer step (gradient clipping).
-    fn edit_gradients(&mut self, _group: &str, _params: &[(String, &mut Param)], _grads: &mut Grads, _ctx: &mut HookContext<'_>) -> Result<()> {
+    fn edit_gradients(
+        &mut self,
+        _group: &str,
+        _params: &[(String, &mut Param)],
+        _grads: &mut Grads,
+        _ctx: &mut HookContext<'_>,
+    ) -> Result<()> {
         Ok(())
     }
     /// Acts on the parameters of `group` after its optimizer step (weight clipping, EMA).
-    fn after_update(&mut self, _group: &str, _params: &mut [(String, &mut Param)], _ctx: &mut HookContext<'_>) -> Result<()> {
+    fn after_update(
+        &mut self,
+        _group: &str,
+        _params: &mut [(String, &mut Param)],
+        _ctx: &mut HookContext<'_>,
+    ) -> Result<()> {
         Ok(())
     }
     /// Adapts at the end of a step from what the step reported; may add diagnostics.
@@ -182,7 +198,12 @@ impl StabilizerStack {
         self.stabilizers.iter().try_for_each(|s| s.validate(model))
     }
     /// Runs [`Stabilizer::transform_input`] through each, in order.
-    pub fn transform_input(&mut self, role: InputRole, mut input: Activation, ctx: &mut HookContext<'_>) -> Result<Activation> {
+    pub fn transform_input(
+        &mut self,
+        role: InputRole,
+        mut input: Activation,
+        ctx: &mut HookContext<'_>,
+    ) -> Result<Activation> {
         for s in &mut self.stabilizers {
             input = s.transform_input(role, input, ctx)?;
         }
@@ -190,10 +211,16 @@ impl StabilizerStack {
     }
     /// Runs [`Stabilizer::transform_targets`] through each, in order.
     pub fn transform_targets(&mut self, targets: &mut Targets, ctx: &mut HookContext<'_>) -> Result<()> {
-        self.stabilizers.iter_mut().try_for_each(|s| s.transform_targets(targets, ctx))
+        self.stabilizers
+            .iter_mut()
+            .try_for_each(|s| s.transform_targets(targets, ctx))
     }
     /// Collects every stabilizer's extra loss term at `site`.
-    pub fn extra_losses(&mut self, site: &mut LossSite<'_>, ctx: &mut HookContext<'_>) -> Result<Vec<(String, Scalar)>> {
+    pub fn extra_losses(
+        &mut self,
+        site: &mut LossSite<'_>,
+        ctx: &mut HookContext<'_>,
+    ) -> Result<Vec<(String, Scalar)>> {
         let mut terms = Vec::new();
         for s in &mut self.stabilizers {
             if let Some(t) = s.extra_loss(site, ctx)? {
@@ -203,12 +230,27 @@ impl StabilizerStack {
         Ok(terms)
     }
     /// Runs [`Stabilizer::edit_gradients`] through each, in order.
-    pub fn edit_gradients(&mut self, group: &str, params: &[(String, &mut Param)], grads: &mut Grads, ctx: &mut HookContext<'_>) -> Result<()> {
-        self.stabilizers.iter_mut().try_for_each(|s| s.edit_gradients(group, params, grads, ctx))
+    pub fn edit_gradients(
+        &mut self,
+        group: &str,
+        params: &[(String, &mut Param)],
+        grads: &mut Grads,
+        ctx: &mut HookContext<'_>,
+    ) -> Result<()> {
+        self.stabilizers
+            .iter_mut()
+            .try_for_each(|s| s.edit_gradients(group, params, grads, ctx))
     }
     /// Runs [`Stabilizer::after_update`] through each, in order.
-    pub fn after_update(&mut self, group: &str, params: &mut [(String, &mut Param)], ctx: &mut HookContext<'_>) -> Result<()> {
-        self.stabilizers.iter_mut().try_for_each(|s| s.after_update(group, params, ctx))
+    pub fn after_update(
+        &mut self,
+        group: &str,
+        params: &mut [(String, &mut Param)],
+        ctx: &mut HookContext<'_>,
+    ) -> Result<()> {
+        self.stabilizers
+            .iter_mut()
+            .try_for_each(|s| s.after_update(group, params, ctx))
     }
     /// Runs [`Stabilizer::end_step`] through each, in order.
     pub fn end_step(&mut self, report: &mut StepReport, ctx: &mut HookContext<'_>) -> Result<()> {

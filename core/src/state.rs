@@ -27,7 +27,9 @@ impl StateDict {
     }
     /// A stored tensor, or an error naming the key.
     pub fn tensor(&self, key: &str) -> Result<&(Vec<usize>, Vec<f32>)> {
-        self.tensors.get(key).ok_or_else(|| Error::state(key, "missing from the saved state"))
+        self.tensors
+            .get(key)
+            .ok_or_else(|| Error::state(key, "missing from the saved state"))
     }
     /// Stores a metadata value.
     pub fn put_meta(&mut self, key: impl Into<String>, value: impl Serialize) -> Result<()> {
@@ -36,7 +38,10 @@ impl StateDict {
     }
     /// A stored metadata value, deserialized, or an error naming the key.
     pub fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
-        let v = self.meta.get(key).ok_or_else(|| Error::state(key, "missing from the saved state"))?;
+        let v = self
+            .meta
+            .get(key)
+            .ok_or_else(|| Error::state(key, "missing from the saved state"))?;
         serde_json::from_value(v.clone()).map_err(|e| Error::state(key, e.to_string()))
     }
     /// Copies every entry of `other` under `prefix.`.
@@ -52,8 +57,16 @@ impl StateDict {
     pub fn sub(&self, prefix: &str) -> StateDict {
         let p = format!("{prefix}.");
         StateDict {
-            tensors: self.tensors.iter().filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone()))).collect(),
-            meta: self.meta.iter().filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone()))).collect(),
+            tensors: self
+                .tensors
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone())))
+                .collect(),
+            meta: self
+                .meta
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone())))
+                .collect(),
         }
     }
 }

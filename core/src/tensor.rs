@@ -38,7 +38,11 @@ pub enum FeatureShape {
     /// A flat feature vector.
     Flat(usize),
     /// An image, stored channel-major: `[channels, height, width]`.
-    Image { channels: usize, height: usize, width: usize },
+    Image {
+        channels: usize,
+        height: usize,
+        width: usize,
+    },
 }
 
 impl FeatureShape {
@@ -46,17 +50,29 @@ impl FeatureShape {
     pub fn numel(&self) -> usize {
         match *self {
             FeatureShape::Flat(n) => n,
-            FeatureShape::Image { channels, height, width } => channels * height * width,
+            FeatureShape::Image {
+                channels,
+                height,
+                width,
+            } => channels * height * width,
         }
     }
     /// An image shape.
     pub fn image(channels: usize, height: usize, width: usize) -> Self {
-        FeatureShape::Image { channels, height, width }
+        FeatureShape::Image {
+            channels,
+            height,
+            width,
+        }
     }
     /// `(channels, height, width)` if this is an image.
     pub fn as_image(&self) -> Option<(usize, usize, usize)> {
         match *self {
-            FeatureShape::Image { channels, height, width } => Some((channels, height, width)),
+            FeatureShape::Image {
+                channels,
+                height,
+                width,
+            } => Some((channels, height, width)),
             FeatureShape::Flat(_) => None,
         }
     }
@@ -66,7 +82,11 @@ impl std::fmt::Display for FeatureShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FeatureShape::Flat(n) => write!(f, "[{n}]"),
-            FeatureShape::Image { channels, height, width } => write!(f, "[{channels}, {height}, {width}]"),
+            FeatureShape::Image {
+                channels,
+                height,
+                width,
+            } => write!(f, "[{channels}, {height}, {width}]"),
         }
     }
 }
@@ -85,7 +105,11 @@ impl Activation {
     pub fn new(value: Matrix<Tape>, shape: FeatureShape) -> Result<Self> {
         let cols = value.shape().1;
         if cols != shape.numel() {
-            return Err(Error::shape("activation", format!("{} features for {shape}", shape.numel()), cols));
+            return Err(Error::shape(
+                "activation",
+                format!("{} features for {shape}", shape.numel()),
+                cols,
+            ));
         }
         Ok(Activation { value, shape })
     }
@@ -100,7 +124,10 @@ impl Activation {
     /// A copy sharing this tensor's id but with an empty tape: use it for a second use of a value
     /// whose history stays on the original's tape (dfdx's idiom for reuse).
     pub fn reuse(&self) -> Self {
-        Activation { value: self.value.with_empty_tape(), shape: self.shape }
+        Activation {
+            value: self.value.with_empty_tape(),
+            shape: self.shape,
+        }
     }
     /// The values without the tape.
     pub fn detach(&self) -> Matrix {
@@ -143,7 +170,11 @@ impl Param {
     pub fn from_vec(device: &Device, values: Vec<f32>, shape: Vec<usize>, role: ParamRole) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != values.len() {
-            return Err(Error::shape("parameter", format!("{n} values for shape {shape:?}"), values.len()));
+            return Err(Error::shape(
+                "parameter",
+                format!("{n} values for shape {shape:?}"),
+                values.len(),
+            ));
         }
         let value = device.tensor_from_vec(values, (n,));
         Ok(Param { value, shape, role })
@@ -198,7 +229,11 @@ pub fn join_name(prefix: &str, name: &str) -> String {
 /// A matrix from host values.
 pub fn matrix_from_vec(device: &Device, values: Vec<f32>, rows: usize, cols: usize) -> Result<Matrix> {
     if values.len() != rows * cols {
-        return Err(Error::shape("matrix", format!("{rows}x{cols} = {} values", rows * cols), values.len()));
+        return Err(Error::shape(
+            "matrix",
+            format!("{rows}x{cols} = {} values", rows * cols),
+            values.len(),
+        ));
     }
     Ok(device.tensor_from_vec(values, (rows, cols)))
 }
@@ -208,6 +243,49 @@ pub fn check_finite(what: &str, value: f32) -> Result<f32> {
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(Error::NonFinite { what: format!("{what} = {value}") })
+        Err(Error::NonFinite {
+            what: format!("{what} = {value}"),
+        })
     }
+}
+
+/// Host copy of the gradient of `param` in `grads` (zeros if backward did not reach it).
+///
+/// dfdx keeps gradients in device buffers keyed by tensor id; this works on every device.
+pub fn grad_to_vec(grads: &mut Grads, param: &Param) -> Result<Vec<f32>> {
+    let buf = grads.get_or_alloc_mut(&param.value)?;
+    device_buffer_to_vec(buf)
+}
+
+/// Overwrites the gradient of `param` in `grads` with host values (gradient clipping, masking).
+pub fn set_grad(grads: &mut Grads, param: &Param, values: &[f32]) -> Result<()> {
+    if values.len() != param.numel() {
+        return Err(Error::shape("gradient update", param.numel(), values.len()));
+    }
+    let buf = grads.get_or_alloc_mut(&param.value)?;
+    device_buffer_copy_from(buf, values)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_buffer_to_vec(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec) -> Result<Vec<f32>> {
+    Ok(buf.to_vec())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_buffer_copy_from(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec, values: &[f32]) -> Result<()> {
+    buf.copy_from_slice(values);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn device_buffer_to_vec(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec) -> Result<Vec<f32>> {
+    let slice: &cudarc::driver::CudaSlice<f32> = buf;
+    slice.device().dtoh_sync_copy(slice).map_err(|e| Error::Other(format!("CUDA copy: {e:?}")))
+}
+
+#[cfg(feature = "cuda")]
+fn device_buffer_copy_from(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec, values: &[f32]) -> Result<()> {
+    let slice: &mut cudarc::driver::CudaSlice<f32> = buf;
+    let dev = slice.device();
+    dev.htod_sync_copy_into(values, slice).map_err(|e| Error::Other(format!("CUDA copy: {e:?}")))
 }

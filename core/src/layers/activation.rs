@@ -1,1 +1,303 @@
-//! TODO(helper): activation
+//! Elementwise activations: ReLU, LeakyReLU, ELU, Tanh, Sigmoid and GELU.
+//!
+//! Each one's [`Layer::input_grad`] is `g ⊙ f'(x)`. For (leaky) ReLU, `f'` is a constant mask read
+//! from the forward values (its own derivative is zero almost everywhere). For ELU, Tanh, Sigmoid
+//! and GELU, `f'(x)` is built from differentiable ops on the reused input, so the second-order
+//! terms of a gradient penalty flow back into earlier layers' parameters.
+
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{BuildContext, ForwardContext, Layer, LayerConfig};
+use crate::error::{Error, Result};
+use crate::tensor::{Activation, FeatureShape, Matrix, Param, Parameterized, Tape};
+
+/// An elementwise function.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ActivationFn {
+    /// max(x, 0).
+    Relu,
+    /// x if x > 0, else slope·x.
+    LeakyRelu(f32),
+    /// x if x > 0, else α(eˣ − 1).
+    Elu(f32),
+    /// tanh(x).
+    Tanh,
+    /// 1 / (1 + e⁻ˣ).
+    Sigmoid,
+    /// GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) (PyTorch's `approximate="tanh"`).
+    Gelu,
+}
+
+const GELU_BETA: f32 = 0.797_884_6; // sqrt(2/pi)
+const GELU_KAPPA: f32 = 0.044715;
+
+impl ActivationFn {
+    fn name(&self) -> String {
+        match self {
+            ActivationFn::Relu => "relu".into(),
+            ActivationFn::LeakyRelu(s) => format!("leaky_relu({s})"),
+            ActivationFn::Elu(a) => format!("elu({a})"),
+            ActivationFn::Tanh => "tanh".into(),
+            ActivationFn::Sigmoid => "sigmoid".into(),
+            ActivationFn::Gelu => "gelu(tanh)".into(),
+        }
+    }
+
+    /// Constant matrices `(x > 0 ? 1 : 0, x > 0 ? 0 : 1)` from the values of `x`.
+    fn masks(x: &Matrix<Tape>) -> (Matrix, Matrix) {
+        let v = x.as_vec();
+        let pos: Vec<f32> = v.iter().map(|&a| if a > 0.0 { 1.0 } else { 0.0 }).collect();
+        let neg: Vec<f32> = pos.iter().map(|&p| 1.0 - p).collect();
+        let dev = x.device();
+        (dev.tensor_from_vec(pos, *x.shape()), dev.tensor_from_vec(neg, *x.shape()))
+    }
+
+    /// Applies the function.
+    pub fn apply(&self, x: Matrix<Tape>) -> Result<Matrix<Tape>> {
+        Ok(match *self {
+            ActivationFn::Relu => x.try_relu()?,
+            ActivationFn::LeakyRelu(s) => {
+                let (pos, neg) = Self::masks(&x);
+                let slope = pos.try_add(neg.try_mul(s)?)?;
+                x.try_mul(slope)?
+            }
+            ActivationFn::Elu(alpha) => {
+                // x⁺ + α(exp(x⁻) − 1)⊙[x ≤ 0], with x⁻ = x⊙[x ≤ 0].
+                let (pos, neg) = Self::masks(&x);
+                let x2 = x.with_empty_tape();
+                let left = x.try_mul(pos)?;
+                let right = x2.try_mul(neg.clone())?.try_exp()?.try_sub(1.0)?.try_mul(alpha)?.try_mul(neg)?;
+                left.try_add(right)?
+            }
+            ActivationFn::Tanh => x.try_tanh()?,
+            ActivationFn::Sigmoid => x.try_sigmoid()?,
+            ActivationFn::Gelu => x.try_fast_gelu()?,
+        })
+    }
+
+    /// f'(x) as a taped matrix of the reused input (a constant for (leaky) ReLU).
+    pub fn derivative(&self, input: &Activation) -> Result<Matrix<Tape>> {
+        let x = || input.value.with_empty_tape();
+        Ok(match *self {
+            ActivationFn::Relu | ActivationFn::LeakyRelu(_) => {
+                let s = if let ActivationFn::LeakyRelu(s) = *self { s } else { 0.0 };
+                let (pos, neg) = Self::masks(&input.value);
+                // No tape: the derivative of a piecewise-linear function is piecewise constant.
+                pos.try_add(neg.try_mul(s)?)?.retaped::<Tape>()
+            }
+            ActivationFn::Elu(alpha) => {
+                let (pos, neg) = Self::masks(&input.value);
+                // [x > 0] + α·exp(x⊙[x ≤ 0])⊙[x ≤ 0]
+                x().try_mul(neg.clone())?.try_exp()?.try_mul(alpha)?.try_mul(neg)?.try_add(pos)?
+            }
+            ActivationFn::Tanh => {
+                // 1 − tanh²(x)
+                x().try_tanh()?.try_square()?.try_negate()?.try_add(1.0)?
+            }
+            ActivationFn::Sigmoid => {
+                // σ(x) − σ(x)²
+                let s = x().try_sigmoid()?;
+                let s2 = s.with_empty_tape().try_square()?;
+                s.try_sub(s2)?
+            }
+            ActivationFn::Gelu => {
+                // t = tanh(β(x + κx³)); f' = ½(1 + t) + ½·x·(1 − t²)·β(1 + 3κx²)
+                let u = x().try_powi(3)?.try_mul(GELU_KAPPA)?.try_add(x())?.try_mul(GELU_BETA)?;
+                let t = u.try_tanh()?;
+                let t2 = t.with_empty_tape();
+                let left = t.try_add(1.0)?.try_mul(0.5)?;
+                let inner = x().try_square()?.try_mul(3.0 * GELU_KAPPA)?.try_add(1.0)?;
+                let right = t2
+                    .try_square()?
+                    .try_negate()?
+                    .try_add(1.0)?
+                    .try_mul(x())?
+                    .try_mul(inner)?
+                    .try_mul(0.5 * GELU_BETA)?;
+                left.try_add(right)?
+            }
+        })
+    }
+}
+
+/// An elementwise activation layer (no parameters; the shape is unchanged).
+#[derive(Debug, Clone)]
+pub struct Activate {
+    f: ActivationFn,
+}
+
+impl Activate {
+    /// A layer applying `f`.
+    pub fn new(f: ActivationFn) -> Self {
+        Activate { f }
+    }
+    /// The function.
+    pub fn function(&self) -> ActivationFn {
+        self.f
+    }
+}
+
+impl Parameterized for Activate {
+    fn named_params(&self) -> Vec<(String, &Param)> {
+        Vec::new()
+    }
+    fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        Vec::new()
+    }
+}
+
+impl Layer for Activate {
+    fn describe(&self) -> String {
+        self.f.name()
+    }
+    fn output_shape(&self, input: FeatureShape) -> Result<FeatureShape> {
+        Ok(input)
+    }
+    fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        let shape = input.shape;
+        Activation::new(self.f.apply(input.value)?, shape)
+    }
+    fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
+        if grad_output.value.shape() != input.value.shape() {
+            return Err(Error::shape(
+                format!("{} input gradient", self.f.name()),
+                format!("{:?}", input.value.shape()),
+                format!("{:?}", grad_output.value.shape()),
+            ));
+        }
+        let d = self.f.derivative(input)?;
+        Activation::new(grad_output.value.try_mul(d)?, input.shape)
+    }
+}
+
+macro_rules! activation_config {
+    ($(#[$doc:meta])* $name:ident, $tag:literal, { $($(#[$fdoc:meta])* $field:ident : $ty:ty = $default:expr),* }, |$s:ident| $f:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fdoc])* pub $field: $ty,)*
+        }
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $($field: $default,)* }
+            }
+        }
+        impl $name {
+            /// The function this config applies.
+            pub fn function(&self) -> ActivationFn {
+                let $s = self;
+                $f
+            }
+        }
+        #[typetag::serde(name = $tag)]
+        impl LayerConfig for $name {
+            fn build(&self, _input: FeatureShape, _ctx: &mut BuildContext<'_>) -> Result<Box<dyn Layer>> {
+                let f = self.function();
+                let ok = match f {
+                    ActivationFn::LeakyRelu(v) | ActivationFn::Elu(v) => v.is_finite(),
+                    _ => true,
+                };
+                if !ok {
+                    return Err(Error::config($tag, format!("{} needs a finite parameter", f.name())));
+                }
+                Ok(Box::new(Activate::new(f)))
+            }
+        }
+    };
+}
+
+activation_config!(
+    /// `{ type = "relu" }`.
+    ReluConfig, "relu", {}, |_s| ActivationFn::Relu);
+activation_config!(
+    /// `{ type = "leaky_relu", negative_slope = 0.2 }` (default 0.2, the GAN convention).
+    LeakyReluConfig, "leaky_relu", {
+        /// Slope for negative inputs.
+        negative_slope: f32 = 0.2
+    }, |s| ActivationFn::LeakyRelu(s.negative_slope));
+activation_config!(
+    /// `{ type = "elu", alpha = 1.0 }`.
+    EluConfig, "elu", {
+        /// Saturation value for negative inputs.
+        alpha: f32 = 1.0
+    }, |s| ActivationFn::Elu(s.alpha));
+activation_config!(
+    /// `{ type = "tanh" }`.
+    TanhConfig, "tanh", {}, |_s| ActivationFn::Tanh);
+activation_config!(
+    /// `{ type = "sigmoid" }`.
+    SigmoidConfig, "sigmoid", {}, |_s| ActivationFn::Sigmoid);
+activation_config!(
+    /// `{ type = "gelu" }`: the tanh approximation (PyTorch `GELU(approximate="tanh")`).
+    GeluConfig, "gelu", {}, |_s| ActivationFn::Gelu);
+
+impl LeakyReluConfig {
+    /// A leaky ReLU with the given negative slope.
+    pub fn new(negative_slope: f32) -> Self {
+        LeakyReluConfig { negative_slope }
+    }
+}
+
+impl EluConfig {
+    /// An ELU with the given α.
+    pub fn new(alpha: f32) -> Self {
+        EluConfig { alpha }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::*;
+
+    fn all() -> Vec<Box<dyn LayerConfig>> {
+        vec![
+            Box::new(ReluConfig::default()),
+            Box::new(LeakyReluConfig::default()),
+            Box::new(EluConfig::new(0.7)),
+            Box::new(TanhConfig::default()),
+            Box::new(SigmoidConfig::default()),
+            Box::new(GeluConfig::default()),
+        ]
+    }
+
+    #[test]
+    fn gradients_and_input_grads_match() {
+        for cfg in all() {
+            check_layer(cfg.as_ref(), FeatureShape::image(1, 2, 2), 2, Mode::Train, 3);
+        }
+    }
+
+    #[test]
+    fn values_match_formulas() {
+        let h = Harness::new(0);
+        let xs = vec![-2.0f32, -0.5, 0.3, 1.7];
+        let cases: Vec<(ActivationFn, fn(f64) -> f64)> = vec![
+            (ActivationFn::Relu, |x| x.max(0.0)),
+            (ActivationFn::LeakyRelu(0.2), |x| if x > 0.0 { x } else { 0.2 * x }),
+            (ActivationFn::Elu(0.7), |x| if x > 0.0 { x } else { 0.7 * (x.exp() - 1.0) }),
+            (ActivationFn::Tanh, f64::tanh),
+            (ActivationFn::Sigmoid, |x| 1.0 / (1.0 + (-x).exp())),
+            // torch.nn.functional.gelu(x, approximate="tanh")
+            (ActivationFn::Gelu, |x| {
+                0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+            }),
+        ];
+        for (f, reference) in cases {
+            let x = h.input(xs.clone(), 1, FeatureShape::Flat(4));
+            let y = f.apply(x.value).unwrap().as_vec();
+            for (a, &xv) in y.iter().zip(&xs) {
+                assert!((*a as f64 - reference(xv as f64)).abs() < 1e-5, "{f:?}({xv}) = {a}");
+            }
+        }
+    }
+
+    #[test]
+    fn configs_parse_with_defaults() {
+        let c: Box<dyn LayerConfig> = serde_json::from_str(r#"{"type": "leaky_relu"}"#).unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", LeakyReluConfig::new(0.2)));
+        assert!(serde_json::from_str::<Box<dyn LayerConfig>>(r#"{"type": "relu", "slope": 1}"#).is_err());
+    }
+}

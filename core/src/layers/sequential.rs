@@ -37,7 +37,11 @@ impl Sequential {
         for l in &layers {
             shape = l.output_shape(shape)?;
         }
-        Ok(Sequential { layers, input, output: shape })
+        Ok(Sequential {
+            layers,
+            input,
+            output: shape,
+        })
     }
     /// The per-sample input shape.
     pub fn input_shape(&self) -> FeatureShape {
@@ -59,7 +63,11 @@ impl Sequential {
     /// Runs the stack and also returns ∂(Σ outputs)/∂input per sample, built from differentiable
     /// ops sharing one tape with the forward pass: a penalty on it (WGAN-GP, R1) backpropagates
     /// exactly into the parameters. Requires a single output feature or sums over them.
-    pub fn forward_with_input_grad(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<(Activation, Activation)> {
+    pub fn forward_with_input_grad(
+        &mut self,
+        input: Activation,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<(Activation, Activation)> {
         let _ = (input, ctx);
         unimplemented!("layers helper")
     }

@@ -30,6 +30,18 @@ pub trait AdversarialObjective {
     /// The generator's loss from the discriminator's outputs on generated samples; `real` holds
     /// its (constant) outputs on real samples, for relativistic objectives.
     fn generator_loss(&self, fake: Matrix<Tape>, real: Option<&Matrix>) -> Result<Scalar>;
+    /// The discriminator's loss against explicit `targets` (ones and zeros unless a stabilizer
+    /// changed them: label smoothing, label noise). Objectives without labels ignore the targets,
+    /// which is the default; label-based objectives override this.
+    fn discriminator_loss_with_targets(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        targets: &crate::stabilizer::Targets,
+    ) -> Result<Scalar> {
+        let _ = targets;
+        self.discriminator_loss(real, fake)
+    }
 }
 
 /// Serializable description of an [`AdversarialObjective`]; `type = "non_saturating"`.
@@ -40,4 +52,3 @@ pub trait AdversarialObjectiveConfig: std::fmt::Debug {
 }
 
 pub mod basic;
-

@@ -37,10 +37,6 @@ pub mod rmsprop;
 pub mod schedule;
 pub mod sgd;
 
-
-
-
-
 /// Registers the optimizers of nash-core.
 pub fn register(_registry: &mut crate::registry::Registry) -> Result<()> {
     Ok(())

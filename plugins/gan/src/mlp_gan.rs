@@ -1,0 +1,469 @@
+//! `mlp_gan`: a generator and a discriminator made of runtime-shaped layer stacks, trained with
+//! alternating discriminator and generator updates.
+
+use std::collections::BTreeMap;
+
+use nash_core::data::{Batch, DataInfo};
+use nash_core::dfdx::prelude::*;
+use nash_core::error::{Error, Result};
+use nash_core::layers::activation::{LeakyReluConfig, TanhConfig};
+use nash_core::layers::linear::LinearConfig;
+use nash_core::layers::{BuildContext, ForwardContext, LayerConfig, Mode, Sequential, SequentialConfig};
+use nash_core::loss::{AdversarialObjective, AdversarialObjectiveConfig};
+use nash_core::model::{EvalContext, Model, ModelConfig, StepReport, TrainContext};
+use nash_core::rand::Rng as _;
+use nash_core::rand_distr::{Distribution, StandardNormal};
+use nash_core::stabilizer::{InputRole, LossSite, Targets};
+use nash_core::tensor::{check_finite, join_name, Activation, Device, FeatureShape, Matrix, Param, Parameterized, Rng};
+use serde::{Deserialize, Serialize};
+
+use crate::objective::NonSaturatingConfig;
+
+/// The distribution latent codes are drawn from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Latent {
+    /// Standard normal, `N(0, I)`.
+    #[default]
+    Normal,
+    /// Uniform on `[-1, 1]`.
+    Uniform,
+}
+
+impl Latent {
+    /// Draws an `[n, dim]` matrix of latent codes.
+    pub fn sample(&self, n: usize, dim: usize, device: &Device, rng: &mut Rng) -> Matrix {
+        let values: Vec<f32> = match self {
+            Latent::Normal => (0..n * dim).map(|_| StandardNormal.sample(rng)).collect(),
+            Latent::Uniform => (0..n * dim).map(|_| rng.gen_range(-1.0f32..=1.0)).collect(),
+        };
+        device.tensor_from_vec(values, (n, dim))
+    }
+}
+
+/// Config of [`MlpGan`], `type = "mlp_gan"` in pipeline files. The defaults are the reference MLP
+/// GAN for 784-dimensional data: generator 100-128-256-512-784 with LeakyReLU(0.2) after each
+/// hidden layer and a tanh output; discriminator 784-256-512-1 with LeakyReLU(0.2) and a raw logit.
+/// Layer input sizes follow from the latent size and the data; the generator's last layer must
+/// produce one sample of the data and the discriminator's one score.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MlpGanConfig {
+    /// Size of the latent code.
+    pub latent_dim: usize,
+    /// Distribution of the latent code.
+    pub latent: Latent,
+    /// The generator, from `[latent_dim]` to one data sample.
+    pub generator: SequentialConfig,
+    /// The discriminator, from one data sample to one raw score.
+    pub discriminator: SequentialConfig,
+    /// The adversarial objective.
+    pub objective: Box<dyn AdversarialObjectiveConfig>,
+    /// Discriminator updates per generator update (n_critic). Every one sees the step's real batch
+    /// with freshly drawn fakes.
+    pub discriminator_steps: usize,
+}
+
+/// A linear layer of `out` features.
+fn linear(out: usize) -> Box<dyn LayerConfig> {
+    Box::new(LinearConfig::new(out))
+}
+
+/// A LeakyReLU with negative slope 0.2.
+fn leaky() -> Box<dyn LayerConfig> {
+    Box::new(LeakyReluConfig::new(0.2))
+}
+
+/// A multilayer perceptron: `linear -> LeakyReLU(0.2)` for each of `hidden`, then a linear layer
+/// of `out` features followed by `output` (if any).
+pub fn mlp(hidden: &[usize], out: usize, output: Option<Box<dyn LayerConfig>>) -> SequentialConfig {
+    let mut layers: Vec<Box<dyn LayerConfig>> = Vec::new();
+    for &h in hidden {
+        layers.push(linear(h));
+        layers.push(leaky());
+    }
+    layers.push(linear(out));
+    layers.extend(output);
+    SequentialConfig { layers }
+}
+
+impl MlpGanConfig {
+    /// The reference generator: 128-256-512-784, LeakyReLU(0.2) hidden, tanh output.
+    pub fn reference_generator() -> SequentialConfig {
+        mlp(&[128, 256, 512], 784, Some(Box::new(TanhConfig::default())))
+    }
+    /// The reference discriminator: 256-512-1, LeakyReLU(0.2) hidden, raw logit output.
+    pub fn reference_discriminator() -> SequentialConfig {
+        mlp(&[256, 512], 1, None)
+    }
+}
+
+impl Default for MlpGanConfig {
+    fn default() -> Self {
+        MlpGanConfig {
+            latent_dim: 100,
+            latent: Latent::Normal,
+            generator: Self::reference_generator(),
+            discriminator: Self::reference_discriminator(),
+            objective: Box::new(NonSaturatingConfig::default()),
+            discriminator_steps: 1,
+        }
+    }
+}
+
+impl MlpGanConfig {
+    /// Builds the model for `data` (the typed form of [`ModelConfig::build`]).
+    pub fn build_gan(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<MlpGan> {
+        if self.latent_dim == 0 {
+            return Err(Error::config("model.latent_dim", "must be at least 1"));
+        }
+        if self.discriminator_steps == 0 {
+            return Err(Error::config(
+                "model.discriminator_steps",
+                "must be at least 1 (discriminator updates per generator update)",
+            ));
+        }
+        let data_shape = data.sample_shape;
+        let generator = self
+            .generator
+            .build(FeatureShape::Flat(self.latent_dim), ctx, "model.generator")?;
+        let produced = generator.output_shape().numel();
+        if produced != data_shape.numel() {
+            return Err(Error::config(
+                "model.generator",
+                format!(
+                    "the generator produces {produced} features per sample but the data's samples are {data_shape} \
+                     ({} features); make its last linear layer's out_features {}",
+                    data_shape.numel(),
+                    data_shape.numel()
+                ),
+            ));
+        }
+        let discriminator = self.discriminator.build(data_shape, ctx, "model.discriminator")?;
+        let scores = discriminator.output_shape();
+        if scores.numel() != 1 {
+            return Err(Error::config(
+                "model.discriminator",
+                format!(
+                    "the discriminator must output one score per sample, but produces {scores}; make its last \
+                     linear layer's out_features 1 (and leave its output as a raw logit)"
+                ),
+            ));
+        }
+        let objective = self.objective.build()?;
+        Ok(MlpGan {
+            generator,
+            discriminator,
+            objective,
+            latent_dim: self.latent_dim,
+            latent: self.latent,
+            discriminator_steps: self.discriminator_steps,
+            data_shape,
+        })
+    }
+}
+
+#[typetag::serde(name = "mlp_gan")]
+impl ModelConfig for MlpGanConfig {
+    fn build(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Model>> {
+        Ok(Box::new(self.build_gan(data, ctx)?))
+    }
+}
+
+/// A GAN of two layer stacks. Parameter groups `discriminator` and `generator`; parameter names
+/// `discriminator.<index>.<param>` and `generator.<index>.<param>`.
+pub struct MlpGan {
+    generator: Sequential,
+    discriminator: Sequential,
+    objective: Box<dyn AdversarialObjective>,
+    latent_dim: usize,
+    latent: Latent,
+    discriminator_steps: usize,
+    data_shape: FeatureShape,
+}
+
+/// Prefixes parameter names with `prefix.`.
+fn prefixed<P>(params: Vec<(String, P)>, prefix: &str) -> Vec<(String, P)> {
+    params.into_iter().map(|(n, p)| (join_name(prefix, &n), p)).collect()
+}
+
+/// Mean of `sigmoid` over a matrix of logits.
+fn mean_sigmoid(logits: &[f32]) -> f64 {
+    if logits.is_empty() {
+        return 0.0;
+    }
+    logits.iter().map(|&l| 1.0 / (1.0 + (-(l as f64)).exp())).sum::<f64>() / logits.len() as f64
+}
+
+/// What one discriminator update measured.
+struct DiscriminatorStep {
+    loss: f64,
+    real_mean: f64,
+    fake_mean: f64,
+    grad_norm: f64,
+    extras: Vec<(String, f64)>,
+    real_scores: Matrix,
+}
+
+impl MlpGan {
+    /// The generator.
+    pub fn generator(&self) -> &Sequential {
+        &self.generator
+    }
+    /// The discriminator.
+    pub fn discriminator(&self) -> &Sequential {
+        &self.discriminator
+    }
+    /// The adversarial objective.
+    pub fn objective(&self) -> &dyn AdversarialObjective {
+        self.objective.as_ref()
+    }
+    /// Size of the latent code.
+    pub fn latent_dim(&self) -> usize {
+        self.latent_dim
+    }
+    /// The per-sample shape of the data (and of generated samples).
+    pub fn data_shape(&self) -> FeatureShape {
+        self.data_shape
+    }
+    /// Draws `n` latent codes.
+    pub fn sample_latent(&self, n: usize, device: &Device, rng: &mut Rng) -> Matrix {
+        self.latent.sample(n, self.latent_dim, device, rng)
+    }
+    /// Runs the generator on latent codes `z` (`[n, latent_dim]`) in `mode`, on the tape.
+    pub fn generate(&mut self, z: &Matrix, mode: Mode, rng: &mut Rng) -> Result<Activation> {
+        let out = self
+            .generator
+            .forward(Activation::input(z, FeatureShape::Flat(self.latent_dim))?, &mut ForwardContext { mode, rng })?;
+        Activation::new(out.value, self.data_shape)
+    }
+    /// Runs the discriminator on samples `x` (`[n, features]`) in eval mode: raw scores `[n, 1]`.
+    pub fn score(&mut self, x: &Matrix, rng: &mut Rng) -> Result<Matrix> {
+        let input = self.data_input(x)?;
+        let out = self.discriminator.forward(input, &mut ForwardContext { mode: Mode::Eval, rng })?;
+        Ok(out.detach())
+    }
+
+    /// A data batch as a fresh-tape activation, checking its width.
+    fn data_input(&self, x: &Matrix) -> Result<Activation> {
+        let cols = x.shape().1;
+        if cols != self.data_shape.numel() {
+            return Err(Error::shape(
+                "mlp_gan input batch",
+                format!("{} features per sample ({})", self.data_shape.numel(), self.data_shape),
+                cols,
+            ));
+        }
+        Activation::input(x, self.data_shape)
+    }
+
+    fn discriminator_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<DiscriminatorStep> {
+        let n = batch.len();
+        let z = self.sample_latent(n, ctx.device, ctx.rng);
+        // Fakes without the generator's history: this update must not reach the generator.
+        let fake = self.generate(&z, Mode::Train, ctx.rng)?.detach();
+        let real_in = self.data_input(&batch.inputs)?;
+        let fake_in = Activation::input(&fake, self.data_shape)?;
+        let (real_in, fake_in) = {
+            let (stabilizers, mut hooks) = ctx.hooks();
+            let r = stabilizers.transform_input(InputRole::Real, real_in, &mut hooks)?;
+            let f = stabilizers.transform_input(InputRole::Fake, fake_in, &mut hooks)?;
+            (r, f)
+        };
+        let real_seen = real_in.detach();
+        let fake_seen = fake_in.detach();
+        let seen_shape = real_in.shape;
+        let mut fwd = ForwardContext {
+            mode: Mode::Train,
+            rng: ctx.rng,
+        };
+        let real_out = self.discriminator.forward(real_in, &mut fwd)?;
+        let fake_out = self.discriminator.forward(fake_in, &mut fwd)?;
+        let real_scores = real_out.detach();
+        let real_mean = mean_sigmoid(&real_scores.as_vec());
+        let fake_mean = mean_sigmoid(&fake_out.detach().as_vec());
+        let (stabilizers, mut hooks) = ctx.hooks();
+        let mut targets = Targets {
+            real: hooks.device.ones_like(real_out.value.shape()),
+            fake: hooks.device.zeros_like(fake_out.value.shape()),
+        };
+        stabilizers.transform_targets(&mut targets, &mut hooks)?;
+        let mut loss = self
+            .objective
+            .discriminator_loss_with_targets(real_out.value, fake_out.value, &targets)?;
+        let objective_value = check_finite("loss/discriminator", loss.array())? as f64;
+        let terms = stabilizers.extra_losses(
+            &mut LossSite::Discriminator {
+                critic: &mut self.discriminator,
+                real: &real_seen,
+                fake: &fake_seen,
+                shape: seen_shape,
+            },
+            &mut hooks,
+        )?;
+        let mut extras = Vec::with_capacity(terms.len());
+        for (name, term) in terms {
+            let key = format!("loss/discriminator/{name}");
+            extras.push((key.clone(), check_finite(&key, term.array())? as f64));
+            loss = loss + term;
+        }
+        let grads = loss.backward();
+        let mut params = prefixed(self.discriminator.named_params_mut(), "discriminator");
+        let grad_norm = ctx.apply_gradients("discriminator", &mut params, grads)?;
+        Ok(DiscriminatorStep {
+            loss: objective_value,
+            real_mean,
+            fake_mean,
+            grad_norm,
+            extras,
+            real_scores,
+        })
+    }
+
+    fn generator_step(
+        &mut self,
+        n: usize,
+        real_scores: &Matrix,
+        ctx: &mut TrainContext<'_>,
+        report: &mut StepReport,
+    ) -> Result<()> {
+        let z = self.sample_latent(n, ctx.device, ctx.rng);
+        let fake = self.generate(&z, Mode::Train, ctx.rng)?;
+        let fake_in = {
+            let (stabilizers, mut hooks) = ctx.hooks();
+            stabilizers.transform_input(InputRole::Fake, fake, &mut hooks)?
+        };
+        let fake_out = self.discriminator.forward(
+            fake_in,
+            &mut ForwardContext {
+                mode: Mode::Train,
+                rng: ctx.rng,
+            },
+        )?;
+        let mut loss = self.objective.generator_loss(fake_out.value, Some(real_scores))?;
+        report.loss(
+            "loss/generator",
+            check_finite("loss/generator", loss.array())? as f64,
+        );
+        let (stabilizers, mut hooks) = ctx.hooks();
+        for (name, term) in stabilizers.extra_losses(&mut LossSite::Generator, &mut hooks)? {
+            let key = format!("loss/generator/{name}");
+            report.loss(key.clone(), check_finite(&key, term.array())? as f64);
+            loss = loss + term;
+        }
+        // The discriminator's parameters receive gradients too, but only the generator's are
+        // handed to the optimizer.
+        let grads = loss.backward();
+        let mut params = prefixed(self.generator.named_params_mut(), "generator");
+        let norm = ctx.apply_gradients("generator", &mut params, grads)?;
+        report.diagnostic("grad_norm/generator", norm);
+        Ok(())
+    }
+}
+
+impl Parameterized for MlpGan {
+    fn named_params(&self) -> Vec<(String, &Param)> {
+        let mut all = prefixed(self.discriminator.named_params(), "discriminator");
+        all.extend(prefixed(self.generator.named_params(), "generator"));
+        all
+    }
+    fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        let mut all = prefixed(self.discriminator.named_params_mut(), "discriminator");
+        all.extend(prefixed(self.generator.named_params_mut(), "generator"));
+        all
+    }
+}
+
+/// The layers of a stack, one per line, indented.
+fn describe_stack(stack: &Sequential) -> String {
+    stack
+        .layers()
+        .iter()
+        .map(|l| format!("    {}", l.describe()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Model for MlpGan {
+    fn family(&self) -> &str {
+        "gan"
+    }
+    fn describe(&self) -> String {
+        format!(
+            "mlp_gan: latent {} ({:?}), objective {}, {} discriminator step(s) per generator step, data {}\n  \
+             generator {} -> {}:\n{}\n  discriminator {} -> {}:\n{}",
+            self.latent_dim,
+            self.latent,
+            self.objective.name(),
+            self.discriminator_steps,
+            self.data_shape,
+            self.generator.input_shape(),
+            self.generator.output_shape(),
+            describe_stack(&self.generator),
+            self.discriminator.input_shape(),
+            self.discriminator.output_shape(),
+            describe_stack(&self.discriminator),
+        )
+    }
+    fn param_groups(&self) -> Vec<String> {
+        vec!["discriminator".into(), "generator".into()]
+    }
+    /// `discriminator_steps` discriminator updates (each on the batch's real samples and fresh
+    /// fakes, detached from the generator), then one generator update through the discriminator.
+    fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
+        if batch.is_empty() {
+            return Err(Error::shape("mlp_gan batch", "at least one sample", 0));
+        }
+        let mut report = StepReport::default();
+        let (mut loss, mut real_mean, mut fake_mean, mut norm) = (0.0, 0.0, 0.0, 0.0);
+        let mut extras: BTreeMap<String, f64> = BTreeMap::new();
+        let mut real_scores = None;
+        for _ in 0..self.discriminator_steps {
+            let d = self.discriminator_step(batch, ctx)?;
+            loss += d.loss;
+            real_mean += d.real_mean;
+            fake_mean += d.fake_mean;
+            norm += d.grad_norm;
+            for (k, v) in d.extras {
+                *extras.entry(k).or_default() += v;
+            }
+            real_scores = Some(d.real_scores);
+        }
+        let k = self.discriminator_steps as f64;
+        report.loss("loss/discriminator", loss / k);
+        for (name, v) in extras {
+            report.loss(name, v / k);
+        }
+        report.diagnostic("d_real_mean", real_mean / k);
+        report.diagnostic("d_fake_mean", fake_mean / k);
+        report.diagnostic("grad_norm/discriminator", norm / k);
+        let real_scores = real_scores.expect("discriminator_steps >= 1 is checked at build time");
+        self.generator_step(batch.len(), &real_scores, ctx, &mut report)?;
+        Ok(report)
+    }
+    /// Discriminator and generator losses on a held-out batch with fresh fakes, in eval mode,
+    /// without stabilizers or updates.
+    fn evaluate(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>> {
+        if batch.is_empty() {
+            return Err(Error::shape("mlp_gan evaluation batch", "at least one sample", 0));
+        }
+        let z = self.sample_latent(batch.len(), ctx.device, ctx.rng);
+        let fake = self.generate(&z, Mode::Eval, ctx.rng)?.detach();
+        let real_scores = self.score(&batch.inputs, ctx.rng)?;
+        let fake_scores = self.score(&fake, ctx.rng)?;
+        let d = self
+            .objective
+            .discriminator_loss(real_scores.leaky_trace(), fake_scores.leaky_trace())?;
+        let g = self.objective.generator_loss(fake_scores.leaky_trace(), Some(&real_scores))?;
+        let mut out = BTreeMap::new();
+        out.insert("loss/discriminator".into(), d.array() as f64);
+        out.insert("loss/generator".into(), g.array() as f64);
+        out.insert("d_real_mean".into(), mean_sigmoid(&real_scores.as_vec()));
+        out.insert("d_fake_mean".into(), mean_sigmoid(&fake_scores.as_vec()));
+        Ok(out)
+    }
+    fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
+        let z = self.sample_latent(n, ctx.device, ctx.rng);
+        Ok(Some(self.generate(&z, Mode::Eval, ctx.rng)?.detach()))
+    }
+}

@@ -1,0 +1,354 @@
+//! Adversarial objectives: `non_saturating`, `minimax` and `wasserstein`.
+//!
+//! Every objective takes the discriminator's raw outputs (`[batch, 1]` logits, or critic values
+//! for `wasserstein`) and returns a mean over the batch.
+
+use nash_core::dfdx::prelude::*;
+use nash_core::error::{Error, Result};
+use nash_core::loss::{AdversarialObjective, AdversarialObjectiveConfig};
+use nash_core::stabilizer::Targets;
+use nash_core::tensor::{Matrix, Scalar, Tape};
+use serde::{Deserialize, Serialize};
+
+/// Checks that discriminator outputs are `[batch, 1]` with at least one row.
+fn check_logits(what: &str, m: &Matrix<Tape>) -> Result<()> {
+    let (rows, cols) = *m.shape();
+    if cols != 1 || rows == 0 {
+        return Err(Error::shape(
+            format!("adversarial objective ({what} discriminator outputs)"),
+            "[batch >= 1, 1]",
+            format!("[{rows}, {cols}]"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a target matrix has the shape of the outputs it labels.
+fn check_targets(what: &str, logits: &Matrix<Tape>, targets: &Matrix) -> Result<()> {
+    if logits.shape() != targets.shape() {
+        let (r, c) = *logits.shape();
+        let (tr, tc) = *targets.shape();
+        return Err(Error::shape(
+            format!("adversarial objective ({what} targets)"),
+            format!("[{r}, {c}] like the discriminator outputs"),
+            format!("[{tr}, {tc}]"),
+        ));
+    }
+    Ok(())
+}
+
+/// A constant matrix of `value` with the shape of `like`.
+fn filled(like: &Matrix<Tape>, value: f32) -> Matrix {
+    like.device().ones_like(like.shape()) * value
+}
+
+/// Mean binary cross-entropy of `logits` against `targets` (numerically stable, dfdx's
+/// `bce_with_logits`): `mean(max(l, 0) - l t + ln(1 + e^-|l|))`.
+fn bce_mean(logits: Matrix<Tape>, targets: Matrix) -> Scalar {
+    logits.bce_with_logits(targets).mean()
+}
+
+/// The standard GAN discriminator loss shared by `non_saturating` and `minimax`:
+/// `BCE(real, t_real) + BCE(fake, t_fake)`, each a batch mean (PyTorch's DCGAN example:
+/// `errD = criterion(D(x), 1) + criterion(D(G(z)), 0)`).
+fn bce_discriminator_loss(real: Matrix<Tape>, fake: Matrix<Tape>, targets: Option<&Targets>) -> Result<Scalar> {
+    check_logits("real", &real)?;
+    check_logits("fake", &fake)?;
+    let (t_real, t_fake) = match targets {
+        Some(t) => {
+            check_targets("real", &real, &t.real)?;
+            check_targets("fake", &fake, &t.fake)?;
+            (t.real.clone(), t.fake.clone())
+        }
+        None => (filled(&real, 1.0), filled(&fake, 0.0)),
+    };
+    Ok(bce_mean(real, t_real) + bce_mean(fake, t_fake))
+}
+
+/// The non-saturating GAN objective (Goodfellow et al. 2014, the variant used in practice).
+///
+/// Discriminator: `BCE(D(x), 1) + BCE(D(G(z)), 0)`; generator: `-mean(log σ(D(G(z))))`,
+/// i.e. `BCE(D(G(z)), 1)`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NonSaturating;
+
+impl AdversarialObjective for NonSaturating {
+    fn name(&self) -> &str {
+        "non_saturating"
+    }
+    fn discriminator_loss(&self, real: Matrix<Tape>, fake: Matrix<Tape>) -> Result<Scalar> {
+        bce_discriminator_loss(real, fake, None)
+    }
+    fn discriminator_loss_with_targets(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        targets: &Targets,
+    ) -> Result<Scalar> {
+        bce_discriminator_loss(real, fake, Some(targets))
+    }
+    fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
+        check_logits("fake", &fake)?;
+        let ones = filled(&fake, 1.0);
+        Ok(bce_mean(fake, ones))
+    }
+}
+
+/// Config of [`NonSaturating`]: `objective = { type = "non_saturating" }`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NonSaturatingConfig {}
+
+#[typetag::serde(name = "non_saturating")]
+impl AdversarialObjectiveConfig for NonSaturatingConfig {
+    fn build(&self) -> Result<Box<dyn AdversarialObjective>> {
+        Ok(Box::new(NonSaturating))
+    }
+}
+
+/// The original minimax GAN objective (Goodfellow et al. 2014).
+///
+/// Discriminator: as [`NonSaturating`]; generator: `mean(log(1 - σ(D(G(z)))))`, computed stably
+/// as `-mean(softplus(D(G(z))))` = `-BCE(D(G(z)), 0)`. Its gradient vanishes when the
+/// discriminator confidently rejects the fakes, which is why the non-saturating form exists.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Minimax;
+
+impl AdversarialObjective for Minimax {
+    fn name(&self) -> &str {
+        "minimax"
+    }
+    fn discriminator_loss(&self, real: Matrix<Tape>, fake: Matrix<Tape>) -> Result<Scalar> {
+        bce_discriminator_loss(real, fake, None)
+    }
+    fn discriminator_loss_with_targets(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        targets: &Targets,
+    ) -> Result<Scalar> {
+        bce_discriminator_loss(real, fake, Some(targets))
+    }
+    fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
+        check_logits("fake", &fake)?;
+        let zeros = filled(&fake, 0.0);
+        Ok(bce_mean(fake, zeros).negate())
+    }
+}
+
+/// Config of [`Minimax`]: `objective = { type = "minimax" }`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinimaxConfig {}
+
+#[typetag::serde(name = "minimax")]
+impl AdversarialObjectiveConfig for MinimaxConfig {
+    fn build(&self) -> Result<Box<dyn AdversarialObjective>> {
+        Ok(Box::new(Minimax))
+    }
+}
+
+/// The Wasserstein GAN objective (Arjovsky et al. 2017): the critic's outputs are scores, not
+/// logits. Critic: `mean(D(G(z))) - mean(D(x))`; generator: `-mean(D(G(z)))`. The critic must be
+/// kept Lipschitz by a stabilizer (weight clipping, gradient penalty, spectral norm). Labels and
+/// label-changing stabilizers do not apply and are ignored.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wasserstein;
+
+impl AdversarialObjective for Wasserstein {
+    fn name(&self) -> &str {
+        "wasserstein"
+    }
+    fn discriminator_loss(&self, real: Matrix<Tape>, fake: Matrix<Tape>) -> Result<Scalar> {
+        check_logits("real", &real)?;
+        check_logits("fake", &fake)?;
+        Ok(fake.mean() - real.mean())
+    }
+    fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
+        check_logits("fake", &fake)?;
+        Ok(fake.mean().negate())
+    }
+}
+
+/// Config of [`Wasserstein`]: `objective = { type = "wasserstein" }`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WassersteinConfig {}
+
+#[typetag::serde(name = "wasserstein")]
+impl AdversarialObjectiveConfig for WassersteinConfig {
+    fn build(&self) -> Result<Box<dyn AdversarialObjective>> {
+        Ok(Box::new(Wasserstein))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nash_core::tensor::Device;
+
+    const LOGITS_REAL: [f32; 4] = [1.5, -0.3, 0.0, 2.2];
+    const LOGITS_FAKE: [f32; 4] = [-2.0, 0.7, -0.1, 0.4];
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+    fn softplus(x: f64) -> f64 {
+        x.max(0.0) + (-x.abs()).exp().ln_1p()
+    }
+    /// Reference BCE with logits, per element (PyTorch's `F.binary_cross_entropy_with_logits`):
+    /// `-(t ln σ(l) + (1 - t) ln(1 - σ(l)))` = `softplus(l) - t l`.
+    fn bce(l: f64, t: f64) -> f64 {
+        softplus(l) - t * l
+    }
+    fn mean(v: impl Iterator<Item = f64>) -> f64 {
+        let v: Vec<f64> = v.collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+
+    fn column(dev: &Device, v: &[f32]) -> Matrix {
+        dev.tensor_from_vec(v.to_vec(), (v.len(), 1))
+    }
+
+    /// Loss value and gradients with respect to `real` and `fake` logits.
+    fn d_loss_and_grads(
+        obj: &dyn AdversarialObjective,
+        real: &[f32],
+        fake: &[f32],
+        targets: Option<&Targets>,
+    ) -> (f64, Vec<f32>, Vec<f32>) {
+        let dev = Device::default();
+        let r = column(&dev, real);
+        let f = column(&dev, fake);
+        let loss = match targets {
+            Some(t) => obj.discriminator_loss_with_targets(r.leaky_trace(), f.leaky_trace(), t),
+            None => obj.discriminator_loss(r.leaky_trace(), f.leaky_trace()),
+        }
+        .unwrap();
+        let value = loss.array() as f64;
+        let grads = loss.backward();
+        (value, grads.get(&r).as_vec(), grads.get(&f).as_vec())
+    }
+
+    fn g_loss_and_grad(obj: &dyn AdversarialObjective, fake: &[f32]) -> (f64, Vec<f32>) {
+        let dev = Device::default();
+        let f = column(&dev, fake);
+        let loss = obj.generator_loss(f.leaky_trace(), None).unwrap();
+        let value = loss.array() as f64;
+        let grads = loss.backward();
+        (value, grads.get(&f).as_vec())
+    }
+
+    /// Central differences of `f` around `x`, in f64 on the f32 implementation (step 1e-2; the
+    /// objectives are smooth, so the truncation error ~h² is far below the tolerance).
+    fn finite_diff(x: &[f32], f: impl Fn(&[f32]) -> f64) -> Vec<f64> {
+        let h = 1e-2f32;
+        (0..x.len())
+            .map(|i| {
+                let mut p = x.to_vec();
+                let mut m = x.to_vec();
+                p[i] += h;
+                m[i] -= h;
+                (f(&p) - f(&m)) / (2.0 * h as f64)
+            })
+            .collect()
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f64], rel: f64) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let tol = rel * w.abs().max(1e-2);
+            assert!(
+                (*g as f64 - w).abs() <= tol,
+                "{what}[{i}]: got {g}, want {w} (tolerance {tol})"
+            );
+        }
+    }
+
+    #[test]
+    fn non_saturating_values_match_the_reference_formula() {
+        // PyTorch reference:
+        //   bce = torch.nn.functional.binary_cross_entropy_with_logits
+        //   d = bce(real, ones) + bce(fake, zeros);  g = bce(fake, ones)
+        let (d, _, _) = d_loss_and_grads(&NonSaturating, &LOGITS_REAL, &LOGITS_FAKE, None);
+        let want_d = mean(LOGITS_REAL.iter().map(|&l| bce(l as f64, 1.0)))
+            + mean(LOGITS_FAKE.iter().map(|&l| bce(l as f64, 0.0)));
+        assert!((d - want_d).abs() < 1e-5, "{d} vs {want_d}");
+        let (g, _) = g_loss_and_grad(&NonSaturating, &LOGITS_FAKE);
+        // -log D(G(z)) = -ln σ(l)
+        let want_g = mean(LOGITS_FAKE.iter().map(|&l| -sigmoid(l as f64).ln()));
+        assert!((g - want_g).abs() < 1e-5, "{g} vs {want_g}");
+        // Fixed numbers, from the formula above evaluated in f64 (Python: softplus via log1p).
+        assert!((want_d - 1.160_381_2).abs() < 1e-6, "{want_d}");
+        assert!((want_g - 0.946_881_5).abs() < 1e-6, "{want_g}");
+    }
+
+    #[test]
+    fn non_saturating_uses_smoothed_targets() {
+        let dev = Device::default();
+        let targets = Targets {
+            real: column(&dev, &[0.9; 4]),
+            fake: column(&dev, &[0.1; 4]),
+        };
+        let (d, gr, gf) = d_loss_and_grads(&NonSaturating, &LOGITS_REAL, &LOGITS_FAKE, Some(&targets));
+        let want = mean(LOGITS_REAL.iter().map(|&l| bce(l as f64, 0.9)))
+            + mean(LOGITS_FAKE.iter().map(|&l| bce(l as f64, 0.1)));
+        assert!((d - want).abs() < 1e-5, "{d} vs {want}");
+        // ∂/∂l of mean BCE = (σ(l) - t) / n
+        let n = LOGITS_REAL.len() as f64;
+        let want_r: Vec<f64> = LOGITS_REAL.iter().map(|&l| (sigmoid(l as f64) - 0.9) / n).collect();
+        let want_f: Vec<f64> = LOGITS_FAKE.iter().map(|&l| (sigmoid(l as f64) - 0.1) / n).collect();
+        assert_close("d real grad", &gr, &want_r, 1e-3);
+        assert_close("d fake grad", &gf, &want_f, 1e-3);
+        // Targets of the wrong shape are refused, not broadcast.
+        let bad = Targets {
+            real: column(&dev, &[1.0; 3]),
+            fake: column(&dev, &[0.0; 4]),
+        };
+        let r = column(&dev, &LOGITS_REAL);
+        let f = column(&dev, &LOGITS_FAKE);
+        let err = NonSaturating
+            .discriminator_loss_with_targets(r.leaky_trace(), f.leaky_trace(), &bad)
+            .unwrap_err();
+        assert!(err.to_string().contains("real targets"), "{err}");
+    }
+
+    #[test]
+    fn minimax_and_wasserstein_values_match_the_reference_formula() {
+        // minimax generator: mean(log(1 - σ(l)))
+        let (g, _) = g_loss_and_grad(&Minimax, &LOGITS_FAKE);
+        let want = mean(LOGITS_FAKE.iter().map(|&l| (1.0 - sigmoid(l as f64)).ln()));
+        assert!((g - want).abs() < 1e-5, "{g} vs {want}");
+        // WGAN: critic mean(fake) - mean(real); generator -mean(fake)
+        let (d, _, _) = d_loss_and_grads(&Wasserstein, &LOGITS_REAL, &LOGITS_FAKE, None);
+        let want_d = mean(LOGITS_FAKE.iter().map(|&l| l as f64)) - mean(LOGITS_REAL.iter().map(|&l| l as f64));
+        assert!((d - want_d).abs() < 1e-6, "{d} vs {want_d}");
+        assert!((want_d - (-1.0)).abs() < 1e-6); // (−1.0/4) − (3.4/4)
+        let (g, grad) = g_loss_and_grad(&Wasserstein, &LOGITS_FAKE);
+        assert!((g - (-0.25)).abs() < 1e-6, "{g}");
+        assert_close("wgan g grad", &grad, &[-0.25; 4], 1e-6);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let objectives: [&dyn AdversarialObjective; 3] = [&NonSaturating, &Minimax, &Wasserstein];
+        for obj in objectives {
+            let (_, gr, gf) = d_loss_and_grads(obj, &LOGITS_REAL, &LOGITS_FAKE, None);
+            let fd_r = finite_diff(&LOGITS_REAL, |x| d_loss_and_grads(obj, x, &LOGITS_FAKE, None).0);
+            let fd_f = finite_diff(&LOGITS_FAKE, |x| d_loss_and_grads(obj, &LOGITS_REAL, x, None).0);
+            assert_close(&format!("{} d/d real", obj.name()), &gr, &fd_r, 1e-2);
+            assert_close(&format!("{} d/d fake", obj.name()), &gf, &fd_f, 1e-2);
+            let (_, gg) = g_loss_and_grad(obj, &LOGITS_FAKE);
+            let fd_g = finite_diff(&LOGITS_FAKE, |x| g_loss_and_grad(obj, x).0);
+            assert_close(&format!("{} g/d fake", obj.name()), &gg, &fd_g, 1e-2);
+        }
+    }
+
+    #[test]
+    fn outputs_with_several_columns_are_refused() {
+        let dev = Device::default();
+        let m: Matrix = dev.tensor_from_vec(vec![0.0; 4], (2, 2));
+        let err = NonSaturating.generator_loss(m.leaky_trace(), None).unwrap_err();
+        assert!(err.to_string().contains("[batch >= 1, 1]"), "{err}");
+    }
+}
