@@ -128,14 +128,16 @@ impl DataLoader {
     }
     /// The next batch (dropping an incomplete last one), starting a new epoch when needed.
     pub fn next_batch(&mut self, data: &dyn DataSource, device: &Device) -> Result<Batch> {
+        let idx = &self.order[self.position..self.position + self.batch_size];
+        let batch = data.batch(self.split, idx, device)?;
+        self.position += self.batch_size;
         if self.position + self.batch_size > self.len {
+            // The epoch is complete: the next batch starts a freshly shuffled one.
             self.epoch += 1;
             self.position = 0;
             self.shuffle();
         }
-        let idx = &self.order[self.position..self.position + self.batch_size];
-        self.position += self.batch_size;
-        data.batch(self.split, idx, device)
+        Ok(batch)
     }
     /// Completed epochs.
     pub fn epoch(&self) -> u64 {
@@ -171,4 +173,75 @@ pub fn eval_batches(data: &dyn DataSource, split: Split, batch_size: usize, devi
             data.batch(split, &idx, device)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfdx::tensor::TensorFromVec;
+
+    /// Ten samples whose single feature is their index.
+    struct Indices;
+
+    impl DataSource for Indices {
+        fn describe(&self) -> String {
+            "indices".into()
+        }
+        fn info(&self) -> DataInfo {
+            DataInfo { sample_shape: FeatureShape::Flat(1), num_classes: None, value_range: (0.0, 9.0) }
+        }
+        fn len(&self, _split: Split) -> usize {
+            10
+        }
+        fn batch(&self, _split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
+            let values = indices.iter().map(|&i| i as f32).collect();
+            Ok(Batch {
+                inputs: device.tensor_from_vec(values, (indices.len(), 1)),
+                shape: FeatureShape::Flat(1),
+                labels: None,
+            })
+        }
+    }
+
+    fn take(loader: &mut DataLoader, device: &Device) -> Vec<usize> {
+        loader.next_batch(&Indices, device).unwrap().inputs.as_vec().iter().map(|&v| v as usize).collect()
+    }
+
+    #[test]
+    fn epochs_visit_distinct_samples_and_count_when_complete() {
+        let device = Device::default();
+        let mut loader = DataLoader::new(Split::Train, 10, 3, 7).unwrap();
+        assert_eq!(loader.batches_per_epoch(), 3);
+        let mut seen: Vec<usize> = (0..3).flat_map(|_| take(&mut loader, &device)).collect();
+        assert_eq!(loader.epoch(), 1, "three batches of three complete an epoch of ten");
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 9, "an epoch never repeats a sample");
+        let second: Vec<usize> = (0..3).flat_map(|_| take(&mut loader, &device)).collect();
+        assert_eq!(loader.epoch(), 2);
+        assert_ne!(second, (0..9).collect::<Vec<_>>(), "epochs are shuffled");
+    }
+
+    #[test]
+    fn state_round_trip_resumes_the_same_batches() {
+        let device = Device::default();
+        let mut straight = DataLoader::new(Split::Train, 10, 3, 11).unwrap();
+        let mut resumed = DataLoader::new(Split::Train, 10, 3, 11).unwrap();
+        for _ in 0..4 {
+            take(&mut straight, &device);
+            take(&mut resumed, &device);
+        }
+        let state = resumed.state();
+        let mut fresh = DataLoader::new(Split::Train, 10, 3, 11).unwrap();
+        fresh.load_state(&state).unwrap();
+        for _ in 0..5 {
+            assert_eq!(take(&mut straight, &device), take(&mut fresh, &device));
+        }
+    }
+
+    #[test]
+    fn refuses_batches_larger_than_the_split() {
+        let err = DataLoader::new(Split::Test, 5, 8, 0).unwrap_err().to_string();
+        assert!(err.contains("training.batch_size") && err.contains("5 samples"), "{err}");
+    }
 }

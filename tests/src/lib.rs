@@ -1,1 +1,3 @@
-//! Support for nash integration tests.
+//! Support for nash integration tests: see [`support`].
+
+pub mod support;

@@ -145,7 +145,10 @@ impl PluginSet {
         })?;
         let meta = std::fs::metadata(&canonical).map_err(|e| Error::io(&canonical, e))?;
         if !meta.is_file() {
-            return Err(plugin_error(&canonical, "is not a file; expected a plugin library `lib<name>.so`"));
+            return Err(plugin_error(
+                &canonical,
+                "is not a file; expected a plugin library `lib<name>.so`",
+            ));
         }
         let file_id = {
             use std::os::unix::fs::MetadataExt;
@@ -406,8 +409,7 @@ fn check_elf(info: &ElfInfo, host: &HostAbi) -> std::result::Result<(), String> 
     }
     debug!(
         imports = info.core_imports.len(),
-        "plugin links {} and libnash_core.so",
-        host.std_name
+        "plugin links {} and libnash_core.so", host.std_name
     );
     let missing: Vec<&String> = info
         .core_imports

@@ -263,14 +263,19 @@ fn apply_override(root: &mut Value, ov: &Override) -> Result<()> {
     for (i, seg) in segs.iter().enumerate() {
         let last = i + 1 == segs.len();
         let here = display_path(&segs[..i]);
-        let where_ = if here.is_empty() { "the top level".to_string() } else { format!("`{here}`") };
+        let where_ = if here.is_empty() {
+            "the top level".to_string()
+        } else {
+            format!("`{here}`")
+        };
         cur = match (seg, cur) {
             (Seg::Key(k), Value::Object(map)) => {
                 if last {
                     map.insert(k.clone(), ov.value.clone());
                     return Ok(());
                 }
-                map.entry(k.clone()).or_insert_with(|| Value::Object(Default::default()))
+                map.entry(k.clone())
+                    .or_insert_with(|| Value::Object(Default::default()))
             }
             (Seg::Index(idx), Value::Array(items)) => {
                 let len = items.len();
@@ -293,13 +298,19 @@ fn apply_override(root: &mut Value, ov: &Override) -> Result<()> {
             (Seg::Key(k), other) => {
                 return Err(Error::config(
                     &ov.path,
-                    format!("--set: {where_} is {}, not a table, so it has no key `{k}`", describe(other)),
+                    format!(
+                        "--set: {where_} is {}, not a table, so it has no key `{k}`",
+                        describe(other)
+                    ),
                 ))
             }
             (Seg::Index(idx), other) => {
                 return Err(Error::config(
                     &ov.path,
-                    format!("--set: {where_} is {}, not an array, so it has no index {idx}", describe(other)),
+                    format!(
+                        "--set: {where_} is {}, not an array, so it has no index {idx}",
+                        describe(other)
+                    ),
                 ))
             }
         };
@@ -343,7 +354,11 @@ fn toml_to_json(v: toml::Value, path: &str) -> Result<Value> {
         toml::Value::Table(t) => Value::Object(
             t.into_iter()
                 .map(|(k, v)| {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     toml_to_json(v, &p).map(|v| (k, v))
                 })
                 .collect::<Result<_>>()?,
@@ -428,9 +443,17 @@ impl PipelineDoc {
         let Some(list) = self.value.get("plugins") else {
             return Ok(Vec::new());
         };
-        let bad = |what: &str| Error::config("plugins", format!("{what}; write `plugins = [\"path/to/libplugin.so\"]`"));
+        let bad = |what: &str| {
+            Error::config(
+                "plugins",
+                format!("{what}; write `plugins = [\"path/to/libplugin.so\"]`"),
+            )
+        };
         let Value::Array(items) = list else {
-            return Err(bad(&format!("expected a list of library paths, found {}", describe(list))));
+            return Err(bad(&format!(
+                "expected a list of library paths, found {}",
+                describe(list)
+            )));
         };
         items
             .iter()
@@ -544,8 +567,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
-pub(crate) fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+/// The closest of `candidates` to `word`, if it is close enough to be a likely typo ("did you mean").
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
@@ -566,7 +589,11 @@ const PLUGIN_HINT: &str = "types from plugins need their plugin loaded: list it 
 /// Turns a deserialization error at `segs` into a config error that says what would be valid.
 fn explain(segs: &[Seg], message: &str, registry: &Registry) -> Error {
     let path = display_path(segs);
-    let shown_path = if path.is_empty() { "(top level)".to_string() } else { path.clone() };
+    let shown_path = if path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        path.clone()
+    };
     // An unknown tag: `unknown variant `foo`, expected one of ...` at `<table>.type`.
     if let (Some(Seg::Key(last)), true) = (segs.last(), message.starts_with("unknown variant")) {
         if last == "type" {
@@ -585,6 +612,14 @@ fn explain(segs: &[Seg], message: &str, registry: &Registry) -> Error {
             None => "missing `type`: this table describes a plugin type and must name it".to_string(),
         };
         return Error::config(shown_path, msg);
+    }
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        // `unknown field `x`, expected one of `a`, `b``: suggest the nearest field name.
+        let field = rest.split('`').next().unwrap_or_default();
+        let expected: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+        if let Some(s) = suggest(field, expected) {
+            return Error::config(shown_path, format!("{message} (did you mean `{s}`?)"));
+        }
     }
     Error::config(shown_path, message.to_string())
 }
@@ -773,7 +808,10 @@ steps = 5
     fn tag_of_another_kind_is_named() {
         let e = parse_err(&GOOD.replace("\"test_model\"", "\"test_sgd\""), Format::Toml, &[]);
         assert!(e.contains("unknown model type `test_sgd`"), "{e}");
-        assert!(e.contains("`test_sgd` is an optimizer (from plugin `trainer-tests`)"), "{e}");
+        assert!(
+            e.contains("`test_sgd` is an optimizer (from plugin `trainer-tests`)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -795,17 +833,27 @@ steps = 5
         let text = GOOD.replace("hidden = 8", "hidden = 8\nobjective = { type = \"ns\" }");
         let e = parse_err(&text, Format::Toml, &[]);
         assert!(e.contains("`model.objective.type`"), "{e}");
-        assert!(e.contains("unknown objective type `ns`") || e.contains("unknown type `ns`"), "{e}");
+        assert!(
+            e.contains("unknown objective type `ns`") || e.contains("unknown type `ns`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_and_missing_fields_report_the_path() {
         let e = parse_err(&GOOD.replace("n = 32", "n = 32\nsize = 3"), Format::Toml, &[]);
-        assert!(e.contains("`data`") && e.contains("unknown field `size`"), "{e}");
+        assert!(
+            e.contains("`data.size`") && e.contains("unknown field `size`, expected `n`"),
+            "{e}"
+        );
         let e = parse_err(&GOOD.replace("hidden = 8", ""), Format::Toml, &[]);
         assert!(e.contains("`model`") && e.contains("missing field `hidden`"), "{e}");
         let e = parse_err(&GOOD.replace("steps = 5", "step = 5"), Format::Toml, &[]);
-        assert!(e.contains("`training`") && e.contains("unknown field `step`"), "{e}");
+        assert!(
+            e.contains("`training.step`") && e.contains("unknown field `step`"),
+            "{e}"
+        );
+        assert!(e.contains("(did you mean `steps`?)"), "{e}");
         let e = parse_err(&GOOD.replace("lr = 0.1", "lr = \"fast\""), Format::Toml, &[]);
         assert!(e.contains("`optimizers.model.lr`") && e.contains("invalid type"), "{e}");
         let e = parse_err(&GOOD.replace("type = \"test_points\"", ""), Format::Toml, &[]);
@@ -853,7 +901,10 @@ steps = 5
         assert!("novalue".parse::<Override>().unwrap_err().contains("path=value"));
         assert!("a[x]=1".parse::<Override>().unwrap_err().contains("not an index"));
         assert_eq!("a=true".parse::<Override>().unwrap().value, Value::Bool(true));
-        assert_eq!("a=hello world".parse::<Override>().unwrap().value, Value::from("hello world"));
+        assert_eq!(
+            "a=hello world".parse::<Override>().unwrap().value,
+            Value::from("hello world")
+        );
     }
 
     #[test]
@@ -872,7 +923,11 @@ steps = 5
         let e = doc.plugin_paths().unwrap_err().to_string();
         assert!(e.contains("`plugins`") && e.contains("expected a list"), "{e}");
         let src = toml_src("plugins = [1]");
-        let e = PipelineDoc::parse(src, &[]).unwrap().plugin_paths().unwrap_err().to_string();
+        let e = PipelineDoc::parse(src, &[])
+            .unwrap()
+            .plugin_paths()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`plugins[0]`"), "{e}");
         let e = parse_err("[training]\nx = nan", Format::Toml, &[]);
         assert!(e.contains("`training.x`") && e.contains("finite"), "{e}");

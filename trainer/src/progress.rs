@@ -11,7 +11,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 static ACTIVE: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
 fn active() -> Option<ProgressBar> {
-    ACTIVE.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    ACTIVE
+        .lock()
+        .map(|g| g.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
 }
 
 fn set_active(bar: Option<ProgressBar>) {

@@ -7,8 +7,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use nash_core::data::{DataLoader, DataSource, Split};
+use nash_core::dfdx::shapes::HasShape;
 use nash_core::layers::BuildContext;
 use nash_core::metric::Metric;
 use nash_core::model::{EvalContext, Model, StepReport, TrainContext};
@@ -17,6 +18,7 @@ use nash_core::rand::SeedableRng;
 use nash_core::serde_json::{self, json, Value};
 use nash_core::stabilizer::{HookContext, StabilizerStack};
 use nash_core::tensor::{Device, Rng};
+use nash_core::tracing;
 use serde::{Deserialize, Serialize};
 
 use crate::loader::LoadedPlugin;
@@ -76,6 +78,10 @@ pub struct Summary {
     pub final_losses: BTreeMap<String, f64>,
     /// The diagnostics of the last training step.
     pub final_diagnostics: BTreeMap<String, f64>,
+    /// Held-out losses before the first step (the baseline; empty when `eval_every` is 0).
+    pub initial_eval: BTreeMap<String, f64>,
+    /// Metric values before the first step.
+    pub initial_metrics: BTreeMap<String, f64>,
     /// Held-out losses of the final evaluation.
     pub final_eval: BTreeMap<String, f64>,
     /// Metric values of the final evaluation.
@@ -150,7 +156,10 @@ struct Run {
 
 fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
     let device = Device::seed_from_u64(seed);
-    let data = pipeline.data.build(seed).context("cannot build the data source (`data`)")?;
+    let data = pipeline
+        .data
+        .build(seed)
+        .context("cannot build the data source (`data`)")?;
     tracing::info!("data: {}", data.describe());
     let info = data.info();
     let model = pipeline
@@ -300,7 +309,7 @@ impl Run {
         let Some(samples) = self.model.sample(count, &mut ctx).context("sampling failed")? else {
             return Ok(());
         };
-        let (rows, cols) = nash_core::dfdx::shapes::HasShape::shape(&samples).to_owned();
+        let (rows, cols) = *samples.shape();
         let values = samples.as_vec();
         let rows: Vec<&[f32]> = (0..rows).map(|r| &values[r * cols..(r + 1) * cols]).collect();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -320,8 +329,9 @@ fn short_losses(report: &StepReport) -> String {
         .join("  ")
 }
 
-/// Trains `pipeline` in `dir` (created beforehand) and returns the summary, also written to
-/// `<dir>/summary.json` (with `status = "failed"` if the run stopped on an error).
+/// Builds `pipeline`, creates `dir` with `pipeline.resolved.json`, trains, and returns the summary,
+/// also written to `<dir>/summary.json` (with `status = "failed"` if the run stopped on an error
+/// after it started).
 pub fn train(
     pipeline: &Pipeline,
     name: &str,
@@ -337,6 +347,17 @@ pub fn train(
     let mut rng = Rng::seed_from_u64(seed);
     let mut run = build(pipeline, seed, &mut rng)?;
     let mut loader = DataLoader::new(Split::Train, run.data.len(Split::Train), cfg.batch_size, seed)?;
+
+    // The run folder is only created once everything is built, so a pipeline that does not fit
+    // leaves nothing behind.
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the run folder {}", dir.display()))?;
+    if dir.join("summary.json").exists() {
+        tracing::warn!(
+            "run folder {} holds an earlier run; its files are replaced",
+            dir.display()
+        );
+    }
+    write_json(&dir.join("pipeline.resolved.json"), pipeline).context("cannot write the resolved pipeline")?;
     let mut log = JsonLines::create(dir.join("metrics.jsonl"))?;
 
     let mut summary = Summary {
@@ -353,6 +374,8 @@ pub fn train(
         final_losses: BTreeMap::new(),
         final_diagnostics: BTreeMap::new(),
         final_eval: BTreeMap::new(),
+        initial_eval: BTreeMap::new(),
+        initial_metrics: BTreeMap::new(),
         final_metrics: BTreeMap::new(),
         plugins: plugins
             .iter()
@@ -372,6 +395,17 @@ pub fn train(
     let start = Instant::now();
     let mut eval_time = 0.0f64;
     let result = (|| -> anyhow::Result<()> {
+        if cfg.eval_every > 0 {
+            // The baseline every later evaluation is compared with. Evaluation draws from its own
+            // seeded generator, so it never changes the training run.
+            let t = Instant::now();
+            let (eval, metrics) = run.evaluate(cfg.eval_batches, cfg.batch_size, seed)?;
+            log.write(&json!({"step": 0, "split": "test", "eval": eval, "metrics": metrics}))?;
+            tracing::info!("step 0: eval {eval:?} metrics {metrics:?}");
+            summary.initial_eval = eval;
+            summary.initial_metrics = metrics;
+            eval_time += t.elapsed().as_secs_f64();
+        }
         let progress = Progress::new(steps, opts.progress);
         for step in 0..steps {
             let batch = loader.next_batch(run.data.as_ref(), &run.device)?;
@@ -408,7 +442,7 @@ pub fn train(
             let done = step + 1;
             summary.steps = done;
             summary.epochs = loader.epoch();
-            if cfg.log_every > 0 && done % cfg.log_every == 0 {
+            if cfg.log_every > 0 && done.is_multiple_of(cfg.log_every) {
                 let lr: BTreeMap<&str, f64> = run
                     .optimizers
                     .iter()
@@ -432,14 +466,14 @@ pub fn train(
             summary.final_diagnostics = report.diagnostics;
 
             let last = done == steps;
-            if !last && cfg.eval_every > 0 && done % cfg.eval_every == 0 {
+            if !last && cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) {
                 let t = Instant::now();
                 let (eval, metrics) = run.evaluate(cfg.eval_batches, cfg.batch_size, seed)?;
                 log.write(&json!({"step": done, "split": "test", "eval": eval, "metrics": metrics}))?;
                 tracing::info!("step {done}: eval {eval:?} metrics {metrics:?}");
                 eval_time += t.elapsed().as_secs_f64();
             }
-            if !last && cfg.sample_every > 0 && done % cfg.sample_every == 0 {
+            if !last && cfg.sample_every > 0 && done.is_multiple_of(cfg.sample_every) {
                 let t = Instant::now();
                 run.write_samples(&dir.join("samples"), done, cfg.sample_count, seed)?;
                 eval_time += t.elapsed().as_secs_f64();
@@ -481,10 +515,244 @@ pub fn train(
     Ok(summary)
 }
 
-/// Fails if `steps` is 0 and there is nothing to do at all (no evaluation either).
-pub fn check_budget(steps: u64, eval_batches: usize, metrics: usize) -> anyhow::Result<()> {
-    if steps == 0 && eval_batches == 0 && metrics == 0 {
-        bail!("nothing to do: `training.steps` is 0, `training.eval_batches` is 0 and no metrics are configured");
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{Format, PipelineDoc, PipelineSource};
+    use nash_core::data::{Batch, DataInfo, DataSourceConfig};
+    use nash_core::model::ModelConfig;
+    use nash_core::registry::Registry;
+    use nash_core::tensor::{matrix_from_vec, FeatureShape, Grads, Param, ParamRole, Parameterized};
+    use nash_core::{Error, Result};
+
+    /// Two clusters of 2-D points around (3, -1), 64 train and 32 test.
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    struct TwoPoints {}
+    struct TwoPointsData;
+    fn point(i: usize) -> [f32; 2] {
+        let s = if i.is_multiple_of(2) { 0.5 } else { -0.5 };
+        [3.0 + s, -1.0 - s]
     }
-    Ok(())
+    impl DataSource for TwoPointsData {
+        fn describe(&self) -> String {
+            "two points".into()
+        }
+        fn info(&self) -> DataInfo {
+            DataInfo {
+                sample_shape: FeatureShape::Flat(2),
+                num_classes: None,
+                value_range: (-5.0, 5.0),
+            }
+        }
+        fn len(&self, split: Split) -> usize {
+            match split {
+                Split::Train => 64,
+                Split::Test => 32,
+            }
+        }
+        fn batch(&self, _split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
+            let values = indices.iter().flat_map(|&i| point(i)).collect();
+            Ok(Batch {
+                inputs: matrix_from_vec(device, values, indices.len(), 2)?,
+                shape: FeatureShape::Flat(2),
+                labels: None,
+            })
+        }
+    }
+    #[typetag::serde(name = "test_two_points")]
+    impl DataSourceConfig for TwoPoints {
+        fn build(&self, _seed: u64) -> Result<Box<dyn DataSource>> {
+            Ok(Box::new(TwoPointsData))
+        }
+    }
+
+    /// Fits a mean `mu` by least squares: loss = mean((x - mu)²), gradient 2·(mu - x̄)/d per coordinate.
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct MeanModelConfig {
+        /// Report a NaN loss from this step on.
+        nan_at: Option<u64>,
+    }
+    struct MeanModel {
+        mu: Param,
+        nan_at: Option<u64>,
+    }
+    impl MeanModel {
+        fn loss_and_grad(&self, batch: &Batch) -> (f64, Vec<f32>) {
+            let x = batch.inputs.as_vec();
+            let mu = self.mu.to_vec();
+            let (n, d) = (batch.len(), 2);
+            let mut loss = 0.0f64;
+            let mut grad = vec![0.0f32; d];
+            for r in 0..n {
+                for c in 0..d {
+                    let diff = mu[c] - x[r * d + c];
+                    loss += (diff * diff) as f64;
+                    grad[c] += 2.0 * diff / (n * d) as f32;
+                }
+            }
+            (loss / (n * d) as f64, grad)
+        }
+    }
+    impl Parameterized for MeanModel {
+        fn named_params(&self) -> Vec<(String, &Param)> {
+            vec![("model.mu".into(), &self.mu)]
+        }
+        fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+            vec![("model.mu".into(), &mut self.mu)]
+        }
+    }
+    impl Model for MeanModel {
+        fn family(&self) -> &str {
+            "test"
+        }
+        fn describe(&self) -> String {
+            "mean".into()
+        }
+        fn param_groups(&self) -> Vec<String> {
+            vec!["model".into()]
+        }
+        fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
+            let (loss, grad) = self.loss_and_grad(batch);
+            let mut grads = Grads::leaky();
+            grads.get_or_alloc_mut(&self.mu.value)?.copy_from_slice(&grad);
+            let mut params = self.named_params_mut();
+            ctx.apply_gradients("model", &mut params, grads)?;
+            let mut report = StepReport::default();
+            let nan = self.nan_at.is_some_and(|s| ctx.step >= s);
+            report.loss("loss/mse", if nan { f64::NAN } else { loss });
+            Ok(report)
+        }
+        fn evaluate(&mut self, batch: &Batch, _ctx: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>> {
+            Ok(BTreeMap::from([("loss/mse".to_string(), self.loss_and_grad(batch).0)]))
+        }
+        fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<nash_core::tensor::Matrix>> {
+            let mu = self.mu.to_vec();
+            Ok(Some(matrix_from_vec(ctx.device, mu.repeat(n), n, 2)?))
+        }
+    }
+    #[typetag::serde(name = "test_mean")]
+    impl ModelConfig for MeanModelConfig {
+        fn build(&self, _data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Model>> {
+            if self.nan_at == Some(999_999) {
+                return Err(Error::config("model.nan_at", "test error"));
+            }
+            Ok(Box::new(MeanModel {
+                mu: Param::from_vec(ctx.device, vec![0.0, 0.0], vec![2], ParamRole::Bias)?,
+                nan_at: self.nan_at,
+            }))
+        }
+    }
+
+    fn pipeline(extra: &str) -> Pipeline {
+        let text = format!(
+            "seed = 3\ndata = {{ type = \"test_two_points\" }}\nmodel = {{ type = \"test_mean\" {extra} }}\n\
+             [optimizers.model]\ntype = \"sgd\"\nlr = 0.5\n\
+             [training]\nsteps = 40\nbatch_size = 16\nlog_every = 10\neval_every = 20\neval_batches = 2\nsample_count = 3\n"
+        );
+        let mut registry = Registry::new();
+        nash_core::registry::register_core(&mut registry).unwrap();
+        let src = PipelineSource::from_text("t.toml", "t", &text, Format::Toml, Path::new("."));
+        PipelineDoc::parse(src, &[]).unwrap().deserialize(&registry).unwrap()
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nash-trainer-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn lines(dir: &Path) -> Vec<Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn trains_and_writes_the_run_folder() {
+        let dir = temp_dir("ok");
+        let p = pipeline("");
+        let summary = train(&p, "t", &dir, &[], &RunOptions::default()).unwrap();
+        assert_eq!(summary.status, "completed");
+        assert_eq!((summary.steps, summary.seed), (40, 3));
+        // The mean of the data is (3, -1) and the spread is 0.5 per coordinate: the minimal MSE is 0.25.
+        let eval = summary.final_eval["loss/mse"];
+        assert!((eval - 0.25).abs() < 1e-3, "{eval}");
+        let lines = lines(&dir);
+        // 4 training lines (steps 10..40), evaluations at step 20 and at the end.
+        let steps: Vec<(u64, bool)> = lines
+            .iter()
+            .map(|l| (l["step"].as_u64().unwrap(), l.get("split").is_some()))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                (10, false),
+                (20, false),
+                (20, true),
+                (30, false),
+                (40, false),
+                (40, true)
+            ]
+        );
+        assert_eq!(lines[0]["lr"]["model"], 0.5);
+        assert!(lines[0]["losses"]["loss/mse"].as_f64().unwrap() > eval);
+        let on_disk: Summary =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(on_disk, summary);
+        let resolved: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline.resolved.json")).unwrap()).unwrap();
+        assert_eq!(resolved["optimizers"]["model"]["type"], "sgd");
+        assert_eq!(resolved["optimizers"]["model"]["momentum"], 0.0);
+        let samples: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("samples/step-00000040.json")).unwrap()).unwrap();
+        assert_eq!(samples["samples"].as_array().unwrap().len(), 3);
+        // Same seed, same numbers.
+        let again = train(&p, "t", &temp_dir("ok2"), &[], &RunOptions::default()).unwrap();
+        assert_eq!(again.final_losses, summary.final_losses);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(temp_dir("ok2"));
+    }
+
+    #[test]
+    fn non_finite_loss_stops_with_its_name() {
+        let dir = temp_dir("nan");
+        let e = train(&pipeline(", nan_at = 5"), "t", &dir, &[], &RunOptions::default()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("diverged at step 5") && msg.contains("`loss/mse`"),
+            "{msg}"
+        );
+        let summary: Summary =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+        assert_eq!((summary.status.as_str(), summary.steps), ("failed", 5));
+        assert!(summary.error.unwrap().contains("loss/mse"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn optimizer_groups_must_match_and_build_errors_leave_no_folder() {
+        let mut p = pipeline("");
+        let sgd = p.optimizers.remove("model").unwrap();
+        p.optimizers.insert("generator".into(), sgd);
+        let dir = temp_dir("groups");
+        let msg = format!("{:#}", train(&p, "t", &dir, &[], &RunOptions::default()).unwrap_err());
+        assert!(msg.contains("parameter groups `model`"), "{msg}");
+        assert!(msg.contains("optimizers for `generator`"), "{msg}");
+        assert!(
+            msg.contains("add [optimizers.<group>] for `model`; remove `generator`"),
+            "{msg}"
+        );
+        assert!(!dir.exists());
+        let msg = format!(
+            "{:#}",
+            train(&pipeline(", nan_at = 999999"), "t", &dir, &[], &RunOptions::default()).unwrap_err()
+        );
+        assert!(
+            msg.contains("cannot build the model") && msg.contains("model.nan_at"),
+            "{msg}"
+        );
+    }
 }

@@ -50,7 +50,10 @@ impl ActivationFn {
         let pos: Vec<f32> = v.iter().map(|&a| if a > 0.0 { 1.0 } else { 0.0 }).collect();
         let neg: Vec<f32> = pos.iter().map(|&p| 1.0 - p).collect();
         let dev = x.device();
-        (dev.tensor_from_vec(pos, *x.shape()), dev.tensor_from_vec(neg, *x.shape()))
+        (
+            dev.tensor_from_vec(pos, *x.shape()),
+            dev.tensor_from_vec(neg, *x.shape()),
+        )
     }
 
     /// Applies the function.
@@ -67,7 +70,12 @@ impl ActivationFn {
                 let (pos, neg) = Self::masks(&x);
                 let x2 = x.with_empty_tape();
                 let left = x.try_mul(pos)?;
-                let right = x2.try_mul(neg.clone())?.try_exp()?.try_sub(1.0)?.try_mul(alpha)?.try_mul(neg)?;
+                let right = x2
+                    .try_mul(neg.clone())?
+                    .try_exp()?
+                    .try_sub(1.0)?
+                    .try_mul(alpha)?
+                    .try_mul(neg)?;
                 left.try_add(right)?
             }
             ActivationFn::Tanh => x.try_tanh()?,
@@ -89,7 +97,11 @@ impl ActivationFn {
             ActivationFn::Elu(alpha) => {
                 let (pos, neg) = Self::masks(&input.value);
                 // [x > 0] + α·exp(x⊙[x ≤ 0])⊙[x ≤ 0]
-                x().try_mul(neg.clone())?.try_exp()?.try_mul(alpha)?.try_mul(neg)?.try_add(pos)?
+                x().try_mul(neg.clone())?
+                    .try_exp()?
+                    .try_mul(alpha)?
+                    .try_mul(neg)?
+                    .try_add(pos)?
             }
             ActivationFn::Tanh => {
                 // 1 − tanh²(x)
@@ -274,10 +286,14 @@ mod tests {
     fn values_match_formulas() {
         let h = Harness::new(0);
         let xs = vec![-2.0f32, -0.5, 0.3, 1.7];
-        let cases: Vec<(ActivationFn, fn(f64) -> f64)> = vec![
+        type Reference = fn(f64) -> f64;
+        let cases: Vec<(ActivationFn, Reference)> = vec![
             (ActivationFn::Relu, |x| x.max(0.0)),
             (ActivationFn::LeakyRelu(0.2), |x| if x > 0.0 { x } else { 0.2 * x }),
-            (ActivationFn::Elu(0.7), |x| if x > 0.0 { x } else { 0.7 * (x.exp() - 1.0) }),
+            (
+                ActivationFn::Elu(0.7),
+                |x| if x > 0.0 { x } else { 0.7 * (x.exp() - 1.0) },
+            ),
             (ActivationFn::Tanh, f64::tanh),
             (ActivationFn::Sigmoid, |x| 1.0 / (1.0 + (-x).exp())),
             // torch.nn.functional.gelu(x, approximate="tanh")

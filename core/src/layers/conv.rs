@@ -1,1 +1,1067 @@
-//! TODO(helper): conv
+//! 2-D convolution and transposed convolution on `[batch, c·h·w]` activations.
+//!
+//! dfdx's own convolutions need a nightly compiler, so nash provides them as two custom tape ops,
+//! [`conv2d`] and [`conv_transpose2d`], whose forward and backward passes are host kernels in
+//! [`kernels`] (im2col / col2im plus one matrix product through dfdx's multithreaded matmul).
+//! Every hot loop lives in that module, so faster kernels can replace it without touching the
+//! layers. The transposed convolution is the exact adjoint of the convolution with the same
+//! geometry and weights, which is also how each layer's [`Layer::input_grad`] is expressed:
+//! a conv's input gradient is a conv-transpose of the output gradient and vice versa, so a
+//! gradient penalty differentiates exactly into the kernels.
+//!
+//! Kernels are square (`kernel_size`), as are strides and paddings. Weights use PyTorch's
+//! layouts: `[out_channels, in_channels, k, k]` for a convolution and `[in_channels,
+//! out_channels, k, k]` for a transposed convolution.
+
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::init::Init;
+use super::{BuildContext, ForwardContext, Layer, LayerConfig};
+use crate::error::{Error, Result};
+use crate::tensor::{Activation, Device, FeatureShape, Matrix, Param, ParamRole, Parameterized, Tape, Vector};
+
+/// The geometry of a convolution from `[c_in, h_in, w_in]` to `[c_out, h_out, w_out]`. A
+/// transposed convolution is described by the geometry of the convolution it is the adjoint of
+/// (its input lives in this geometry's output space and its output in the input space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height.
+    pub h_in: usize,
+    /// Input width.
+    pub w_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Output height, `(h_in + 2·padding − kernel) / stride + 1`.
+    pub h_out: usize,
+    /// Output width.
+    pub w_out: usize,
+    /// Kernel side.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+}
+
+impl ConvGeometry {
+    /// The geometry of a convolution of `[c_in, h, w]` images (PyTorch's output-size formula).
+    pub fn conv(
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        if kernel == 0 || stride == 0 || c_in == 0 || c_out == 0 || h == 0 || w == 0 {
+            return Err(Error::config(
+                "conv",
+                format!(
+                    "kernel_size, stride, channels and image sides must be at least 1 \
+                     (kernel {kernel}, stride {stride}, input [{c_in}, {h}, {w}], {c_out} output channels)"
+                ),
+            ));
+        }
+        if h + 2 * padding < kernel || w + 2 * padding < kernel {
+            return Err(Error::shape(
+                "conv2d",
+                format!("an image whose padded sides (+2·{padding}) are at least the kernel size {kernel}"),
+                format!("[{c_in}, {h}, {w}]"),
+            ));
+        }
+        Ok(ConvGeometry {
+            c_in,
+            h_in: h,
+            w_in: w,
+            c_out,
+            h_out: (h + 2 * padding - kernel) / stride + 1,
+            w_out: (w + 2 * padding - kernel) / stride + 1,
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    /// The geometry whose adjoint is a transposed convolution of `[c_in, h, w]` images into
+    /// `c_out` channels, with PyTorch's output size `(h − 1)·stride − 2·padding + kernel + output_padding`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn transposed(
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        output_padding: usize,
+    ) -> Result<Self> {
+        if stride == 0 || output_padding >= stride {
+            return Err(Error::config(
+                "output_padding",
+                format!("must be smaller than stride, got output_padding {output_padding} with stride {stride}"),
+            ));
+        }
+        let side = |n: usize| -> Result<usize> {
+            let full = (n.max(1) - 1) * stride + kernel + output_padding;
+            if n == 0 || full <= 2 * padding {
+                return Err(Error::shape(
+                    "conv_transpose2d",
+                    format!("an input whose output side (n−1)·{stride} − 2·{padding} + {kernel} + {output_padding} is positive"),
+                    format!("[{c_in}, {h}, {w}]"),
+                ));
+            }
+            Ok(full - 2 * padding)
+        };
+        let (ho, wo) = (side(h)?, side(w)?);
+        let g = ConvGeometry::conv(c_out, ho, wo, c_in, kernel, stride, padding)?;
+        debug_assert_eq!((g.h_out, g.w_out), (h, w));
+        Ok(g)
+    }
+
+    /// Rows of the im2col matrix: `c_in · k · k`.
+    pub fn patch_len(&self) -> usize {
+        self.c_in * self.kernel * self.kernel
+    }
+    /// Values per sample in the input space.
+    pub fn in_len(&self) -> usize {
+        self.c_in * self.h_in * self.w_in
+    }
+    /// Values per sample in the output space.
+    pub fn out_len(&self) -> usize {
+        self.c_out * self.h_out * self.w_out
+    }
+    /// Pixels per output channel.
+    pub fn out_pixels(&self) -> usize {
+        self.h_out * self.w_out
+    }
+    /// Number of kernel values: `c_out · c_in · k · k`.
+    pub fn weight_len(&self) -> usize {
+        self.c_out * self.patch_len()
+    }
+}
+
+/// The host kernels behind [`conv2d`] and [`conv_transpose2d`]: all the hot code of convolution.
+/// Inputs and outputs are row-major, samples first and channels major within a sample.
+pub mod kernels {
+    use super::ConvGeometry;
+    use crate::tensor::Device;
+    use dfdx::prelude::*;
+
+    /// `op(a)·op(b)` with dfdx's multithreaded matmul; `a` is stored `a_shape`, `op` transposes when asked.
+    pub fn gemm(
+        dev: &Device,
+        a: Vec<f32>,
+        a_shape: (usize, usize),
+        ta: bool,
+        b: Vec<f32>,
+        b_shape: (usize, usize),
+        tb: bool,
+    ) -> Vec<f32> {
+        let a = dev.tensor_from_vec(a, a_shape);
+        let b = dev.tensor_from_vec(b, b_shape);
+        let a: Tensor<(usize, usize), f32, Device> = if ta { a.permute::<_, Axes2<1, 0>>() } else { a };
+        let b: Tensor<(usize, usize), f32, Device> = if tb { b.permute::<_, Axes2<1, 0>>() } else { b };
+        let c = a.matmul(b);
+        let mut out = vec![0.0; c.shape().num_elements()];
+        c.copy_into(&mut out);
+        out
+    }
+
+    /// The values of a contiguous tensor (a plain copy, unlike the strided iterator of `as_vec`).
+    pub fn host<S: Shape, T>(t: &Tensor<S, f32, Device, T>) -> Vec<f32> {
+        let mut out = vec![0.0; t.shape().num_elements()];
+        t.copy_into(&mut out);
+        out
+    }
+
+    /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`.
+    pub fn im2col(g: &ConvGeometry, batch: usize, x: &[f32]) -> Vec<f32> {
+        let (k, p, s) = (g.kernel, g.padding as isize, g.stride);
+        let n = batch * g.out_pixels();
+        let mut cols = vec![0.0; g.patch_len() * n];
+        for ci in 0..g.c_in {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = ((ci * k + ki) * k + kj) * n;
+                    for b in 0..batch {
+                        let xb = &x[b * g.in_len() + ci * g.h_in * g.w_in..][..g.h_in * g.w_in];
+                        for oh in 0..g.h_out {
+                            let ih = (oh * s + ki) as isize - p;
+                            if ih < 0 || ih >= g.h_in as isize {
+                                continue;
+                            }
+                            let xr = &xb[ih as usize * g.w_in..][..g.w_in];
+                            let dst = &mut cols[row + b * g.out_pixels() + oh * g.w_out..][..g.w_out];
+                            for (ow, d) in dst.iter_mut().enumerate() {
+                                let iw = (ow * s + kj) as isize - p;
+                                if iw >= 0 && iw < g.w_in as isize {
+                                    *d = xr[iw as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cols
+    }
+
+    /// The adjoint of [`im2col`]: sums columns back into the input space, `[batch, c_in·h_in·w_in]`.
+    pub fn col2im(g: &ConvGeometry, batch: usize, cols: &[f32]) -> Vec<f32> {
+        let (k, p, s) = (g.kernel, g.padding as isize, g.stride);
+        let n = batch * g.out_pixels();
+        let mut x = vec![0.0; batch * g.in_len()];
+        for ci in 0..g.c_in {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = ((ci * k + ki) * k + kj) * n;
+                    for b in 0..batch {
+                        let xb = &mut x[b * g.in_len() + ci * g.h_in * g.w_in..][..g.h_in * g.w_in];
+                        for oh in 0..g.h_out {
+                            let ih = (oh * s + ki) as isize - p;
+                            if ih < 0 || ih >= g.h_in as isize {
+                                continue;
+                            }
+                            let xr = &mut xb[ih as usize * g.w_in..][..g.w_in];
+                            let src = &cols[row + b * g.out_pixels() + oh * g.w_out..][..g.w_out];
+                            for (ow, v) in src.iter().enumerate() {
+                                let iw = (ow * s + kj) as isize - p;
+                                if iw >= 0 && iw < g.w_in as isize {
+                                    xr[iw as usize] += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        x
+    }
+
+    /// `[batch, c, pixels]` to `[c, batch·pixels]`.
+    pub fn to_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize) -> Vec<f32> {
+        let mut out = vec![0.0; v.len()];
+        for b in 0..batch {
+            for ch in 0..c {
+                out[(ch * batch + b) * pixels..][..pixels].copy_from_slice(&v[(b * c + ch) * pixels..][..pixels]);
+            }
+        }
+        out
+    }
+
+    /// `[c, batch·pixels]` to `[batch, c, pixels]`, adding `bias[c]` if given.
+    pub fn from_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let mut out = vec![0.0; v.len()];
+        for b in 0..batch {
+            for ch in 0..c {
+                let add = bias.map_or(0.0, |bb| bb[ch]);
+                let dst = &mut out[(b * c + ch) * pixels..][..pixels];
+                for (d, s) in dst.iter_mut().zip(&v[(ch * batch + b) * pixels..][..pixels]) {
+                    *d = s + add;
+                }
+            }
+        }
+        out
+    }
+
+    /// Per-channel sums of `[batch, c, pixels]` (the bias gradient).
+    pub fn channel_sums(v: &[f32], batch: usize, c: usize, pixels: usize) -> Vec<f32> {
+        let mut out = vec![0.0; c];
+        for b in 0..batch {
+            for (ch, o) in out.iter_mut().enumerate() {
+                *o += v[(b * c + ch) * pixels..][..pixels].iter().sum::<f32>();
+            }
+        }
+        out
+    }
+
+    /// Convolution: `x` `[batch, in_len]`, `w` `[c_out, c_in·k·k]` → `[batch, out_len]`.
+    pub fn conv_forward(
+        dev: &Device,
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let n = batch * g.out_pixels();
+        let cols = im2col(g, batch, x);
+        let ym = gemm(
+            dev,
+            w.to_vec(),
+            (g.c_out, g.patch_len()),
+            false,
+            cols,
+            (g.patch_len(), n),
+            false,
+        );
+        from_channel_rows(&ym, batch, g.c_out, g.out_pixels(), bias)
+    }
+
+    /// Gradients of [`conv_forward`]: `(dx, dw, db)` from `dy` `[batch, out_len]`.
+    pub fn conv_backward(
+        dev: &Device,
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = batch * g.out_pixels();
+        let k = g.patch_len();
+        let dym = to_channel_rows(dy, batch, g.c_out, g.out_pixels());
+        let cols = im2col(g, batch, x);
+        let dw = gemm(dev, dym.clone(), (g.c_out, n), false, cols, (k, n), true);
+        let dcols = gemm(dev, w.to_vec(), (g.c_out, k), true, dym, (g.c_out, n), false);
+        let dx = col2im(g, batch, &dcols);
+        (dx, dw, channel_sums(dy, batch, g.c_out, g.out_pixels()))
+    }
+
+    /// Transposed convolution (the adjoint of `g`): `x` `[batch, out_len]`, `w` `[c_out, c_in·k·k]`
+    /// → `[batch, in_len]`, adding `bias` (length `c_in`).
+    pub fn conv_transpose_forward(
+        dev: &Device,
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let n = batch * g.out_pixels();
+        let xm = to_channel_rows(x, batch, g.c_out, g.out_pixels());
+        let dcols = gemm(dev, w.to_vec(), (g.c_out, g.patch_len()), true, xm, (g.c_out, n), false);
+        let mut y = col2im(g, batch, &dcols);
+        if let Some(bias) = bias {
+            let px = g.h_in * g.w_in;
+            for (i, v) in y.iter_mut().enumerate() {
+                *v += bias[(i / px) % g.c_in];
+            }
+        }
+        y
+    }
+
+    /// Gradients of [`conv_transpose_forward`]: `(dx, dw, db)` from `dy` `[batch, in_len]`.
+    pub fn conv_transpose_backward(
+        dev: &Device,
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = batch * g.out_pixels();
+        let k = g.patch_len();
+        let cols = im2col(g, batch, dy);
+        let xm = to_channel_rows(x, batch, g.c_out, g.out_pixels());
+        let dw = gemm(dev, xm, (g.c_out, n), false, cols.clone(), (k, n), true);
+        let dxm = gemm(dev, w.to_vec(), (g.c_out, k), false, cols, (k, n), false);
+        let dx = from_channel_rows(&dxm, batch, g.c_out, g.out_pixels(), None);
+        (dx, dw, channel_sums(dy, batch, g.c_in, g.h_in * g.w_in))
+    }
+}
+
+/// Adds host values into the gradient of a tensor or ghost (`$t`) inside a backward op.
+#[cfg(not(feature = "cuda"))]
+macro_rules! accumulate {
+    ($grads:expr, $t:expr, $src:expr) => {{
+        let dst = $grads.get_or_alloc_mut($t)?;
+        for (d, s) in dst.iter_mut().zip($src.iter()) {
+            *d += *s;
+        }
+    }};
+}
+
+/// Adds host values into the gradient of a tensor or ghost (`$t`) inside a backward op
+/// (CUDA: a round trip through the host; the kernels themselves run on the host too).
+#[cfg(feature = "cuda")]
+macro_rules! accumulate {
+    ($grads:expr, $t:expr, $src:expr) => {{
+        let dst: &mut cudarc::driver::CudaSlice<f32> = $grads.get_or_alloc_mut($t)?;
+        let dev = dst.device();
+        let mut host = dev.dtoh_sync_copy(dst)?;
+        for (d, s) in host.iter_mut().zip($src.iter()) {
+            *d += *s;
+        }
+        dev.htod_sync_copy_into(&host, dst)?;
+    }};
+}
+
+/// One custom op: a convolution (`transpose == false`) or its adjoint, on the tape of `x`, with
+/// gradients into `x`, `w` (whose own tape, if any, is merged) and `bias`.
+fn conv_op<T>(
+    x: Matrix<Tape>,
+    w: Tensor<(usize,), f32, Device, T>,
+    bias: Option<&Vector>,
+    g: ConvGeometry,
+    transpose: bool,
+) -> Result<Matrix<Tape>>
+where
+    T: dfdx::tensor::Tape<f32, Device>,
+    Tape: Merge<T>,
+{
+    let what = if transpose { "conv_transpose2d" } else { "conv2d" };
+    let (in_len, out_len, bias_len) = if transpose {
+        (g.out_len(), g.in_len(), g.c_in)
+    } else {
+        (g.in_len(), g.out_len(), g.c_out)
+    };
+    let batch = x.shape().0;
+    if x.shape().1 != in_len {
+        return Err(Error::shape(what, format!("{in_len} input features"), x.shape().1));
+    }
+    if w.shape().0 != g.weight_len() {
+        return Err(Error::shape(format!("{what} weight"), g.weight_len(), w.shape().0));
+    }
+    if let Some(b) = bias {
+        if b.shape().0 != bias_len {
+            return Err(Error::shape(format!("{what} bias"), bias_len, b.shape().0));
+        }
+    }
+    // Gradients are written in logical order, so operate on contiguous values.
+    let x = x.try_reshape_like(&(batch, in_len))?;
+    let (x, xtape) = x.split_tape();
+    let (w, wtape) = w.split_tape();
+    let w = w.try_reshape_like(&(g.weight_len(),))?;
+    let dev = x.device().clone();
+    let (xv, wv) = (kernels::host(&x), kernels::host(&w));
+    let bv = bias.map(|b| b.as_vec());
+    let y = if transpose {
+        kernels::conv_transpose_forward(&dev, &g, batch, &xv, &wv, bv.as_deref())
+    } else {
+        kernels::conv_forward(&dev, &g, batch, &xv, &wv, bv.as_deref())
+    };
+    let y = dev.tensor_from_vec(y, (batch, out_len));
+    let (xg, wg, yg, bg) = (x.ghost(), w.ghost(), y.ghost(), bias.map(|b| b.ghost()));
+    let mut tape = xtape.merge(wtape);
+    dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
+        grads.try_alloc_for(&yg)?;
+        let dy = kernels::host(&grads.get(&yg));
+        let (dx, dw, db) = if transpose {
+            kernels::conv_transpose_backward(&dev, &g, batch, &xv, &wv, &dy)
+        } else {
+            kernels::conv_backward(&dev, &g, batch, &xv, &wv, &dy)
+        };
+        accumulate!(grads, &xg, dx);
+        accumulate!(grads, &wg, dw);
+        if let Some(bg) = &bg {
+            accumulate!(grads, bg, db);
+        }
+        Ok(())
+    });
+    Ok(y.put_tape(tape))
+}
+
+/// Convolution of `x` (`[batch, c_in·h_in·w_in]`) with `weight` (`[c_out, c_in, k, k]`, flat,
+/// possibly carrying its own tape, e.g. a spectrally normalized kernel) plus `bias` (`[c_out]`).
+pub fn conv2d<T>(
+    x: Matrix<Tape>,
+    weight: Tensor<(usize,), f32, Device, T>,
+    bias: Option<&Vector>,
+    g: &ConvGeometry,
+) -> Result<Matrix<Tape>>
+where
+    T: dfdx::tensor::Tape<f32, Device>,
+    Tape: Merge<T>,
+{
+    conv_op(x, weight, bias, *g, false)
+}
+
+/// Transposed convolution, the adjoint of [`conv2d`] with geometry `g`: `x` is
+/// `[batch, c_out·h_out·w_out]`, `weight` is `[c_out, c_in, k, k]` in `g`'s terms (PyTorch's
+/// `ConvTranspose2d` layout `[in, out, k, k]`), `bias` is `[c_in]`; the result is `[batch, c_in·h_in·w_in]`.
+pub fn conv_transpose2d<T>(
+    x: Matrix<Tape>,
+    weight: Tensor<(usize,), f32, Device, T>,
+    bias: Option<&Vector>,
+    g: &ConvGeometry,
+) -> Result<Matrix<Tape>>
+where
+    T: dfdx::tensor::Tape<f32, Device>,
+    Tape: Merge<T>,
+{
+    conv_op(x, weight, bias, *g, true)
+}
+
+/// `{ type = "conv2d", out_channels = 64, kernel_size = 4, stride = 2, padding = 1 }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Conv2dConfig {
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel side.
+    pub kernel_size: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Whether to add a per-channel bias.
+    pub bias: bool,
+    /// Kernel initializer; PyTorch's default (U(±1/√fan_in)) when absent.
+    pub init: Option<Init>,
+    /// Bias initializer; PyTorch's default (U(±1/√fan_in)) when absent.
+    pub bias_init: Option<Init>,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Conv2dConfig {
+            out_channels: 1,
+            kernel_size: 3,
+            stride: 1,
+            padding: 0,
+            bias: true,
+            init: None,
+            bias_init: None,
+        }
+    }
+}
+
+impl Conv2dConfig {
+    /// A convolution with stride 1, no padding, a bias and PyTorch's initialization.
+    pub fn new(out_channels: usize, kernel_size: usize) -> Self {
+        Conv2dConfig {
+            out_channels,
+            kernel_size,
+            ..Default::default()
+        }
+    }
+    /// Sets the stride.
+    pub fn with_stride(mut self, stride: usize) -> Self {
+        self.stride = stride;
+        self
+    }
+    /// Sets the padding.
+    pub fn with_padding(mut self, padding: usize) -> Self {
+        self.padding = padding;
+        self
+    }
+    /// Sets whether there is a bias.
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+    /// Sets the kernel initializer.
+    pub fn with_init(mut self, init: Init) -> Self {
+        self.init = Some(init);
+        self
+    }
+}
+
+/// `{ type = "conv_transpose2d", out_channels = 64, kernel_size = 4, stride = 2, padding = 1 }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConvTranspose2dConfig {
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel side.
+    pub kernel_size: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Implicit zero padding removed from each side of the output.
+    pub padding: usize,
+    /// Extra rows/columns added to one side of the output (smaller than `stride`).
+    pub output_padding: usize,
+    /// Whether to add a per-channel bias.
+    pub bias: bool,
+    /// Kernel initializer; PyTorch's default when absent.
+    pub init: Option<Init>,
+    /// Bias initializer; PyTorch's default when absent.
+    pub bias_init: Option<Init>,
+}
+
+impl Default for ConvTranspose2dConfig {
+    fn default() -> Self {
+        ConvTranspose2dConfig {
+            out_channels: 1,
+            kernel_size: 3,
+            stride: 1,
+            padding: 0,
+            output_padding: 0,
+            bias: true,
+            init: None,
+            bias_init: None,
+        }
+    }
+}
+
+impl ConvTranspose2dConfig {
+    /// A transposed convolution with stride 1, no padding, a bias and PyTorch's initialization.
+    pub fn new(out_channels: usize, kernel_size: usize) -> Self {
+        ConvTranspose2dConfig {
+            out_channels,
+            kernel_size,
+            ..Default::default()
+        }
+    }
+    /// Sets the stride.
+    pub fn with_stride(mut self, stride: usize) -> Self {
+        self.stride = stride;
+        self
+    }
+    /// Sets the padding.
+    pub fn with_padding(mut self, padding: usize) -> Self {
+        self.padding = padding;
+        self
+    }
+    /// Sets the output padding.
+    pub fn with_output_padding(mut self, output_padding: usize) -> Self {
+        self.output_padding = output_padding;
+        self
+    }
+    /// Sets whether there is a bias.
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+    /// Sets the kernel initializer.
+    pub fn with_init(mut self, init: Init) -> Self {
+        self.init = Some(init);
+        self
+    }
+}
+
+fn image_input(what: &str, input: FeatureShape) -> Result<(usize, usize, usize)> {
+    input.as_image().ok_or_else(|| {
+        Error::shape(
+            what,
+            "an image [channels, height, width] (add a `reshape` layer before it)",
+            input,
+        )
+    })
+}
+
+/// Draws a kernel and bias. `fan_in`/`fan_out` follow PyTorch (dimension 1 of the weight is fan-in).
+fn init_params(
+    ctx: &mut BuildContext<'_>,
+    shape: Vec<usize>,
+    bias_len: Option<usize>,
+    init: &Option<Init>,
+    bias_init: &Option<Init>,
+) -> Result<(Param, Option<Param>)> {
+    let receptive = shape[2] * shape[3];
+    let (fan_in, fan_out) = (shape[1] * receptive, shape[0] * receptive);
+    let winit = init.clone().unwrap_or_else(Init::torch_default_weight);
+    winit.validate("init")?;
+    let n = shape.iter().product();
+    let w = Param::from_vec(
+        ctx.device,
+        winit.sample(n, fan_in, fan_out, ctx.rng)?,
+        shape,
+        ParamRole::Weight,
+    )?;
+    let b = match bias_len {
+        Some(len) => {
+            let binit = bias_init.clone().unwrap_or_else(|| Init::torch_default_bias(fan_in));
+            binit.validate("bias_init")?;
+            let v = binit.sample(len, fan_in, fan_out, ctx.rng)?;
+            Some(Param::from_vec(ctx.device, v, vec![len], ParamRole::Bias)?)
+        }
+        None => None,
+    };
+    Ok((w, b))
+}
+
+#[typetag::serde(name = "conv2d")]
+impl LayerConfig for Conv2dConfig {
+    fn build(&self, input: FeatureShape, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Layer>> {
+        let (c, h, w) = image_input("conv2d", input)?;
+        let g = ConvGeometry::conv(c, h, w, self.out_channels, self.kernel_size, self.stride, self.padding)?;
+        let k = self.kernel_size;
+        let (weight, bias) = init_params(
+            ctx,
+            vec![self.out_channels, c, k, k],
+            self.bias.then_some(self.out_channels),
+            &self.init,
+            &self.bias_init,
+        )?;
+        Ok(Box::new(Conv2d { geom: g, weight, bias }))
+    }
+}
+
+#[typetag::serde(name = "conv_transpose2d")]
+impl LayerConfig for ConvTranspose2dConfig {
+    fn build(&self, input: FeatureShape, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Layer>> {
+        let (c, h, w) = image_input("conv_transpose2d", input)?;
+        let g = ConvGeometry::transposed(
+            c,
+            h,
+            w,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.output_padding,
+        )?;
+        let k = self.kernel_size;
+        let (weight, bias) = init_params(
+            ctx,
+            vec![c, self.out_channels, k, k],
+            self.bias.then_some(self.out_channels),
+            &self.init,
+            &self.bias_init,
+        )?;
+        Ok(Box::new(ConvTranspose2d {
+            geom: g,
+            output_padding: self.output_padding,
+            weight,
+            bias,
+        }))
+    }
+}
+
+/// A 2-D convolution layer.
+#[derive(Debug)]
+pub struct Conv2d {
+    geom: ConvGeometry,
+    weight: Param,
+    bias: Option<Param>,
+}
+
+/// A 2-D transposed convolution layer.
+#[derive(Debug)]
+pub struct ConvTranspose2d {
+    geom: ConvGeometry,
+    output_padding: usize,
+    weight: Param,
+    bias: Option<Param>,
+}
+
+macro_rules! conv_params {
+    ($t:ty) => {
+        impl Parameterized for $t {
+            fn named_params(&self) -> Vec<(String, &Param)> {
+                let mut v = vec![("weight".to_string(), &self.weight)];
+                if let Some(b) = &self.bias {
+                    v.push(("bias".to_string(), b));
+                }
+                v
+            }
+            fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+                let mut v = vec![("weight".to_string(), &mut self.weight)];
+                if let Some(b) = &mut self.bias {
+                    v.push(("bias".to_string(), b));
+                }
+                v
+            }
+        }
+        impl $t {
+            /// The geometry (for a transposed convolution, of the convolution it is the adjoint of).
+            pub fn geometry(&self) -> &ConvGeometry {
+                &self.geom
+            }
+            /// The kernel.
+            pub fn weight(&self) -> &Param {
+                &self.weight
+            }
+            /// The bias, if any.
+            pub fn bias(&self) -> Option<&Param> {
+                self.bias.as_ref()
+            }
+        }
+    };
+}
+conv_params!(Conv2d);
+conv_params!(ConvTranspose2d);
+
+fn check_input(what: &str, expected: FeatureShape, input: FeatureShape) -> Result<FeatureShape> {
+    if input != expected {
+        return Err(Error::shape(what, expected, input));
+    }
+    Ok(input)
+}
+
+impl Layer for Conv2d {
+    fn describe(&self) -> String {
+        let g = &self.geom;
+        format!(
+            "conv2d [{}, {}, {}] -> [{}, {}, {}] (k {}, s {}, p {})",
+            g.c_in, g.h_in, g.w_in, g.c_out, g.h_out, g.w_out, g.kernel, g.stride, g.padding
+        )
+    }
+    fn output_shape(&self, input: FeatureShape) -> Result<FeatureShape> {
+        let g = &self.geom;
+        check_input("conv2d", FeatureShape::image(g.c_in, g.h_in, g.w_in), input)?;
+        Ok(FeatureShape::image(g.c_out, g.h_out, g.w_out))
+    }
+    fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        let shape = self.output_shape(input.shape)?;
+        let y = conv2d(
+            input.value,
+            self.weight.value.clone(),
+            self.bias.as_ref().map(|b| &b.value),
+            &self.geom,
+        )?;
+        Activation::new(y, shape)
+    }
+    fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
+        self.output_shape(input.shape)?;
+        let g = conv_transpose2d(grad_output.value, self.weight.value.clone(), None, &self.geom)?;
+        Activation::new(g, input.shape)
+    }
+}
+
+impl Layer for ConvTranspose2d {
+    fn describe(&self) -> String {
+        let g = &self.geom;
+        format!(
+            "conv_transpose2d [{}, {}, {}] -> [{}, {}, {}] (k {}, s {}, p {}, op {})",
+            g.c_out, g.h_out, g.w_out, g.c_in, g.h_in, g.w_in, g.kernel, g.stride, g.padding, self.output_padding
+        )
+    }
+    fn output_shape(&self, input: FeatureShape) -> Result<FeatureShape> {
+        let g = &self.geom;
+        check_input(
+            "conv_transpose2d",
+            FeatureShape::image(g.c_out, g.h_out, g.w_out),
+            input,
+        )?;
+        Ok(FeatureShape::image(g.c_in, g.h_in, g.w_in))
+    }
+    fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        let shape = self.output_shape(input.shape)?;
+        let y = conv_transpose2d(
+            input.value,
+            self.weight.value.clone(),
+            self.bias.as_ref().map(|b| &b.value),
+            &self.geom,
+        )?;
+        Activation::new(y, shape)
+    }
+    fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
+        self.output_shape(input.shape)?;
+        let g = conv2d(grad_output.value, self.weight.value.clone(), None, &self.geom)?;
+        Activation::new(g, input.shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::*;
+
+    /// Direct definition: y[b,o,i,j] = bias[o] + Σ w[o,c,u,v]·x[b,c,i·s−p+u, j·s−p+v].
+    fn naive_conv(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry, batch: usize) -> Vec<f32> {
+        let k = g.kernel;
+        let mut y = vec![0.0f64; batch * g.out_len()];
+        for b in 0..batch {
+            for o in 0..g.c_out {
+                for i in 0..g.h_out {
+                    for j in 0..g.w_out {
+                        let mut acc = bias[o] as f64;
+                        for c in 0..g.c_in {
+                            for u in 0..k {
+                                for v in 0..k {
+                                    let (ih, iw) = (
+                                        (i * g.stride + u) as isize - g.padding as isize,
+                                        (j * g.stride + v) as isize - g.padding as isize,
+                                    );
+                                    if ih >= 0 && iw >= 0 && (ih as usize) < g.h_in && (iw as usize) < g.w_in {
+                                        acc += w[((o * g.c_in + c) * k + u) * k + v] as f64
+                                            * x[((b * g.c_in + c) * g.h_in + ih as usize) * g.w_in + iw as usize]
+                                                as f64;
+                                    }
+                                }
+                            }
+                        }
+                        y[((b * g.c_out + o) * g.h_out + i) * g.w_out + j] = acc;
+                    }
+                }
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// PyTorch's ConvTranspose2d definition: x[b,c,i,j]·w[c,o,u,v] lands on y[b,o,i·s−p+u, j·s−p+v].
+    #[allow(clippy::too_many_arguments)]
+    fn naive_conv_t(
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        (ci, h, wd): (usize, usize, usize),
+        co: usize,
+        (k, s, p, op): (usize, usize, usize, usize),
+        batch: usize,
+    ) -> (Vec<f32>, usize, usize) {
+        let ho = (h - 1) * s + k + op - 2 * p;
+        let wo = (wd - 1) * s + k + op - 2 * p;
+        let mut y = vec![0.0f64; batch * co * ho * wo];
+        for b in 0..batch {
+            for o in 0..co {
+                for v in y[(b * co + o) * ho * wo..][..ho * wo].iter_mut() {
+                    *v = bias[o] as f64;
+                }
+            }
+            for c in 0..ci {
+                for i in 0..h {
+                    for j in 0..wd {
+                        let xv = x[((b * ci + c) * h + i) * wd + j] as f64;
+                        for o in 0..co {
+                            for u in 0..k {
+                                for vv in 0..k {
+                                    let (oi, oj) =
+                                        ((i * s + u) as isize - p as isize, (j * s + vv) as isize - p as isize);
+                                    if oi >= 0 && oj >= 0 && (oi as usize) < ho && (oj as usize) < wo {
+                                        y[((b * co + o) * ho + oi as usize) * wo + oj as usize] +=
+                                            xv * w[((c * co + o) * k + u) * k + vv] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y.into_iter().map(|v| v as f32).collect(), ho, wo)
+    }
+
+    fn params(layer: &dyn Layer) -> (Vec<f32>, Vec<f32>) {
+        let p = layer.named_params();
+        (p[0].1.to_vec(), p[1].1.to_vec())
+    }
+
+    #[test]
+    fn conv_matches_direct_loop_and_torch_shapes() {
+        // (c_in, h, w, c_out, k, s, p)
+        let cases = [
+            (2, 5, 5, 3, 3, 1, 0),
+            (2, 5, 5, 3, 3, 1, 1),
+            (1, 7, 6, 2, 3, 2, 1),
+            (3, 6, 6, 2, 4, 2, 1),
+            (1, 4, 5, 1, 2, 3, 2),
+            (2, 3, 3, 2, 1, 1, 0),
+        ];
+        let mut h = Harness::new(11);
+        for &(c, hh, ww, co, k, s, p) in &cases {
+            let cfg = Conv2dConfig::new(co, k).with_stride(s).with_padding(p);
+            let mut layer = cfg.build(FeatureShape::image(c, hh, ww), &mut h.build_ctx()).unwrap();
+            let out = layer.output_shape(FeatureShape::image(c, hh, ww)).unwrap();
+            // torch: H_out = floor((H + 2p - k)/s) + 1
+            let expect = FeatureShape::image(co, (hh + 2 * p - k) / s + 1, (ww + 2 * p - k) / s + 1);
+            assert_eq!(out, expect);
+            let batch = 2;
+            let x = h.values(batch * c * hh * ww);
+            let (w, b) = params(layer.as_ref());
+            let g = ConvGeometry::conv(c, hh, ww, co, k, s, p).unwrap();
+            let reference = naive_conv(&x, &w, &b, &g, batch);
+            let y = layer
+                .forward(
+                    h.input(x, batch, FeatureShape::image(c, hh, ww)),
+                    &mut h.fwd_ctx(Mode::Eval),
+                )
+                .unwrap();
+            assert_close(
+                "conv2d",
+                &y.detach().as_vec(),
+                &reference.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn conv_transpose_matches_direct_loop_and_torch_shapes() {
+        // (c_in, h, w, c_out, k, s, p, output_padding)
+        let cases = [
+            (2, 3, 3, 3, 3, 1, 0, 0),
+            (2, 3, 4, 1, 4, 2, 1, 0),
+            (1, 3, 3, 2, 3, 2, 1, 1),
+            (3, 2, 2, 2, 5, 3, 2, 2),
+            (1, 1, 1, 2, 4, 1, 0, 0),
+        ];
+        let mut h = Harness::new(12);
+        for &(c, hh, ww, co, k, s, p, op) in &cases {
+            let cfg = ConvTranspose2dConfig::new(co, k)
+                .with_stride(s)
+                .with_padding(p)
+                .with_output_padding(op);
+            let mut layer = cfg.build(FeatureShape::image(c, hh, ww), &mut h.build_ctx()).unwrap();
+            let out = layer.output_shape(FeatureShape::image(c, hh, ww)).unwrap();
+            let batch = 2;
+            let x = h.values(batch * c * hh * ww);
+            let (w, b) = params(layer.as_ref());
+            let (reference, ho, wo) = naive_conv_t(&x, &w, &b, (c, hh, ww), co, (k, s, p, op), batch);
+            // torch: H_out = (H - 1)·s - 2p + k + output_padding
+            assert_eq!(out, FeatureShape::image(co, ho, wo));
+            let y = layer
+                .forward(
+                    h.input(x, batch, FeatureShape::image(c, hh, ww)),
+                    &mut h.fwd_ctx(Mode::Eval),
+                )
+                .unwrap();
+            assert_close(
+                "conv_transpose2d",
+                &y.detach().as_vec(),
+                &reference.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn conv_gradients_match_finite_differences() {
+        for (k, s, p) in [(3, 1, 1), (2, 2, 0), (3, 2, 1)] {
+            let cfg = Conv2dConfig::new(2, k).with_stride(s).with_padding(p);
+            check_layer(&cfg, FeatureShape::image(2, 4, 5), 2, Mode::Train, 5);
+        }
+        check_layer(
+            &Conv2dConfig::new(2, 3).with_bias(false),
+            FeatureShape::image(1, 3, 3),
+            2,
+            Mode::Train,
+            6,
+        );
+    }
+
+    #[test]
+    fn conv_transpose_gradients_match_finite_differences() {
+        for (k, s, p, op) in [(3, 1, 1, 0), (4, 2, 1, 0), (3, 2, 1, 1)] {
+            let cfg = ConvTranspose2dConfig::new(2, k)
+                .with_stride(s)
+                .with_padding(p)
+                .with_output_padding(op);
+            check_layer(&cfg, FeatureShape::image(2, 2, 3), 2, Mode::Train, 7);
+        }
+    }
+
+    #[test]
+    fn bad_geometry_is_an_error() {
+        let mut h = Harness::new(0);
+        let mut b = h.build_ctx();
+        assert!(Conv2dConfig::new(2, 5)
+            .build(FeatureShape::image(1, 3, 3), &mut b)
+            .is_err());
+        assert!(Conv2dConfig::new(2, 3).build(FeatureShape::Flat(9), &mut b).is_err());
+        assert!(Conv2dConfig::new(2, 3)
+            .with_stride(0)
+            .build(FeatureShape::image(1, 3, 3), &mut b)
+            .is_err());
+        let t = ConvTranspose2dConfig::new(2, 3).with_stride(2).with_output_padding(2);
+        assert!(t.build(FeatureShape::image(1, 3, 3), &mut b).is_err());
+        let t = ConvTranspose2dConfig::new(2, 1).with_padding(1);
+        assert!(t.build(FeatureShape::image(1, 1, 1), &mut b).is_err());
+    }
+
+    #[test]
+    fn conv_and_transpose_are_adjoint() {
+        // <conv(x), y> == <x, conv_t(y)> for the same geometry and weights (no bias).
+        let mut h = Harness::new(3);
+        let dev = h.dev.clone();
+        let g = ConvGeometry::conv(2, 5, 4, 3, 3, 2, 1).unwrap();
+        let (x, y, w) = (
+            h.values(2 * g.in_len()),
+            h.values(2 * g.out_len()),
+            h.values(g.weight_len()),
+        );
+        let cx = kernels::conv_forward(&dev, &g, 2, &x, &w, None);
+        let ty = kernels::conv_transpose_forward(&dev, &g, 2, &y, &w, None);
+        let a: f64 = cx.iter().zip(&y).map(|(&p, &q)| p as f64 * q as f64).sum();
+        let b: f64 = x.iter().zip(&ty).map(|(&p, &q)| p as f64 * q as f64).sum();
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+}

@@ -69,7 +69,11 @@ impl Layer for Dropout {
             return Ok(input);
         }
         let shape = *input.value.shape();
-        let scale = if self.p < 1.0 { (1.0 / (1.0 - self.p)) as f32 } else { 0.0 };
+        let scale = if self.p < 1.0 {
+            (1.0 / (1.0 - self.p)) as f32
+        } else {
+            0.0
+        };
         let values: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| if ctx.rng.gen_bool(self.p) { 0.0 } else { scale })
             .collect();
@@ -109,9 +113,15 @@ mod tests {
     #[test]
     fn identity_in_eval_keeps_one_minus_p_in_train() {
         let mut h = Harness::new(1);
-        let mut d = DropoutConfig::new(0.3).build(FeatureShape::Flat(100), &mut h.build_ctx()).unwrap();
+        let mut d = DropoutConfig::new(0.3)
+            .build(FeatureShape::Flat(100), &mut h.build_ctx())
+            .unwrap();
         let x = h.input(vec![1.0; 4000], 40, FeatureShape::Flat(100));
-        let y = d.forward(x.reuse(), &mut h.fwd_ctx(Mode::Eval)).unwrap().detach().as_vec();
+        let y = d
+            .forward(x.reuse(), &mut h.fwd_ctx(Mode::Eval))
+            .unwrap()
+            .detach()
+            .as_vec();
         assert!(y.iter().all(|&v| v == 1.0));
         let y = d.forward(x, &mut h.fwd_ctx(Mode::Train)).unwrap().detach().as_vec();
         let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / y.len() as f64;
@@ -119,6 +129,8 @@ mod tests {
         assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
         let mean = y.iter().map(|&v| v as f64).sum::<f64>() / y.len() as f64;
         assert!((mean - 1.0).abs() < 0.05);
-        assert!(DropoutConfig::new(1.5).build(FeatureShape::Flat(1), &mut h.build_ctx()).is_err());
+        assert!(DropoutConfig::new(1.5)
+            .build(FeatureShape::Flat(1), &mut h.build_ctx())
+            .is_err());
     }
 }

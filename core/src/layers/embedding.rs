@@ -116,7 +116,7 @@ impl Layer for Embedding {
         let idx = values.device().tensor_from_vec(idx, (n,));
         // A fresh tape on the table (same id as the flat parameter) records the lookup.
         let table = self.weight.as_matrix(self.num, self.dim).put_tape(Tape::default());
-        let out: crate::tensor::Matrix<Tape> = table.try_select(idx)?;
+        let out: crate::tensor::Matrix<Tape> = table.try_gather(idx)?;
         let (out, tape) = out.split_tape();
         Activation::new(out.put_tape(tape.merge(in_tape)), FeatureShape::Flat(self.dim))
     }
@@ -152,7 +152,9 @@ mod tests {
     #[test]
     fn looks_up_rows_and_rejects_bad_indices() {
         let mut h = Harness::new(0);
-        let mut e = EmbeddingConfig::new(3, 2).build(FeatureShape::Flat(1), &mut h.build_ctx()).unwrap();
+        let mut e = EmbeddingConfig::new(3, 2)
+            .build(FeatureShape::Flat(1), &mut h.build_ctx())
+            .unwrap();
         e.named_params_mut()[0].1.set(&[0., 1., 10., 11., 20., 21.]).unwrap();
         let x = h.input(vec![2., 0., 2.], 3, FeatureShape::Flat(1));
         let y = e.forward(x, &mut h.fwd_ctx(Mode::Eval)).unwrap();
@@ -161,6 +163,8 @@ mod tests {
             let x = h.input(vec![bad], 1, FeatureShape::Flat(1));
             assert!(e.forward(x, &mut h.fwd_ctx(Mode::Eval)).is_err());
         }
-        assert!(EmbeddingConfig::new(3, 2).build(FeatureShape::Flat(2), &mut h.build_ctx()).is_err());
+        assert!(EmbeddingConfig::new(3, 2)
+            .build(FeatureShape::Flat(2), &mut h.build_ctx())
+            .is_err());
     }
 }

@@ -192,14 +192,23 @@ impl Init {
                 FanMode::FanOut => fan_out,
             };
             if f == 0 {
-                Err(Error::config("init", "kaiming initialization of a parameter with zero fan"))
+                Err(Error::config(
+                    "init",
+                    "kaiming initialization of a parameter with zero fan",
+                ))
             } else {
                 Ok(f as f64)
             }
         };
         let uniform = |rng: &mut Rng, lo: f64, hi: f64| -> Vec<f32> {
             (0..n)
-                .map(|_| if hi > lo { rng.gen_range(lo..hi) as f32 } else { lo as f32 })
+                .map(|_| {
+                    if hi > lo {
+                        rng.gen_range(lo..hi) as f32
+                    } else {
+                        lo as f32
+                    }
+                })
                 .collect()
         };
         let normal = |rng: &mut Rng, mean: f64, std: f64| -> Vec<f32> {
@@ -215,7 +224,10 @@ impl Init {
             Init::Normal { mean, std } => normal(rng, mean, std),
             Init::XavierUniform { gain } | Init::XavierNormal { gain } => {
                 if fan_in + fan_out == 0 {
-                    return Err(Error::config("init", "xavier initialization of a parameter with zero fans"));
+                    return Err(Error::config(
+                        "init",
+                        "xavier initialization of a parameter with zero fans",
+                    ));
                 }
                 let std = gain * (2.0 / (fan_in + fan_out) as f64).sqrt();
                 if matches!(self, Init::XavierUniform { .. }) {
@@ -290,11 +302,19 @@ mod tests {
         let (m, sd, _, _) = stats(&k.sample(20_000, 50, 9, &mut rng).unwrap());
         assert!(m.abs() < 5e-3 && (sd - 0.2).abs() < 4e-3, "{m} {sd}");
         // xavier_uniform_, fans 30 + 70: bound = sqrt(6/100).
-        let (_, _, lo, hi) = stats(&Init::XavierUniform { gain: 1.0 }.sample(20_000, 30, 70, &mut rng).unwrap());
+        let (_, _, lo, hi) = stats(
+            &Init::XavierUniform { gain: 1.0 }
+                .sample(20_000, 30, 70, &mut rng)
+                .unwrap(),
+        );
         let b = (0.06f64).sqrt();
         assert!(lo >= -b && hi <= b && hi > 0.99 * b);
         // xavier_normal_: std = sqrt(2/100).
-        let (_, sd, _, _) = stats(&Init::XavierNormal { gain: 1.0 }.sample(20_000, 30, 70, &mut rng).unwrap());
+        let (_, sd, _, _) = stats(
+            &Init::XavierNormal { gain: 1.0 }
+                .sample(20_000, 30, 70, &mut rng)
+                .unwrap(),
+        );
         assert!((sd - 0.02f64.sqrt()).abs() < 3e-3);
         let (m, sd, _, _) = stats(&Init::Dcgan.sample(20_000, 1, 1, &mut rng).unwrap());
         assert!(m.abs() < 1e-3 && (sd - 0.02).abs() < 1e-3);

@@ -149,7 +149,11 @@ impl Layer for Linear {
     }
     fn output_shape(&self, input: FeatureShape) -> Result<FeatureShape> {
         if input.numel() != self.in_features {
-            return Err(Error::shape("linear", format!("{} input features", self.in_features), input));
+            return Err(Error::shape(
+                "linear",
+                format!("{} input features", self.in_features),
+                input,
+            ));
         }
         Ok(FeatureShape::Flat(self.out_features))
     }
@@ -159,7 +163,11 @@ impl Layer for Linear {
         let w = self.weight.as_matrix(self.in_features, self.out_features);
         let y = input.value.try_matmul(w)?;
         let y = match &self.bias {
-            Some(b) => y.try_add(b.value.clone().try_broadcast_like(&(batch, self.out_features))?)?,
+            Some(b) => y.try_add(
+                b.value
+                    .clone()
+                    .try_broadcast_like::<_, Axis<0>>(&(batch, self.out_features))?,
+            )?,
             None => y,
         };
         Activation::new(y, FeatureShape::Flat(self.out_features))
@@ -176,6 +184,156 @@ impl Layer for Linear {
     }
 }
 
+/// Config of a [`Maxout`] layer (a linear maxout unit, as in PacGAN's discriminator):
+/// `{ type = "maxout", out_features = 200, pieces = 5 }`. Each output is the maximum of `pieces`
+/// linear functions of the input.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaxoutConfig {
+    /// Output width (units).
+    pub out_features: usize,
+    /// Linear pieces per unit.
+    pub pieces: usize,
+    /// Whether the pieces have biases.
+    pub bias: bool,
+    /// Weight initializer; PyTorch's `Linear` default when absent.
+    pub init: Option<Init>,
+    /// Bias initializer; PyTorch's `Linear` default when absent.
+    pub bias_init: Option<Init>,
+}
+
+impl Default for MaxoutConfig {
+    fn default() -> Self {
+        MaxoutConfig {
+            out_features: 1,
+            pieces: 5,
+            bias: true,
+            init: None,
+            bias_init: None,
+        }
+    }
+}
+
+impl MaxoutConfig {
+    /// `out_features` units of `pieces` pieces each.
+    pub fn new(out_features: usize, pieces: usize) -> Self {
+        MaxoutConfig {
+            out_features,
+            pieces,
+            ..Default::default()
+        }
+    }
+    /// Sets the weight initializer.
+    pub fn with_init(mut self, init: Init) -> Self {
+        self.init = Some(init);
+        self
+    }
+    /// Sets the bias initializer.
+    pub fn with_bias_init(mut self, init: Init) -> Self {
+        self.bias_init = Some(init);
+        self
+    }
+}
+
+#[typetag::serde(name = "maxout")]
+impl LayerConfig for MaxoutConfig {
+    fn build(&self, input: FeatureShape, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Layer>> {
+        if self.pieces == 0 || self.out_features == 0 {
+            return Err(Error::config("maxout", "out_features and pieces must be at least 1"));
+        }
+        let lin = LinearConfig {
+            out_features: self.out_features * self.pieces,
+            bias: self.bias,
+            init: self.init.clone(),
+            bias_init: self.bias_init.clone(),
+        };
+        Ok(Box::new(Maxout {
+            linear: Linear::new(&lin, input.numel(), ctx)?,
+            units: self.out_features,
+            pieces: self.pieces,
+            mask: None,
+        }))
+    }
+}
+
+/// A linear maxout layer: `y[u] = max_k (x·W + b)[u·pieces + k]`. Its parameters are those of
+/// the underlying linear map (`weight` `[in, units·pieces]`, `bias`).
+#[derive(Debug)]
+pub struct Maxout {
+    linear: Linear,
+    units: usize,
+    pieces: usize,
+    /// One-hot of the winning piece per unit, from the last forward pass.
+    mask: Option<crate::tensor::Matrix>,
+}
+
+impl Parameterized for Maxout {
+    fn named_params(&self) -> Vec<(String, &Param)> {
+        self.linear.named_params()
+    }
+    fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        self.linear.named_params_mut()
+    }
+}
+
+impl Layer for Maxout {
+    fn describe(&self) -> String {
+        format!(
+            "maxout {} -> {} x {} pieces",
+            self.linear.in_features, self.units, self.pieces
+        )
+    }
+    fn output_shape(&self, input: FeatureShape) -> Result<FeatureShape> {
+        self.linear.output_shape(input)?;
+        Ok(FeatureShape::Flat(self.units))
+    }
+    fn forward(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        let z = self.linear.forward(input, ctx)?.value;
+        let (b, n) = *z.shape();
+        let k = self.pieces;
+        let zv = z.as_vec();
+        let mut mask = vec![0.0f32; zv.len()];
+        for (row, m) in zv.chunks(k).zip(mask.chunks_mut(k)) {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
+            m[best] = 1.0;
+        }
+        let mask = z.device().tensor_from_vec(mask, (b, n));
+        let y = z
+            .try_mul(mask.clone())?
+            .try_reshape_like(&(b, self.units, k))?
+            .try_sum::<(usize, usize), Axis<2>>()?;
+        self.mask = Some(mask);
+        Activation::new(y, FeatureShape::Flat(self.units))
+    }
+    fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
+        let Some(mask) = &self.mask else {
+            return Err(Error::Other(
+                "maxout input gradient requested before a forward pass".into(),
+            ));
+        };
+        let b = grad_output.value.shape().0;
+        let n = self.units * self.pieces;
+        if mask.shape() != &(b, n) {
+            return Err(Error::shape(
+                "maxout input gradient (the last forward pass)",
+                format!("{:?}", mask.shape()),
+                format!("{b} samples"),
+            ));
+        }
+        // Route each unit's gradient to its winning piece, then through the linear map.
+        let g = grad_output
+            .value
+            .try_broadcast_like::<_, Axis<2>>(&(b, self.units, self.pieces))?
+            .try_reshape_like(&(b, n))?
+            .try_mul(mask.clone())?;
+        self.linear
+            .input_grad(input, Activation::new(g, FeatureShape::Flat(n))?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +345,32 @@ mod tests {
             let cfg = LinearConfig::new(3).with_bias(bias);
             check_layer(&cfg, FeatureShape::Flat(4), 3, Mode::Train, 1);
         }
+    }
+
+    #[test]
+    fn maxout_gradients_and_values() {
+        check_layer_with(
+            &MaxoutConfig::new(3, 3),
+            FeatureShape::Flat(4),
+            Check {
+                batch: 3,
+                mode: Mode::Train,
+                seed: 8,
+                input_grad: InputGrad::Exact,
+                input_differentiable: true,
+                h: 1e-3,
+            },
+        );
+        let mut h = Harness::new(1);
+        let cfg = MaxoutConfig::new(2, 2)
+            .with_init(Init::Zeros)
+            .with_bias_init(Init::Zeros);
+        let mut m = cfg.build(FeatureShape::Flat(1), &mut h.build_ctx()).unwrap();
+        // z = x·[1, -1, 2, 3]: units max(x, -x) = |x| and max(2x, 3x).
+        m.named_params_mut()[0].1.set(&[1., -1., 2., 3.]).unwrap();
+        let x = h.input(vec![-2.0, 1.5], 2, FeatureShape::Flat(1));
+        let y = m.forward(x, &mut h.fwd_ctx(Mode::Eval)).unwrap();
+        assert_eq!(y.detach().as_vec(), vec![2.0, -4.0, 1.5, 4.5]);
     }
 
     #[test]

@@ -76,10 +76,83 @@ pub mod linear;
 pub mod norm;
 pub mod reshape;
 pub mod sequential;
+#[cfg(test)]
+pub(crate) mod testing;
 
+pub use activation::{
+    Activate, ActivationFn, EluConfig, GeluConfig, LeakyReluConfig, ReluConfig, SigmoidConfig, TanhConfig,
+};
+pub use conv::{Conv2d, Conv2dConfig, ConvGeometry, ConvTranspose2d, ConvTranspose2dConfig};
+pub use dropout::{Dropout, DropoutConfig};
+pub use embedding::{Embedding, EmbeddingConfig};
+pub use init::{FanMode, Init, Nonlinearity};
+pub use linear::{Linear, LinearConfig, Maxout, MaxoutConfig};
+pub use norm::{BatchNorm, BatchNormConfig, LayerNorm, LayerNormConfig};
+pub use reshape::{Flatten, FlattenConfig, Reshape, ReshapeConfig};
 pub use sequential::{Sequential, SequentialConfig};
 
 /// Registers the layer types of nash-core.
-pub fn register(_registry: &mut crate::registry::Registry) -> Result<()> {
+pub fn register(registry: &mut crate::registry::Registry) -> Result<()> {
+    registry.layer::<LinearConfig>("fully connected layer y = x·W + b")?;
+    registry.layer::<MaxoutConfig>("linear maxout: each unit is the max of `pieces` linear functions")?;
+    registry.layer::<Conv2dConfig>("2-D convolution on [c, h, w] images (square kernel, stride, padding)")?;
+    registry
+        .layer::<ConvTranspose2dConfig>("2-D transposed convolution (the adjoint of conv2d), with output_padding")?;
+    registry.layer::<BatchNormConfig>("batch normalization, per feature (flat) or per channel (images)")?;
+    registry.layer::<LayerNormConfig>("layer normalization over each sample")?;
+    registry.layer::<DropoutConfig>("inverted dropout, active in training only")?;
+    registry.layer::<EmbeddingConfig>("lookup table from a class index to a vector")?;
+    registry.layer::<ReluConfig>("max(x, 0)")?;
+    registry.layer::<LeakyReluConfig>("x if x > 0 else negative_slope·x")?;
+    registry.layer::<EluConfig>("x if x > 0 else alpha·(exp(x) − 1)")?;
+    registry.layer::<TanhConfig>("hyperbolic tangent")?;
+    registry.layer::<SigmoidConfig>("logistic sigmoid")?;
+    registry.layer::<GeluConfig>("GELU, tanh approximation")?;
+    registry.layer::<ReshapeConfig>("give each sample a new shape ([n] or [c, h, w])")?;
+    registry.layer::<FlattenConfig>("flatten images to feature vectors")?;
+    registry.layer::<SequentialConfig>("a nested stack of layers")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::registry::{Kind, Registry};
+
+    #[test]
+    fn registers_every_layer_with_its_fields() {
+        let mut r = Registry::new();
+        r.set_current_plugin("nash-core");
+        super::register(&mut r).unwrap();
+        assert_eq!(
+            r.tags(Kind::Layer),
+            [
+                "batch_norm",
+                "conv2d",
+                "conv_transpose2d",
+                "dropout",
+                "elu",
+                "embedding",
+                "flatten",
+                "gelu",
+                "layer_norm",
+                "leaky_relu",
+                "linear",
+                "maxout",
+                "relu",
+                "reshape",
+                "sequential",
+                "sigmoid",
+                "tanh"
+            ]
+        );
+        let lin = r.find(Kind::Layer, "linear").unwrap();
+        let names: Vec<&str> = lin.fields.iter().map(|f| f.name.as_str()).collect();
+        for f in ["out_features", "bias", "init"] {
+            assert!(names.contains(&f), "{names:?}");
+        }
+        let ct = r.find(Kind::Layer, "conv_transpose2d").unwrap();
+        assert!(ct.fields.iter().any(|f| f.name == "output_padding"));
+        // Registering twice is refused.
+        assert!(super::register(&mut r).is_err());
+    }
 }

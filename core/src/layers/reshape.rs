@@ -149,7 +149,13 @@ mod tests {
     #[test]
     fn gradients_and_shapes() {
         check_layer(&ReshapeConfig::image(2, 1, 2), FeatureShape::Flat(4), 2, Mode::Train, 0);
-        check_layer(&FlattenConfig::default(), FeatureShape::image(1, 2, 2), 2, Mode::Train, 0);
+        check_layer(
+            &FlattenConfig::default(),
+            FeatureShape::image(1, 2, 2),
+            2,
+            Mode::Train,
+            0,
+        );
         let mut h = Harness::new(0);
         assert!(ReshapeConfig::image(2, 2, 2)
             .build(FeatureShape::Flat(7), &mut h.build_ctx())
@@ -159,6 +165,9 @@ mod tests {
             .is_err());
         let x = h.input(vec![1., 2., 3., 4.], 1, FeatureShape::image(1, 2, 2));
         let y = Flatten.forward(x, &mut h.fwd_ctx(Mode::Eval)).unwrap();
-        assert_eq!((y.shape, y.detach().as_vec()), (FeatureShape::Flat(4), vec![1., 2., 3., 4.]));
+        assert_eq!(
+            (y.shape, y.detach().as_vec()),
+            (FeatureShape::Flat(4), vec![1., 2., 3., 4.])
+        );
     }
 }

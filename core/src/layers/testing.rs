@@ -169,9 +169,7 @@ pub(crate) fn check_layer_with(cfg: &dyn LayerConfig, shape: FeatureShape, c: Ch
     let x0 = if c.input_differentiable {
         h.values(c.batch * shape.numel())
     } else {
-        (0..c.batch * shape.numel())
-            .map(|i| ((i * 7 + 3) % 5) as f32)
-            .collect()
+        (0..c.batch * shape.numel()).map(|i| ((i * 7 + 3) % 5) as f32).collect()
     };
     let r = h.values(c.batch * out_shape.numel());
     let s = h.values(c.batch * shape.numel());
@@ -182,7 +180,7 @@ pub(crate) fn check_layer_with(cfg: &dyn LayerConfig, shape: FeatureShape, c: Ch
     let x_leaf = x.detach();
     let y = run(layer.as_mut(), &mut h, x, &c);
     assert_eq!(y.shape, out_shape);
-    let loss = y.value.mul(rt.clone()).sum::<(), _>();
+    let loss = (y.value * rt.clone()).sum::<(), _>();
     let grads: Grads = loss.backward();
     let trainable: Vec<usize> = layer
         .named_params()
@@ -230,10 +228,16 @@ pub(crate) fn check_layer_with(cfg: &dyn LayerConfig, shape: FeatureShape, c: Ch
         (InputGrad::Exact, Some((_, gi, keep))) => {
             assert_eq!(gi.shape, shape);
             if let Some(b) = &backward_input_grad {
-                assert_close("input_grad vs backward", &gi.detach().as_vec(), &b.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-4, 1e-5);
+                assert_close(
+                    "input_grad vs backward",
+                    &gi.detach().as_vec(),
+                    &b.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                    1e-4,
+                    1e-5,
+                );
             }
             let st = h.dev.tensor_from_vec(s.clone(), (c.batch, shape.numel()));
-            let p = gi.value.mul(st).sum::<(), _>();
+            let p = (gi.value * st).sum::<(), _>();
             let pgrads: Grads = p.backward();
             for &i in &trainable {
                 let (name, prm) = &layer.named_params()[i];

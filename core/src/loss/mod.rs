@@ -52,3 +52,5 @@ pub trait AdversarialObjectiveConfig: std::fmt::Debug {
 }
 
 pub mod basic;
+
+pub use basic::{BceWithLogits, BceWithLogitsConfig, CrossEntropy, CrossEntropyConfig, L1Config, Mse, MseConfig, L1};

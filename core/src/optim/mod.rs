@@ -33,11 +33,24 @@ pub trait OptimizerConfig: std::fmt::Debug {
 }
 
 pub mod adam;
+pub mod common;
 pub mod rmsprop;
 pub mod schedule;
 pub mod sgd;
+#[cfg(test)]
+mod tests;
+
+pub use adam::{Adam, AdamConfig, AdamWConfig};
+pub use common::{with_gradient, LearningRate, ParamState, ParamStates};
+pub use rmsprop::{RmsProp, RmsPropConfig};
+pub use schedule::Schedule;
+pub use sgd::{Sgd, SgdConfig};
 
 /// Registers the optimizers of nash-core.
-pub fn register(_registry: &mut crate::registry::Registry) -> Result<()> {
+pub fn register(registry: &mut crate::registry::Registry) -> Result<()> {
+    registry.optimizer::<SgdConfig>("SGD with momentum, Nesterov and weight decay (PyTorch SGD)")?;
+    registry.optimizer::<AdamConfig>("Adam with L2 weight decay and optional AMSGrad (PyTorch Adam)")?;
+    registry.optimizer::<AdamWConfig>("Adam with decoupled weight decay (PyTorch AdamW)")?;
+    registry.optimizer::<RmsPropConfig>("RMSprop with momentum, centering and weight decay (PyTorch RMSprop)")?;
     Ok(())
 }

@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn config_round_trips_and_refuses_bad_values() {
-        let config: Box<dyn LossConfig> = nash_core::serde_json::from_str(r#"{"type": "huber", "delta": 0.25}"#).unwrap();
+        let config: Box<dyn LossConfig> =
+            nash_core::serde_json::from_str(r#"{"type": "huber", "delta": 0.25}"#).unwrap();
         assert_eq!(config.build().unwrap().name(), "huber");
         let default: Box<dyn LossConfig> = nash_core::serde_json::from_str(r#"{"type": "huber"}"#).unwrap();
         assert!(format!("{default:?}").contains("delta: 1.0"));

@@ -61,3 +61,21 @@ impl Scale {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nash_core::registry::{Kind, Registry};
+
+    #[test]
+    fn registers_every_source_with_its_fields() {
+        let mut registry = Registry::new();
+        super::register(&mut registry).unwrap();
+        assert_eq!(
+            registry.tags(Kind::Data),
+            vec!["gaussian_mixture", "grid", "latent_manifold", "random_vectors", "ring"]
+        );
+        let ring = registry.find(Kind::Data, "ring").unwrap();
+        let sigma = ring.fields.iter().find(|f| f.name == "sigma").unwrap();
+        assert_eq!(sigma.default, nash_core::serde_json::json!(0.009999999776482582));
+    }
+}

@@ -232,15 +232,18 @@ impl MlpGan {
     }
     /// Runs the generator on latent codes `z` (`[n, latent_dim]`) in `mode`, on the tape.
     pub fn generate(&mut self, z: &Matrix, mode: Mode, rng: &mut Rng) -> Result<Activation> {
-        let out = self
-            .generator
-            .forward(Activation::input(z, FeatureShape::Flat(self.latent_dim))?, &mut ForwardContext { mode, rng })?;
+        let out = self.generator.forward(
+            Activation::input(z, FeatureShape::Flat(self.latent_dim))?,
+            &mut ForwardContext { mode, rng },
+        )?;
         Activation::new(out.value, self.data_shape)
     }
     /// Runs the discriminator on samples `x` (`[n, features]`) in eval mode: raw scores `[n, 1]`.
     pub fn score(&mut self, x: &Matrix, rng: &mut Rng) -> Result<Matrix> {
         let input = self.data_input(x)?;
-        let out = self.discriminator.forward(input, &mut ForwardContext { mode: Mode::Eval, rng })?;
+        let out = self
+            .discriminator
+            .forward(input, &mut ForwardContext { mode: Mode::Eval, rng })?;
         Ok(out.detach())
     }
 
@@ -257,6 +260,9 @@ impl MlpGan {
         Activation::input(x, self.data_shape)
     }
 
+    /// One discriminator update on `batch` and fresh fakes (detached from the generator): inputs
+    /// through the stabilizers' transforms, targets through theirs, the objective plus the
+    /// stabilizers' extra terms, then only the discriminator's parameters are updated.
     fn discriminator_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<DiscriminatorStep> {
         let n = batch.len();
         let z = self.sample_latent(n, ctx.device, ctx.rng);
@@ -320,6 +326,9 @@ impl MlpGan {
         })
     }
 
+    /// One generator update. `real_scores` are the discriminator's outputs on this step's real
+    /// samples from the last discriminator update (before that update), handed to the objective
+    /// for relativistic losses without another forward pass.
     fn generator_step(
         &mut self,
         n: usize,
@@ -341,10 +350,7 @@ impl MlpGan {
             },
         )?;
         let mut loss = self.objective.generator_loss(fake_out.value, Some(real_scores))?;
-        report.loss(
-            "loss/generator",
-            check_finite("loss/generator", loss.array())? as f64,
-        );
+        report.loss("loss/generator", check_finite("loss/generator", loss.array())? as f64);
         let (stabilizers, mut hooks) = ctx.hooks();
         for (name, term) in stabilizers.extra_losses(&mut LossSite::Generator, &mut hooks)? {
             let key = format!("loss/generator/{name}");
@@ -437,7 +443,8 @@ impl Model for MlpGan {
         report.diagnostic("d_real_mean", real_mean / k);
         report.diagnostic("d_fake_mean", fake_mean / k);
         report.diagnostic("grad_norm/discriminator", norm / k);
-        let real_scores = real_scores.expect("discriminator_steps >= 1 is checked at build time");
+        let real_scores =
+            real_scores.ok_or_else(|| Error::config("model.discriminator_steps", "must be at least 1"))?;
         self.generator_step(batch.len(), &real_scores, ctx, &mut report)?;
         Ok(report)
     }
@@ -454,7 +461,9 @@ impl Model for MlpGan {
         let d = self
             .objective
             .discriminator_loss(real_scores.leaky_trace(), fake_scores.leaky_trace())?;
-        let g = self.objective.generator_loss(fake_scores.leaky_trace(), Some(&real_scores))?;
+        let g = self
+            .objective
+            .generator_loss(fake_scores.leaky_trace(), Some(&real_scores))?;
         let mut out = BTreeMap::new();
         out.insert("loss/discriminator".into(), d.array() as f64);
         out.insert("loss/generator".into(), g.array() as f64);
@@ -465,5 +474,419 @@ impl Model for MlpGan {
     fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         Ok(Some(self.generate(&z, Mode::Eval, ctx.rng)?.detach()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::*;
+    use nash_core::optim::adam::AdamConfig;
+    use nash_core::optim::sgd::SgdConfig;
+    use nash_core::optim::{Optimizer, OptimizerConfig};
+    use nash_core::rand::SeedableRng;
+    use nash_core::stabilizer::{HookContext, Stabilizer, StabilizerStack};
+    use nash_core::tensor::Scalar;
+
+    fn info(n: usize) -> DataInfo {
+        DataInfo {
+            sample_shape: FeatureShape::Flat(n),
+            num_classes: None,
+            value_range: (-1.0, 1.0),
+        }
+    }
+
+    /// A tiny GAN on `dim`-dimensional data: G latent-8-dim, D dim-8-1.
+    fn tiny_config(latent_dim: usize, dim: usize) -> MlpGanConfig {
+        MlpGanConfig {
+            latent_dim,
+            generator: mlp(&[8], dim, None),
+            discriminator: mlp(&[8], 1, None),
+            ..Default::default()
+        }
+    }
+
+    fn build(cfg: &MlpGanConfig, dim: usize, seed: u64) -> Result<MlpGan> {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(seed);
+        cfg.build_gan(
+            &info(dim),
+            &mut BuildContext {
+                device: &device,
+                rng: &mut rng,
+            },
+        )
+    }
+
+    fn optimizers(cfg: &dyn OptimizerConfig) -> BTreeMap<String, Box<dyn Optimizer>> {
+        ["discriminator", "generator"]
+            .into_iter()
+            .map(|g| (g.to_string(), cfg.build().unwrap()))
+            .collect()
+    }
+
+    fn sgd() -> BTreeMap<String, Box<dyn Optimizer>> {
+        optimizers(&SgdConfig {
+            lr: 0.1,
+            ..Default::default()
+        })
+    }
+
+    fn snapshot(model: &MlpGan) -> BTreeMap<String, Vec<f32>> {
+        model.named_params().into_iter().map(|(n, p)| (n, p.to_vec())).collect()
+    }
+
+    /// The names of the parameters that differ between two snapshots.
+    fn changed(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> Vec<String> {
+        a.iter().filter(|(k, v)| b[*k] != **v).map(|(k, _)| k.clone()).collect()
+    }
+
+    fn batch(device: &Device, rows: usize, dim: usize, rng: &mut Rng) -> Batch {
+        let values: Vec<f32> = (0..rows * dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        Batch {
+            inputs: device.tensor_from_vec(values, (rows, dim)),
+            shape: FeatureShape::Flat(dim),
+            labels: None,
+        }
+    }
+
+    #[test]
+    fn discriminator_step_updates_only_the_discriminator_and_generator_step_only_the_generator() {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(1);
+        let mut model = build(&tiny_config(3, 2), 2, 0).unwrap();
+        let data = batch(&device, 16, 2, &mut rng);
+        let mut opts = sgd();
+        let mut stabilizers = StabilizerStack::default();
+        let mut ctx = TrainContext {
+            step: 0,
+            device: &device,
+            rng: &mut rng,
+            optimizers: &mut opts,
+            stabilizers: &mut stabilizers,
+        };
+        let all: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
+        let mut d_names: Vec<String> = all
+            .iter()
+            .filter(|n| n.starts_with("discriminator."))
+            .cloned()
+            .collect();
+        let mut g_names: Vec<String> = all.iter().filter(|n| n.starts_with("generator.")).cloned().collect();
+        assert_eq!(d_names.len() + g_names.len(), all.len());
+        assert_eq!(
+            d_names,
+            [
+                "discriminator.0.weight",
+                "discriminator.0.bias",
+                "discriminator.2.weight",
+                "discriminator.2.bias"
+            ]
+        );
+        // `changed` lists names sorted.
+        d_names.sort();
+        g_names.sort();
+
+        let before = snapshot(&model);
+        let d = model.discriminator_step(&data, &mut ctx).unwrap();
+        assert!(d.grad_norm > 0.0 && d.loss.is_finite());
+        assert_eq!(changed(&before, &snapshot(&model)), d_names);
+
+        let before = snapshot(&model);
+        let mut report = StepReport::default();
+        model.generator_step(16, &d.real_scores, &mut ctx, &mut report).unwrap();
+        assert_eq!(changed(&before, &snapshot(&model)), g_names);
+        assert!(report.diagnostics["grad_norm/generator"] > 0.0);
+    }
+
+    /// Records every hook call, and adds `weight * Σ fake` as an extra discriminator loss.
+    struct Recorder {
+        log: Rc<RefCell<Vec<String>>>,
+        weight: f32,
+    }
+
+    impl Stabilizer for Recorder {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn transform_input(
+            &mut self,
+            role: InputRole,
+            input: Activation,
+            _: &mut HookContext<'_>,
+        ) -> Result<Activation> {
+            self.log
+                .borrow_mut()
+                .push(format!("input {role:?} {}", input.batch_size()));
+            Ok(input)
+        }
+        fn transform_targets(&mut self, targets: &mut Targets, _: &mut HookContext<'_>) -> Result<()> {
+            self.log
+                .borrow_mut()
+                .push(format!("targets {:?}", targets.real.shape()));
+            Ok(())
+        }
+        fn extra_loss(
+            &mut self,
+            site: &mut LossSite<'_>,
+            ctx: &mut HookContext<'_>,
+        ) -> Result<Option<(String, Scalar)>> {
+            self.log.borrow_mut().push(format!("loss {}", site.group()));
+            if let LossSite::Discriminator {
+                critic,
+                real,
+                fake,
+                shape,
+            } = site
+            {
+                assert_eq!(real.shape(), fake.shape());
+                let out = critic.forward(
+                    Activation::input(fake, *shape)?,
+                    &mut ForwardContext {
+                        mode: Mode::Train,
+                        rng: ctx.rng,
+                    },
+                )?;
+                return Ok(Some(("probe".into(), out.value.sum() * self.weight)));
+            }
+            Ok(None)
+        }
+        fn after_update(
+            &mut self,
+            group: &str,
+            params: &mut [(String, &mut Param)],
+            _: &mut HookContext<'_>,
+        ) -> Result<()> {
+            self.log.borrow_mut().push(format!("update {group} {}", params.len()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn train_step_calls_the_hooks_in_order_and_reports_extra_terms() {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(2);
+        let mut cfg = tiny_config(3, 2);
+        cfg.discriminator_steps = 2;
+        let mut model = build(&cfg, 2, 0).unwrap();
+        let data = batch(&device, 8, 2, &mut rng);
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut stabilizers = StabilizerStack::new(vec![Box::new(Recorder {
+            log: log.clone(),
+            weight: 0.5,
+        })])
+        .unwrap();
+        let mut opts = sgd();
+        let mut ctx = TrainContext {
+            step: 0,
+            device: &device,
+            rng: &mut rng,
+            optimizers: &mut opts,
+            stabilizers: &mut stabilizers,
+        };
+        let report = model.train_step(&data, &mut ctx).unwrap();
+        let d_step = [
+            "input Real 8",
+            "input Fake 8",
+            "targets (8, 1)",
+            "loss discriminator",
+            "update discriminator 4",
+        ];
+        let mut want: Vec<&str> = d_step.iter().chain(d_step.iter()).copied().collect();
+        want.extend(["input Fake 8", "loss generator", "update generator 4"]);
+        assert_eq!(*log.borrow(), want);
+        for key in ["loss/discriminator", "loss/generator", "loss/discriminator/probe"] {
+            assert!(report.losses[key].is_finite(), "{key} in {report:?}");
+        }
+        for key in ["d_real_mean", "d_fake_mean"] {
+            let v = report.diagnostics[key];
+            assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+        }
+        assert!(report.diagnostics["grad_norm/discriminator"] > 0.0);
+    }
+
+    #[test]
+    fn extra_loss_terms_reach_the_discriminator_gradients() {
+        // The same step with and without a large extra term must update the discriminator
+        // differently: the term is added to the loss before backward.
+        let run = |weight: f32| {
+            let device = Device::default();
+            let mut rng = Rng::seed_from_u64(3);
+            let mut model = build(&tiny_config(3, 2), 2, 0).unwrap();
+            let data = batch(&device, 8, 2, &mut rng);
+            let mut stabilizers = StabilizerStack::new(vec![Box::new(Recorder {
+                log: Rc::default(),
+                weight,
+            })])
+            .unwrap();
+            let mut opts = sgd();
+            let mut ctx = TrainContext {
+                step: 0,
+                device: &device,
+                rng: &mut rng,
+                optimizers: &mut opts,
+                stabilizers: &mut stabilizers,
+            };
+            model.discriminator_step(&data, &mut ctx).unwrap().grad_norm
+        };
+        let (without, with) = (run(0.0), run(10.0));
+        assert!((with - without).abs() > 1e-3, "{without} vs {with}");
+    }
+
+    #[test]
+    fn the_default_is_the_reference_mlp_gan() {
+        let model = build(&MlpGanConfig::default(), 784, 0).unwrap();
+        let shapes: Vec<(String, Vec<usize>)> = model
+            .named_params()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("weight"))
+            .map(|(n, p)| (n, p.shape.clone()))
+            .collect();
+        let want = [
+            ("discriminator.0.weight", vec![784, 256]),
+            ("discriminator.2.weight", vec![256, 512]),
+            ("discriminator.4.weight", vec![512, 1]),
+            ("generator.0.weight", vec![100, 128]),
+            ("generator.2.weight", vec![128, 256]),
+            ("generator.4.weight", vec![256, 512]),
+            ("generator.6.weight", vec![512, 784]),
+        ];
+        let want: Vec<(String, Vec<usize>)> = want.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+        assert_eq!(shapes, want);
+        assert_eq!(model.param_groups(), ["discriminator", "generator"]);
+        let text = model.describe();
+        assert!(text.contains("tanh") && text.contains("non_saturating"), "{text}");
+    }
+
+    #[test]
+    fn bad_wiring_names_the_config_path() {
+        // Generator output 3 for 2-dimensional data.
+        let err = build(&tiny_config(3, 3), 2, 0).err().unwrap().to_string();
+        assert!(
+            err.contains("model.generator") && err.contains("out_features 2"),
+            "{err}"
+        );
+        // Discriminator with two outputs.
+        let mut cfg = tiny_config(3, 2);
+        cfg.discriminator = mlp(&[8], 2, None);
+        let err = build(&cfg, 2, 0).err().unwrap().to_string();
+        assert!(
+            err.contains("model.discriminator") && err.contains("one score"),
+            "{err}"
+        );
+        let mut cfg = tiny_config(3, 2);
+        cfg.latent_dim = 0;
+        let err = build(&cfg, 2, 0).err().unwrap().to_string();
+        assert!(err.contains("model.latent_dim"), "{err}");
+        let mut cfg = tiny_config(3, 2);
+        cfg.discriminator_steps = 0;
+        let err = build(&cfg, 2, 0).err().unwrap().to_string();
+        assert!(err.contains("model.discriminator_steps"), "{err}");
+        // A batch of the wrong width is refused, not broadcast.
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        let mut model = build(&tiny_config(3, 2), 2, 0).unwrap();
+        let wrong = batch(&device, 4, 3, &mut rng);
+        let mut ectx = EvalContext {
+            device: &device,
+            rng: &mut rng,
+        };
+        let err = model.evaluate(&wrong, &mut ectx).unwrap_err().to_string();
+        assert!(err.contains("2 features per sample"), "{err}");
+    }
+
+    #[test]
+    fn config_parses_from_a_pipeline_table() {
+        let json = r#"{"type": "mlp_gan", "latent_dim": 4, "latent": "uniform",
+            "objective": {"type": "wasserstein"}, "discriminator_steps": 3,
+            "generator": {"layers": [{"type": "linear", "out_features": 2}]},
+            "discriminator": {"layers": [{"type": "linear", "out_features": 1}]}}"#;
+        let cfg: Box<dyn ModelConfig> = nash_core::serde_json::from_str(json).unwrap();
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        let model = cfg
+            .build(
+                &info(2),
+                &mut BuildContext {
+                    device: &device,
+                    rng: &mut rng,
+                },
+            )
+            .unwrap();
+        assert!(model.describe().contains("wasserstein"), "{}", model.describe());
+        let typo = r#"{"type": "mlp_gan", "latent_dims": 4}"#;
+        let err = nash_core::serde_json::from_str::<Box<dyn ModelConfig>>(typo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("latent_dims"), "{err}");
+    }
+
+    #[test]
+    fn evaluate_and_sample_leave_parameters_alone() {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(4);
+        let mut model = build(&tiny_config(3, 2), 2, 0).unwrap();
+        let data = batch(&device, 8, 2, &mut rng);
+        let before = snapshot(&model);
+        let mut ectx = EvalContext {
+            device: &device,
+            rng: &mut rng,
+        };
+        let eval = model.evaluate(&data, &mut ectx).unwrap();
+        for key in ["loss/discriminator", "loss/generator", "d_real_mean", "d_fake_mean"] {
+            assert!(eval[key].is_finite(), "{key}: {eval:?}");
+        }
+        let samples = model.sample(5, &mut ectx).unwrap().unwrap();
+        assert_eq!(*samples.shape(), (5, 2));
+        assert!(changed(&before, &snapshot(&model)).is_empty());
+    }
+
+    #[test]
+    fn learns_a_one_dimensional_gaussian() {
+        // Data N(2, 0.5²) in 1D; after 400 steps of Adam the generated mean and spread must have
+        // moved from the initial ≈(0, small) to near the data's.
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(5);
+        let cfg = MlpGanConfig {
+            latent_dim: 2,
+            generator: mlp(&[16], 1, None),
+            discriminator: mlp(&[16], 1, None),
+            ..Default::default()
+        };
+        let mut model = build(&cfg, 1, 1).unwrap();
+        let mut opts = optimizers(&AdamConfig {
+            lr: 5e-3,
+            betas: [0.5, 0.999],
+            ..Default::default()
+        });
+        let mut stabilizers = StabilizerStack::default();
+        for step in 0..400 {
+            let values: Vec<f32> = (0..64)
+                .map(|_| 2.0 + 0.5 * Distribution::<f32>::sample(&StandardNormal, &mut rng))
+                .collect();
+            let data = Batch {
+                inputs: device.tensor_from_vec(values, (64, 1)),
+                shape: FeatureShape::Flat(1),
+                labels: None,
+            };
+            let mut ctx = TrainContext {
+                step,
+                device: &device,
+                rng: &mut rng,
+                optimizers: &mut opts,
+                stabilizers: &mut stabilizers,
+            };
+            model.train_step(&data, &mut ctx).unwrap();
+        }
+        let mut ectx = EvalContext {
+            device: &device,
+            rng: &mut rng,
+        };
+        let samples = model.sample(2000, &mut ectx).unwrap().unwrap().as_vec();
+        let mean = samples.iter().sum::<f32>() / samples.len() as f32;
+        let std = (samples.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / samples.len() as f32).sqrt();
+        assert!((mean - 2.0).abs() < 0.3, "mean {mean}");
+        assert!((0.2..1.0).contains(&std), "std {std}");
     }
 }

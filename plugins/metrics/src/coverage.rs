@@ -134,7 +134,10 @@ impl Metric for ModeCoverage {
             )
         })?;
         let dim = mixture.centers.first().map(Vec::len).ok_or_else(|| {
-            Error::unsupported("the `mode_coverage` metric on this data", "the data's mixture has no modes")
+            Error::unsupported(
+                "the `mode_coverage` metric on this data",
+                "the data's mixture has no modes",
+            )
         })?;
         let mut counts = vec![0usize; mixture.centers.len()];
         let mut drawn = 0;
@@ -146,7 +149,7 @@ impl Metric for ModeCoverage {
                     format!("the `{}` model cannot generate samples", model.family()),
                 )
             })?;
-            let (rows, cols) = samples.shape();
+            let (rows, cols) = *samples.shape();
             if rows != n || cols != dim {
                 return Err(Error::shape(
                     "mode_coverage: generated samples",
@@ -175,8 +178,8 @@ impl Metric for ModeCoverage {
 mod tests {
     use super::*;
     use crate::tests_support::{FakeData, FakeModel};
-    use nash_core::tensor::{Device, Rng};
     use nash_core::rand::SeedableRng;
+    use nash_core::tensor::{Device, Rng};
 
     /// Four modes at (±1, 0), (0, ±1), σ = 0.1.
     fn four_modes() -> Mixture {
@@ -240,8 +243,15 @@ mod tests {
         assert_eq!(m["modes_captured"], 2.0);
         assert!((m["high_quality_share"] - 4.0 / 6.0).abs() < 1e-12);
         // p = (3/4, 1/4, 0, 0), q = 1/4: KL = 3/4 ln 3 + 1/4 ln 1 = 0.8239592165010822.
-        assert!((m["reverse_kl"] - 0.823_959_216_501_082_2).abs() < 1e-12, "{}", m["reverse_kl"]);
-        assert_eq!(high_quality_counts(&four_modes(), &[1.31, 0.0], 2, 3.0), vec![0, 0, 0, 0]);
+        assert!(
+            (m["reverse_kl"] - 0.823_959_216_501_082_2).abs() < 1e-12,
+            "{}",
+            m["reverse_kl"]
+        );
+        assert_eq!(
+            high_quality_counts(&four_modes(), &[1.31, 0.0], 2, 3.0),
+            vec![0, 0, 0, 0]
+        );
         assert!(reverse_kl_to_uniform(&[0, 0, 0]).is_nan());
     }
 

@@ -25,3 +25,181 @@ pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use nash_core::registry::{Kind, Registry};
+
+    #[test]
+    fn registers_both_metrics() {
+        let mut registry = Registry::new();
+        super::register(&mut registry).unwrap();
+        assert_eq!(
+            registry.tags(Kind::Metric),
+            vec!["mode_coverage", "reconstruction_error"]
+        );
+        let coverage = registry.find(Kind::Metric, "mode_coverage").unwrap();
+        assert!(coverage.fields.iter().any(|f| f.name == "threshold_sigmas"));
+    }
+}
+
+/// Tiny fake models and data sets for the unit tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::collections::BTreeMap;
+
+    use nash_core::data::{Batch, DataInfo, DataSource, Mixture, Split};
+    use nash_core::error::{Error, Result};
+    use nash_core::model::{EvalContext, Model, StepReport, TrainContext};
+    use nash_core::prelude::HasShape;
+    use nash_core::tensor::{matrix_from_vec, Device, FeatureShape, Matrix, Param, Parameterized};
+
+    /// A data set of `dim`-feature rows: the test split holds all of `rows`, the train split the
+    /// first half of them (rounded up); optionally with a mixture.
+    pub struct FakeData {
+        pub rows: Vec<f32>,
+        pub dim: usize,
+        pub mixture: Option<Mixture>,
+    }
+
+    impl FakeData {
+        /// Rows without a mixture.
+        pub fn plain(rows: Vec<f32>, dim: usize) -> Self {
+            FakeData {
+                rows,
+                dim,
+                mixture: None,
+            }
+        }
+        /// A mixture's centers as the rows.
+        pub fn mixture(m: Mixture) -> Self {
+            FakeData {
+                rows: m.centers.concat(),
+                dim: m.centers[0].len(),
+                mixture: Some(m),
+            }
+        }
+    }
+
+    impl DataSource for FakeData {
+        fn describe(&self) -> String {
+            "fake data".into()
+        }
+        fn info(&self) -> DataInfo {
+            DataInfo {
+                sample_shape: FeatureShape::Flat(self.dim),
+                num_classes: None,
+                value_range: (-10.0, 10.0),
+            }
+        }
+        fn len(&self, split: Split) -> usize {
+            let n = self.rows.len() / self.dim;
+            match split {
+                Split::Test => n,
+                Split::Train => n.div_ceil(2),
+            }
+        }
+        fn batch(&self, split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
+            let mut values = Vec::new();
+            for &i in indices {
+                if i >= self.len(split) {
+                    return Err(Error::Other(format!("index {i} out of range")));
+                }
+                values.extend_from_slice(&self.rows[i * self.dim..(i + 1) * self.dim]);
+            }
+            Ok(Batch {
+                inputs: matrix_from_vec(device, values, indices.len(), self.dim)?,
+                shape: FeatureShape::Flat(self.dim),
+                labels: None,
+            })
+        }
+        fn mixture(&self) -> Option<&Mixture> {
+            self.mixture.as_ref()
+        }
+    }
+
+    type Recon = fn(&[f32]) -> Vec<f32>;
+
+    /// A model without parameters that either samples by cycling through fixed rows, or
+    /// reconstructs each row with a fixed function.
+    pub struct FakeModel {
+        pattern: Vec<f32>,
+        dim: usize,
+        cursor: usize,
+        recon: Option<Recon>,
+        pub sample_calls: Vec<usize>,
+        pub reconstructed_rows: usize,
+    }
+
+    impl FakeModel {
+        /// Samples cycle through the rows of `pattern` (continuing across calls).
+        pub fn sampler(pattern: Vec<f32>, dim: usize) -> Self {
+            FakeModel {
+                pattern,
+                dim,
+                cursor: 0,
+                recon: None,
+                sample_calls: Vec::new(),
+                reconstructed_rows: 0,
+            }
+        }
+        /// Reconstructs each row `x` as `f(x)`; cannot sample.
+        pub fn reconstructor(f: Recon) -> Self {
+            FakeModel {
+                recon: Some(f),
+                ..Self::sampler(Vec::new(), 1)
+            }
+        }
+    }
+
+    impl Parameterized for FakeModel {
+        fn named_params(&self) -> Vec<(String, &Param)> {
+            Vec::new()
+        }
+        fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+            Vec::new()
+        }
+    }
+
+    impl Model for FakeModel {
+        fn family(&self) -> &str {
+            "fake"
+        }
+        fn describe(&self) -> String {
+            "fake model".into()
+        }
+        fn param_groups(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn train_step(&mut self, _batch: &Batch, _ctx: &mut TrainContext<'_>) -> Result<StepReport> {
+            Err(Error::unsupported("training", "fake model"))
+        }
+        fn evaluate(&mut self, _batch: &Batch, _ctx: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>> {
+            Ok(BTreeMap::new())
+        }
+        fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
+            if self.recon.is_some() {
+                return Ok(None);
+            }
+            self.sample_calls.push(n);
+            let rows = self.pattern.len() / self.dim;
+            let mut values = Vec::with_capacity(n * self.dim);
+            for _ in 0..n {
+                let r = self.cursor % rows;
+                values.extend_from_slice(&self.pattern[r * self.dim..(r + 1) * self.dim]);
+                self.cursor += 1;
+            }
+            Ok(Some(matrix_from_vec(ctx.device, values, n, self.dim)?))
+        }
+        fn reconstruct(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
+            let Some(f) = self.recon else {
+                return Ok(None);
+            };
+            let (rows, cols) = *batch.inputs.shape();
+            self.reconstructed_rows += rows;
+            let out: Vec<f32> = batch.inputs.as_vec().chunks(cols).flat_map(f).collect();
+            let out_cols = out.len().checked_div(rows).unwrap_or(cols);
+            Ok(Some(matrix_from_vec(ctx.device, out, rows, out_cols)?))
+        }
+    }
+}
