@@ -188,7 +188,11 @@ mod tests {
             "indices".into()
         }
         fn info(&self) -> DataInfo {
-            DataInfo { sample_shape: FeatureShape::Flat(1), num_classes: None, value_range: (0.0, 9.0) }
+            DataInfo {
+                sample_shape: FeatureShape::Flat(1),
+                num_classes: None,
+                value_range: (0.0, 9.0),
+            }
         }
         fn len(&self, _split: Split) -> usize {
             10
@@ -204,7 +208,14 @@ mod tests {
     }
 
     fn take(loader: &mut DataLoader, device: &Device) -> Vec<usize> {
-        loader.next_batch(&Indices, device).unwrap().inputs.as_vec().iter().map(|&v| v as usize).collect()
+        loader
+            .next_batch(&Indices, device)
+            .unwrap()
+            .inputs
+            .as_vec()
+            .iter()
+            .map(|&v| v as usize)
+            .collect()
     }
 
     #[test]
@@ -242,6 +253,9 @@ mod tests {
     #[test]
     fn refuses_batches_larger_than_the_split() {
         let err = DataLoader::new(Split::Test, 5, 8, 0).unwrap_err().to_string();
-        assert!(err.contains("training.batch_size") && err.contains("5 samples"), "{err}");
+        assert!(
+            err.contains("training.batch_size") && err.contains("5 samples"),
+            "{err}"
+        );
     }
 }

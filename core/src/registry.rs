@@ -178,7 +178,10 @@ impl Registry {
         }
         let fields = map
             .into_iter()
-            .map(|(name, default)| FieldInfo { name, default })
+            .map(|(name, default)| FieldInfo {
+                name,
+                default: shortest_floats(default),
+            })
             .collect();
         self.types.push(TypeInfo {
             kind,
@@ -214,6 +217,31 @@ impl Registry {
     }
 }
 
+/// Rewrites numbers that are f32 values widened to f64 (`0.009999999776482582`) as the shortest
+/// decimal that reads back as the same f32 (`0.01`), so defaults print as they were written.
+fn shortest_floats(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let v = n.as_f64().unwrap_or_default();
+            let narrow = v as f32;
+            if f64::from(narrow) == v {
+                if let Some(short) = format!("{narrow}")
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(serde_json::Number::from_f64)
+                {
+                    return Value::Number(short);
+                }
+            }
+            Value::Number(n)
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(shortest_floats).collect()),
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, shortest_floats(v))).collect()),
+        other => other,
+    }
+}
+
 /// Registers the types nash-core itself provides (layers, basic losses, optimizers).
 pub fn register_core(registry: &mut Registry) -> Result<()> {
     registry.set_current_plugin("nash-core");
@@ -221,4 +249,45 @@ pub fn register_core(registry: &mut Registry) -> Result<()> {
     crate::loss::basic::register(registry)?;
     crate::optim::register(registry)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_types_register_with_tags_fields_and_defaults() {
+        let mut registry = Registry::new();
+        register_core(&mut registry).unwrap();
+        let adam = registry.find(Kind::Optimizer, "adam").expect("adam is registered");
+        assert_eq!(adam.plugin, "nash-core");
+        let lr = adam.fields.iter().find(|f| f.name == "lr").expect("adam has lr");
+        assert_eq!(lr.default, serde_json::json!(0.001));
+        assert_eq!(lr.type_name(), "float");
+        assert!(registry.tags(Kind::Layer).contains(&"conv2d"));
+        assert!(registry.tags(Kind::Loss).contains(&"bce_with_logits"));
+    }
+
+    #[test]
+    fn a_duplicate_tag_names_both_plugins() {
+        let mut registry = Registry::new();
+        registry.set_current_plugin("first");
+        crate::loss::basic::register(&mut registry).unwrap();
+        registry.set_current_plugin("second");
+        let err = crate::loss::basic::register(&mut registry).unwrap_err().to_string();
+        assert!(
+            err.contains("duplicate loss tag") && err.contains("`first`") && err.contains("`second`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn widened_f32_defaults_print_as_written() {
+        let widened = serde_json::json!({ "clip": f64::from(0.01f32), "lr": 1e-3, "n": 3, "xs": [f64::from(0.2f32)] });
+        let short = shortest_floats(widened);
+        assert_eq!(
+            short,
+            serde_json::json!({ "clip": 0.01, "lr": 1e-3, "n": 3, "xs": [0.2] })
+        );
+    }
 }

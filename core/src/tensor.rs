@@ -280,12 +280,16 @@ fn device_buffer_copy_from(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec
 #[cfg(feature = "cuda")]
 fn device_buffer_to_vec(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec) -> Result<Vec<f32>> {
     let slice: &cudarc::driver::CudaSlice<f32> = buf;
-    slice.device().dtoh_sync_copy(slice).map_err(|e| Error::Other(format!("CUDA copy: {e:?}")))
+    slice
+        .device()
+        .dtoh_sync_copy(slice)
+        .map_err(|e| Error::Other(format!("CUDA copy: {e:?}")))
 }
 
 #[cfg(feature = "cuda")]
 fn device_buffer_copy_from(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec, values: &[f32]) -> Result<()> {
     let slice: &mut cudarc::driver::CudaSlice<f32> = buf;
     let dev = slice.device();
-    dev.htod_sync_copy_into(values, slice).map_err(|e| Error::Other(format!("CUDA copy: {e:?}")))
+    dev.htod_sync_copy_into(values, slice)
+        .map_err(|e| Error::Other(format!("CUDA copy: {e:?}")))
 }

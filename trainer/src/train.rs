@@ -681,7 +681,8 @@ mod tests {
         let eval = summary.final_eval["loss/mse"];
         assert!((eval - 0.25).abs() < 1e-3, "{eval}");
         let lines = lines(&dir);
-        // 4 training lines (steps 10..40), evaluations at step 20 and at the end.
+        // The baseline evaluation at step 0, 4 training lines (steps 10..40), evaluations at step 20
+        // and at the end.
         let steps: Vec<(u64, bool)> = lines
             .iter()
             .map(|l| (l["step"].as_u64().unwrap(), l.get("split").is_some()))
@@ -689,6 +690,7 @@ mod tests {
         assert_eq!(
             steps,
             [
+                (0, true),
                 (10, false),
                 (20, false),
                 (20, true),
@@ -697,8 +699,12 @@ mod tests {
                 (40, true)
             ]
         );
-        assert_eq!(lines[0]["lr"]["model"], 0.5);
-        assert!(lines[0]["losses"]["loss/mse"].as_f64().unwrap() > eval);
+        assert_eq!(lines[1]["lr"]["model"], 0.5);
+        assert!(lines[1]["losses"]["loss/mse"].as_f64().unwrap() > eval);
+        assert!(
+            summary.initial_eval["loss/mse"] > eval,
+            "training lowers the held-out loss"
+        );
         let on_disk: Summary =
             serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
         assert_eq!(on_disk, summary);

@@ -76,6 +76,6 @@ mod tests {
         );
         let ring = registry.find(Kind::Data, "ring").unwrap();
         let sigma = ring.fields.iter().find(|f| f.name == "sigma").unwrap();
-        assert_eq!(sigma.default, nash_core::serde_json::json!(0.009999999776482582));
+        assert_eq!(sigma.default, nash_core::serde_json::json!(0.01));
     }
 }
