@@ -307,3 +307,39 @@ fn plugin_built_model_matches_in_process_gradients_exactly() {
     }
     assert_eq!(compared, 8, "four linear layers, weights and biases");
 }
+
+/// The example third-party plugin's loss, used from a pipeline file and trained through `nash`.
+#[test]
+fn example_plugin_loss_trains_from_a_pipeline_file() {
+    let (dir, summary) = train(
+        "example_plugin_huber",
+        &example("plugin-huber-loss/autoencoder_huber.toml"),
+        &[
+            "--set",
+            "data.train_samples=2048",
+            "--set",
+            "data.test_samples=256",
+            "--set",
+            "training.steps=200",
+            "--set",
+            "training.eval_every=200",
+        ],
+    );
+    assert_eq!(summary["status"], "completed", "{summary:#}");
+    let plugins: Vec<&str> = summary["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(plugins.contains(&"nash-huber-loss"), "{plugins:?}");
+    let resolved: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline.resolved.json")).unwrap()).unwrap();
+    assert_eq!(resolved["model"]["loss"], json!({ "type": "huber", "delta": 0.1 }));
+    let before = number(&summary, "initial_eval", "loss/reconstruction");
+    let after = number(&summary, "final_eval", "loss/reconstruction");
+    assert!(
+        after < before / 2.0,
+        "the Huber reconstruction loss fell only from {before} to {after}"
+    );
+}
