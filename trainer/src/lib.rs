@@ -2,8 +2,9 @@
 //!
 //! Reads a pipeline file, loads the plugins it lists (and those beside the executable or on
 //! `NASH_PLUGIN_PATH`), deserializes the pipeline, and trains it, writing a run folder:
-//! `pipeline.resolved.json` (every default filled in), `metrics.jsonl`, `samples/` and
-//! `summary.json`. [`run_training`] does all of it in-process; `main.rs` is a thin CLI over it.
+//! `pipeline.resolved.json` (every default filled in), `metrics.jsonl`, `samples/` (JSON rows and
+//! PNG pictures, see [`outputs`]) and `summary.json`. [`run_training`] does all of it in-process;
+//! `main.rs` is a thin CLI over it.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use anyhow::Context;
 use nash_core::tracing;
 
 pub mod loader;
+pub mod outputs;
 pub mod pipeline;
 pub mod progress;
 pub mod train;

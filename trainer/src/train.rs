@@ -1,5 +1,5 @@
 //! The training driver: builds everything a pipeline describes, runs the steps, evaluates, and
-//! writes the run folder (`metrics.jsonl`, `samples/`, `summary.json`).
+//! writes the run folder (`metrics.jsonl`, `samples/` with JSON rows and pictures, `summary.json`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -22,6 +22,7 @@ use nash_core::tracing;
 use serde::{Deserialize, Serialize};
 
 use crate::loader::LoadedPlugin;
+use crate::outputs::Pictures;
 use crate::pipeline::Pipeline;
 use crate::progress::Progress;
 
@@ -152,6 +153,7 @@ struct Run {
     optimizers: BTreeMap<String, Box<dyn Optimizer>>,
     stabilizers: StabilizerStack,
     metrics: Vec<Box<dyn Metric>>,
+    pictures: Pictures,
 }
 
 fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
@@ -231,6 +233,7 @@ fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
                 .with_context(|| format!("cannot build the metric `metrics[{i}]`"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let pictures = Pictures::new(data.as_ref(), &device)?;
     Ok(Run {
         device,
         data,
@@ -238,6 +241,7 @@ fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
         optimizers,
         stabilizers,
         metrics,
+        pictures,
     })
 }
 
@@ -299,24 +303,55 @@ impl Run {
         Ok((eval, metrics))
     }
 
-    /// Writes `count` generated samples to `<dir>/step-XXXXXXXX.json`, for generative models.
+    /// Writes the outputs of `step` into `dir` (see [`crate::outputs`]): for generative models
+    /// `count` samples as JSON rows (`step-XXXXXXXX.json`) and as a picture (a grid or a scatter
+    /// plot); for models that reconstruct, the first `count` test samples beside their
+    /// reconstructions. Sampling and reconstruction draw from their own seeded generators: the same
+    /// latent codes every time, and the training stream is never disturbed.
     fn write_samples(&mut self, dir: &Path, step: u64, count: usize, seed: u64) -> anyhow::Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
         let mut rng = Rng::seed_from_u64(eval_seed(seed) ^ 0x5A3B);
         let mut ctx = EvalContext {
             device: &self.device,
             rng: &mut rng,
         };
-        let Some(samples) = self.model.sample(count, &mut ctx).context("sampling failed")? else {
+        if let Some(samples) = self.model.sample(count, &mut ctx).context("sampling failed")? {
+            let (rows, cols) = *samples.shape();
+            let values = samples.as_vec();
+            let rows: Vec<&[f32]> = (0..rows).map(|r| &values[r * cols..(r + 1) * cols]).collect();
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            write_json(
+                &dir.join(format!("step-{step:08}.json")),
+                &json!({"step": step, "shape": self.data.info().sample_shape, "samples": rows}),
+            )?;
+            self.pictures
+                .write_samples(dir, step, &values, cols)
+                .context("cannot draw the samples")?;
+        }
+        let n = count.min(self.data.len(Split::Test));
+        if n == 0 || !matches!(self.pictures.view(), crate::outputs::SampleView::Images(_)) {
             return Ok(());
+        }
+        let idx: Vec<usize> = (0..n).collect();
+        let batch = self.data.batch(Split::Test, &idx, &self.device)?;
+        let mut rng = Rng::seed_from_u64(eval_seed(seed) ^ 0x4EC0);
+        let mut ctx = EvalContext {
+            device: &self.device,
+            rng: &mut rng,
         };
-        let (rows, cols) = *samples.shape();
-        let values = samples.as_vec();
-        let rows: Vec<&[f32]> = (0..rows).map(|r| &values[r * cols..(r + 1) * cols]).collect();
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_json(
-            &dir.join(format!("step-{step:08}.json")),
-            &json!({"step": step, "shape": self.data.info().sample_shape, "samples": rows}),
-        )
+        if let Some(recon) = self
+            .model
+            .reconstruct(&batch, &mut ctx)
+            .context("reconstruction failed")?
+        {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            self.pictures
+                .write_reconstructions(dir, step, &batch.inputs.as_vec(), &recon.as_vec())
+                .context("cannot draw the reconstructions")?;
+        }
+        Ok(())
     }
 }
 
@@ -404,6 +439,12 @@ pub fn train(
             tracing::info!("step 0: eval {eval:?} metrics {metrics:?}");
             summary.initial_eval = eval;
             summary.initial_metrics = metrics;
+            eval_time += t.elapsed().as_secs_f64();
+        }
+        if cfg.sample_every > 0 {
+            // The pictures of the untrained model, the first frame of the series.
+            let t = Instant::now();
+            run.write_samples(&dir.join("samples"), 0, cfg.sample_count, seed)?;
             eval_time += t.elapsed().as_secs_f64();
         }
         let progress = Progress::new(steps, opts.progress);
@@ -566,6 +607,47 @@ mod tests {
         }
     }
 
+    /// 4x4 pictures stored flat (16 values in [0, 1]): a bright square at one of two places, 64
+    /// train and 32 test.
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    struct Squares {}
+    struct SquaresData;
+    impl DataSource for SquaresData {
+        fn describe(&self) -> String {
+            "squares".into()
+        }
+        fn info(&self) -> DataInfo {
+            DataInfo {
+                sample_shape: FeatureShape::Flat(16),
+                num_classes: None,
+                value_range: (0.0, 1.0),
+            }
+        }
+        fn len(&self, split: Split) -> usize {
+            match split {
+                Split::Train => 64,
+                Split::Test => 32,
+            }
+        }
+        fn batch(&self, _split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
+            let values = indices
+                .iter()
+                .flat_map(|&i| (0..16).map(move |p| if (p % 4 < 2) == i.is_multiple_of(2) { 1.0 } else { 0.0 }))
+                .collect();
+            Ok(Batch {
+                inputs: matrix_from_vec(device, values, indices.len(), 16)?,
+                shape: FeatureShape::Flat(16),
+                labels: None,
+            })
+        }
+    }
+    #[typetag::serde(name = "test_squares")]
+    impl DataSourceConfig for Squares {
+        fn build(&self, _seed: u64) -> Result<Box<dyn DataSource>> {
+            Ok(Box::new(SquaresData))
+        }
+    }
+
     /// Fits a mean `mu` by least squares: loss = mean((x - mu)²), gradient 2·(mu - x̄)/d per coordinate.
     #[derive(Debug, Default, Serialize, Deserialize)]
     #[serde(default)]
@@ -576,12 +658,13 @@ mod tests {
     struct MeanModel {
         mu: Param,
         nan_at: Option<u64>,
+        dim: usize,
     }
     impl MeanModel {
         fn loss_and_grad(&self, batch: &Batch) -> (f64, Vec<f32>) {
             let x = batch.inputs.as_vec();
             let mu = self.mu.to_vec();
-            let (n, d) = (batch.len(), 2);
+            let (n, d) = (batch.len(), self.dim);
             let mut loss = 0.0f64;
             let mut grad = vec![0.0f32; d];
             for r in 0..n {
@@ -628,27 +711,49 @@ mod tests {
         }
         fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<nash_core::tensor::Matrix>> {
             let mu = self.mu.to_vec();
-            Ok(Some(matrix_from_vec(ctx.device, mu.repeat(n), n, 2)?))
+            Ok(Some(matrix_from_vec(ctx.device, mu.repeat(n), n, self.dim)?))
+        }
+        /// Every input is "reconstructed" as the mean.
+        fn reconstruct(
+            &mut self,
+            batch: &Batch,
+            ctx: &mut EvalContext<'_>,
+        ) -> Result<Option<nash_core::tensor::Matrix>> {
+            let mu = self.mu.to_vec();
+            Ok(Some(matrix_from_vec(
+                ctx.device,
+                mu.repeat(batch.len()),
+                batch.len(),
+                self.dim,
+            )?))
         }
     }
     #[typetag::serde(name = "test_mean")]
     impl ModelConfig for MeanModelConfig {
-        fn build(&self, _data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Model>> {
+        fn build(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Model>> {
             if self.nan_at == Some(999_999) {
                 return Err(Error::config("model.nan_at", "test error"));
             }
+            let dim = data.sample_shape.numel();
             Ok(Box::new(MeanModel {
-                mu: Param::from_vec(ctx.device, vec![0.0, 0.0], vec![2], ParamRole::Bias)?,
+                mu: Param::from_vec(ctx.device, vec![0.0; dim], vec![dim], ParamRole::Bias)?,
                 nan_at: self.nan_at,
+                dim,
             }))
         }
     }
 
     fn pipeline(extra: &str) -> Pipeline {
+        pipeline_on("test_two_points", extra, "")
+    }
+
+    /// A pipeline training the mean model on `data`, with `training` lines appended.
+    fn pipeline_on(data: &str, extra: &str, training: &str) -> Pipeline {
         let text = format!(
-            "seed = 3\ndata = {{ type = \"test_two_points\" }}\nmodel = {{ type = \"test_mean\" {extra} }}\n\
+            "seed = 3\ndata = {{ type = \"{data}\" }}\nmodel = {{ type = \"test_mean\" {extra} }}\n\
              [optimizers.model]\ntype = \"sgd\"\nlr = 0.5\n\
-             [training]\nsteps = 40\nbatch_size = 16\nlog_every = 10\neval_every = 20\neval_batches = 2\nsample_count = 3\n"
+             [training]\nsteps = 40\nbatch_size = 16\nlog_every = 10\neval_every = 20\neval_batches = 2\nsample_count = 3\n\
+             {training}"
         );
         let mut registry = Registry::new();
         nash_core::registry::register_core(&mut registry).unwrap();
@@ -720,6 +825,60 @@ mod tests {
         assert_eq!(again.final_losses, summary.final_losses);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(temp_dir("ok2"));
+    }
+
+    fn file_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn pictures_at_step_zero_every_sample_every_and_the_end() {
+        // 2-D data: JSON rows and a scatter plot over real points at steps 0, 20 and 40.
+        let dir = temp_dir("scatter");
+        let p = pipeline_on("test_two_points", "", "sample_every = 20\n");
+        train(&p, "t", &dir, &[], &RunOptions::default()).unwrap();
+        let mut expected = Vec::new();
+        for step in [0, 20, 40] {
+            expected.push(format!("scatter-step-{step:08}.png"));
+            expected.push(format!("step-{step:08}.json"));
+        }
+        expected.sort();
+        assert_eq!(file_names(&dir.join("samples")), expected);
+        let img = image::open(dir.join("samples/scatter-step-00000040.png")).unwrap();
+        let side = crate::outputs::SCATTER_SIZE;
+        assert_eq!((img.width(), img.height()), (side, side));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Flat 16-value data: 4x4 grayscale grids of 3 samples (2x2 cells) and 3 test inputs
+        // beside their reconstructions (one pair of rows of 3: 6 tiles, near-square).
+        let dir = temp_dir("grid");
+        let p = pipeline_on("test_squares", "", "sample_every = 25\n");
+        train(&p, "t", &dir, &[], &RunOptions::default()).unwrap();
+        let mut expected = Vec::new();
+        for step in [0, 25, 40] {
+            expected.push(format!("reconstructions-step-{step:08}.png"));
+            expected.push(format!("step-{step:08}.json"));
+            expected.push(format!("step-{step:08}.png"));
+        }
+        expected.sort();
+        assert_eq!(file_names(&dir.join("samples")), expected);
+        let grid = image::open(dir.join("samples/step-00000040.png")).unwrap().into_luma8();
+        assert_eq!(grid.dimensions(), (2 * 4 + 3 * 2, 2 * 4 + 3 * 2));
+        let pairs = image::open(dir.join("samples/reconstructions-step-00000040.png"))
+            .unwrap()
+            .into_luma8();
+        assert_eq!(pairs.dimensions(), (3 * 4 + 4 * 2, 2 * 4 + 3 * 2));
+        // Input 0 has its bright square on the left; its reconstruction (the mean, about 0.5) is gray.
+        assert_eq!(pairs.get_pixel(2, 2).0[0], 255);
+        assert_eq!(pairs.get_pixel(2 + 3, 2).0[0], 0);
+        let recon = pairs.get_pixel(2, 2 + 6).0[0];
+        assert!((100..156).contains(&recon), "{recon}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! nash plugin: synthetic data sources.
+//! nash plugin: data sources, synthetic and file-backed.
 //!
-//! Every source here is synthesized from the seed given to
-//! [`DataSourceConfig::build`](nash_core::data::DataSourceConfig::build) and materialized once as a
-//! train and a test split held in memory ([`table`]):
+//! Every source is materialized once as a train and a test split held in memory ([`table`]); the
+//! trainer's seeded loader shuffles and batches them. Synthetic sources draw from the seed given to
+//! [`DataSourceConfig::build`](nash_core::data::DataSourceConfig::build):
 //!
 //! - [`mixture`]: Gaussian mixtures with known modes — the PacGAN `ring` (8 modes on the unit
 //!   circle, σ = 0.01) and `grid` (25 modes at {-4,-2,0,2,4}², σ = 0.05) benchmarks, and general
@@ -11,17 +11,37 @@
 //! - [`vectors`]: `random_vectors`, i.i.d. uniform or normal vectors.
 //! - [`manifold`]: `latent_manifold`, pixel-like data on a low-dimensional nonlinear manifold that an
 //!   autoencoder can compress.
+//!
+//! File-backed sources (shared preprocessing — scaling, seeded stratified splits, class subsets —
+//! in [`preprocess`]):
+//!
+//! - [`idx`]: `idx`, MNIST-format IDX files, gzipped or raw. `type = "idx"` with its defaults is
+//!   Fashion-MNIST from `/usr/share/datasets/fashion-mnist` (`apt-get install dataset-fashion-mnist`).
+//! - [`image_folder`]: `image_folder`, PNG/JPEG images in `root/<class>/`, resized, grayscale or RGB.
+//! - [`numpy`]: `npy`, NumPy `.npy` arrays and `.npz` archives.
+//! - [`csv`]: `csv`, numeric CSV tables with an optional label column.
 
+pub mod csv;
+pub mod idx;
+pub mod image_folder;
 pub mod manifold;
 pub mod mixture;
+pub mod numpy;
+pub mod preprocess;
 pub mod table;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod vectors;
 
 use nash_core::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+pub use csv::{CsvConfig, LabelColumn};
+pub use idx::IdxConfig;
+pub use image_folder::ImageFolderConfig;
 pub use manifold::LatentManifoldConfig;
 pub use mixture::{GaussianMixtureConfig, GridConfig, RingConfig};
+pub use numpy::NpyConfig;
 pub use vectors::{RandomVectorsConfig, VectorDistribution};
 
 nash_core::declare_plugin!(register);
@@ -38,6 +58,16 @@ pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
     registry.data::<LatentManifoldConfig>(
         "pixel-like data on a k-dimensional manifold: N(0, I_k) through a fixed random tanh network and a sigmoid",
     )?;
+    registry.data::<IdxConfig>(
+        "MNIST-format IDX files, gzipped or raw; the defaults read Fashion-MNIST from /usr/share/datasets/fashion-mnist",
+    )?;
+    registry.data::<ImageFolderConfig>(
+        "PNG/JPEG images in root/<class>/, resized, grayscale or RGB, with a seeded stratified test split",
+    )?;
+    registry.data::<NpyConfig>(
+        "NumPy .npy/.npz arrays (f32, f64, u8, i32, i64), optional labels, fixed or seeded test split",
+    )?;
+    registry.data::<CsvConfig>("numeric CSV table with an optional label column and a seeded test split")?;
     Ok(())
 }
 
@@ -72,10 +102,26 @@ mod tests {
         super::register(&mut registry).unwrap();
         assert_eq!(
             registry.tags(Kind::Data),
-            vec!["gaussian_mixture", "grid", "latent_manifold", "random_vectors", "ring"]
+            vec![
+                "csv",
+                "gaussian_mixture",
+                "grid",
+                "idx",
+                "image_folder",
+                "latent_manifold",
+                "npy",
+                "random_vectors",
+                "ring"
+            ]
         );
         let ring = registry.find(Kind::Data, "ring").unwrap();
         let sigma = ring.fields.iter().find(|f| f.name == "sigma").unwrap();
         assert_eq!(sigma.default, nash_core::serde_json::json!(0.01));
+        let idx = registry.find(Kind::Data, "idx").unwrap();
+        let dir = idx.fields.iter().find(|f| f.name == "dir").unwrap();
+        assert_eq!(
+            dir.default,
+            nash_core::serde_json::json!("/usr/share/datasets/fashion-mnist")
+        );
     }
 }

@@ -76,6 +76,22 @@ impl InMemoryData {
         })
     }
 
+    /// Declares labelled data with `num_classes` classes (for sources without a [`Mixture`]); every
+    /// label of both splits must be below it.
+    pub fn with_num_classes(mut self, num_classes: usize) -> Result<Self> {
+        for (name, t) in [("train", &self.train), ("test", &self.test)] {
+            if let Some(bad) = t.labels.as_ref().and_then(|l| l.iter().find(|&&c| c >= num_classes)) {
+                return Err(Error::shape(
+                    format!("{name} labels"),
+                    format!("class indices below {num_classes}"),
+                    bad,
+                ));
+            }
+        }
+        self.info.num_classes = Some(num_classes);
+        Ok(self)
+    }
+
     /// The split's table.
     pub fn table(&self, split: Split) -> &Table {
         match split {

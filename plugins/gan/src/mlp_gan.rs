@@ -13,11 +13,14 @@ use nash_core::loss::{AdversarialObjective, AdversarialObjectiveConfig};
 use nash_core::model::{EvalContext, Model, ModelConfig, StepReport, TrainContext};
 use nash_core::rand::Rng as _;
 use nash_core::rand_distr::{Distribution, StandardNormal};
-use nash_core::stabilizer::{InputRole, LossSite, Targets};
-use nash_core::tensor::{check_finite, join_name, Activation, Device, FeatureShape, Matrix, Param, Parameterized, Rng};
+use nash_core::tensor::{check_finite, Activation, Device, FeatureShape, Matrix, Param, Parameterized, Rng};
 use serde::{Deserialize, Serialize};
 
 use crate::objective::NonSaturatingConfig;
+use crate::step::{
+    describe_stack, discriminator_loss, generator_loss_terms, mean_sigmoid, prefixed, transform_fake, transform_inputs,
+    CriticSite, DiscriminatorStep,
+};
 
 /// The distribution latent codes are drawn from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,19 +117,64 @@ impl Default for MlpGanConfig {
 impl MlpGanConfig {
     /// Builds the model for `data` (the typed form of [`ModelConfig::build`]).
     pub fn build_gan(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<MlpGan> {
-        if self.latent_dim == 0 {
+        MlpGan::from_stacks(
+            GanParts {
+                kind: "mlp_gan",
+                latent_dim: self.latent_dim,
+                latent: self.latent,
+                generator: &self.generator,
+                discriminator: &self.discriminator,
+                objective: self.objective.as_ref(),
+                discriminator_steps: self.discriminator_steps,
+            },
+            data,
+            ctx,
+        )
+    }
+}
+
+/// What [`MlpGan::from_stacks`] builds a GAN from: the fields of a config.
+pub struct GanParts<'a> {
+    /// The model's `type` tag, used in descriptions and errors (`mlp_gan`, `dcgan`).
+    pub kind: &'static str,
+    /// Size of the latent code.
+    pub latent_dim: usize,
+    /// Distribution of the latent code.
+    pub latent: Latent,
+    /// The generator, from `[latent_dim]` to one data sample.
+    pub generator: &'a SequentialConfig,
+    /// The discriminator, from one data sample to one raw score.
+    pub discriminator: &'a SequentialConfig,
+    /// The adversarial objective.
+    pub objective: &'a dyn AdversarialObjectiveConfig,
+    /// Discriminator updates per generator update.
+    pub discriminator_steps: usize,
+}
+
+impl MlpGan {
+    /// Builds a GAN of two stacks for `data`, checking that the generator produces one sample of
+    /// the data and the discriminator one score (errors name `model.generator` etc.).
+    pub fn from_stacks(parts: GanParts<'_>, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<MlpGan> {
+        let GanParts {
+            kind,
+            latent_dim,
+            latent,
+            generator,
+            discriminator,
+            objective,
+            discriminator_steps,
+        } = parts;
+        if latent_dim == 0 {
             return Err(Error::config("model.latent_dim", "must be at least 1"));
         }
-        if self.discriminator_steps == 0 {
+        if discriminator_steps == 0 {
             return Err(Error::config(
                 "model.discriminator_steps",
                 "must be at least 1 (discriminator updates per generator update)",
             ));
         }
         let data_shape = data.sample_shape;
-        let generator = self
-            .generator
-            .build(FeatureShape::Flat(self.latent_dim), ctx, "model.generator")?;
+        let generator = generator.build(FeatureShape::Flat(latent_dim), ctx, "model.generator")?;
         let produced = generator.output_shape().numel();
         if produced != data_shape.numel() {
             return Err(Error::config(
@@ -139,7 +187,7 @@ impl MlpGanConfig {
                 ),
             ));
         }
-        let discriminator = self.discriminator.build(data_shape, ctx, "model.discriminator")?;
+        let discriminator = discriminator.build(data_shape, ctx, "model.discriminator")?;
         let scores = discriminator.output_shape();
         if scores.numel() != 1 {
             return Err(Error::config(
@@ -150,14 +198,15 @@ impl MlpGanConfig {
                 ),
             ));
         }
-        let objective = self.objective.build()?;
+        let objective = objective.build()?;
         Ok(MlpGan {
+            kind,
             generator,
             discriminator,
             objective,
-            latent_dim: self.latent_dim,
-            latent: self.latent,
-            discriminator_steps: self.discriminator_steps,
+            latent_dim,
+            latent,
+            discriminator_steps,
             data_shape,
         })
     }
@@ -173,6 +222,7 @@ impl ModelConfig for MlpGanConfig {
 /// A GAN of two layer stacks. Parameter groups `discriminator` and `generator`; parameter names
 /// `discriminator.<index>.<param>` and `generator.<index>.<param>`.
 pub struct MlpGan {
+    kind: &'static str,
     generator: Sequential,
     discriminator: Sequential,
     objective: Box<dyn AdversarialObjective>,
@@ -180,29 +230,6 @@ pub struct MlpGan {
     latent: Latent,
     discriminator_steps: usize,
     data_shape: FeatureShape,
-}
-
-/// Prefixes parameter names with `prefix.`.
-fn prefixed<P>(params: Vec<(String, P)>, prefix: &str) -> Vec<(String, P)> {
-    params.into_iter().map(|(n, p)| (join_name(prefix, &n), p)).collect()
-}
-
-/// Mean of `sigmoid` over a matrix of logits.
-fn mean_sigmoid(logits: &[f32]) -> f64 {
-    if logits.is_empty() {
-        return 0.0;
-    }
-    logits.iter().map(|&l| 1.0 / (1.0 + (-(l as f64)).exp())).sum::<f64>() / logits.len() as f64
-}
-
-/// What one discriminator update measured.
-struct DiscriminatorStep {
-    loss: f64,
-    real_mean: f64,
-    fake_mean: f64,
-    grad_norm: f64,
-    extras: Vec<(String, f64)>,
-    real_scores: Matrix,
 }
 
 impl MlpGan {
@@ -252,7 +279,7 @@ impl MlpGan {
         let cols = x.shape().1;
         if cols != self.data_shape.numel() {
             return Err(Error::shape(
-                "mlp_gan input batch",
+                format!("{} input batch", self.kind),
                 format!("{} features per sample ({})", self.data_shape.numel(), self.data_shape),
                 cols,
             ));
@@ -263,19 +290,18 @@ impl MlpGan {
     /// One discriminator update on `batch` and fresh fakes (detached from the generator): inputs
     /// through the stabilizers' transforms, targets through theirs, the objective plus the
     /// stabilizers' extra terms, then only the discriminator's parameters are updated.
-    fn discriminator_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<DiscriminatorStep> {
+    pub(crate) fn discriminator_step(
+        &mut self,
+        batch: &Batch,
+        ctx: &mut TrainContext<'_>,
+    ) -> Result<DiscriminatorStep> {
         let n = batch.len();
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         // Fakes without the generator's history: this update must not reach the generator.
         let fake = self.generate(&z, Mode::Train, ctx.rng)?.detach();
         let real_in = self.data_input(&batch.inputs)?;
         let fake_in = Activation::input(&fake, self.data_shape)?;
-        let (real_in, fake_in) = {
-            let (stabilizers, mut hooks) = ctx.hooks();
-            let r = stabilizers.transform_input(InputRole::Real, real_in, &mut hooks)?;
-            let f = stabilizers.transform_input(InputRole::Fake, fake_in, &mut hooks)?;
-            (r, f)
-        };
+        let (real_in, fake_in) = transform_inputs(ctx, real_in, fake_in)?;
         let real_seen = real_in.detach();
         let fake_seen = fake_in.detach();
         let seen_shape = real_in.shape;
@@ -288,40 +314,27 @@ impl MlpGan {
         let real_scores = real_out.detach();
         let real_mean = mean_sigmoid(&real_scores.as_vec());
         let fake_mean = mean_sigmoid(&fake_out.detach().as_vec());
-        let (stabilizers, mut hooks) = ctx.hooks();
-        let mut targets = Targets {
-            real: hooks.device.ones_like(real_out.value.shape()),
-            fake: hooks.device.zeros_like(fake_out.value.shape()),
-        };
-        stabilizers.transform_targets(&mut targets, &mut hooks)?;
-        let mut loss = self
-            .objective
-            .discriminator_loss_with_targets(real_out.value, fake_out.value, &targets)?;
-        let objective_value = check_finite("loss/discriminator", loss.array())? as f64;
-        let terms = stabilizers.extra_losses(
-            &mut LossSite::Discriminator {
+        let d = discriminator_loss(
+            self.objective.as_ref(),
+            real_out.value,
+            fake_out.value,
+            CriticSite {
                 critic: &mut self.discriminator,
                 real: &real_seen,
                 fake: &fake_seen,
                 shape: seen_shape,
             },
-            &mut hooks,
+            ctx,
         )?;
-        let mut extras = Vec::with_capacity(terms.len());
-        for (name, term) in terms {
-            let key = format!("loss/discriminator/{name}");
-            extras.push((key.clone(), check_finite(&key, term.array())? as f64));
-            loss = loss + term;
-        }
-        let grads = loss.backward();
+        let grads = d.loss.backward();
         let mut params = prefixed(self.discriminator.named_params_mut(), "discriminator");
         let grad_norm = ctx.apply_gradients("discriminator", &mut params, grads)?;
         Ok(DiscriminatorStep {
-            loss: objective_value,
+            loss: d.objective,
             real_mean,
             fake_mean,
             grad_norm,
-            extras,
+            extras: d.extras,
             real_scores,
         })
     }
@@ -329,7 +342,7 @@ impl MlpGan {
     /// One generator update. `real_scores` are the discriminator's outputs on this step's real
     /// samples from the last discriminator update (before that update), handed to the objective
     /// for relativistic losses without another forward pass.
-    fn generator_step(
+    pub(crate) fn generator_step(
         &mut self,
         n: usize,
         real_scores: &Matrix,
@@ -338,10 +351,7 @@ impl MlpGan {
     ) -> Result<()> {
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         let fake = self.generate(&z, Mode::Train, ctx.rng)?;
-        let fake_in = {
-            let (stabilizers, mut hooks) = ctx.hooks();
-            stabilizers.transform_input(InputRole::Fake, fake, &mut hooks)?
-        };
+        let fake_in = transform_fake(ctx, fake)?;
         let fake_out = self.discriminator.forward(
             fake_in,
             &mut ForwardContext {
@@ -349,14 +359,9 @@ impl MlpGan {
                 rng: ctx.rng,
             },
         )?;
-        let mut loss = self.objective.generator_loss(fake_out.value, Some(real_scores))?;
+        let loss = self.objective.generator_loss(fake_out.value, Some(real_scores))?;
         report.loss("loss/generator", check_finite("loss/generator", loss.array())? as f64);
-        let (stabilizers, mut hooks) = ctx.hooks();
-        for (name, term) in stabilizers.extra_losses(&mut LossSite::Generator, &mut hooks)? {
-            let key = format!("loss/generator/{name}");
-            report.loss(key.clone(), check_finite(&key, term.array())? as f64);
-            loss = loss + term;
-        }
+        let loss = generator_loss_terms(loss, ctx, report)?;
         // The discriminator's parameters receive gradients too, but only the generator's are
         // handed to the optimizer.
         let grads = loss.backward();
@@ -380,24 +385,15 @@ impl Parameterized for MlpGan {
     }
 }
 
-/// The layers of a stack, one per line, indented.
-fn describe_stack(stack: &Sequential) -> String {
-    stack
-        .layers()
-        .iter()
-        .map(|l| format!("    {}", l.describe()))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 impl Model for MlpGan {
     fn family(&self) -> &str {
         "gan"
     }
     fn describe(&self) -> String {
         format!(
-            "mlp_gan: latent {} ({:?}), objective {}, {} discriminator step(s) per generator step, data {}\n  \
+            "{}: latent {} ({:?}), objective {}, {} discriminator step(s) per generator step, data {}\n  \
              generator {} -> {}:\n{}\n  discriminator {} -> {}:\n{}",
+            self.kind,
             self.latent_dim,
             self.latent,
             self.objective.name(),
@@ -418,33 +414,17 @@ impl Model for MlpGan {
     /// fakes, detached from the generator), then one generator update through the discriminator.
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         if batch.is_empty() {
-            return Err(Error::shape("mlp_gan batch", "at least one sample", 0));
+            return Err(Error::shape(format!("{} batch", self.kind), "at least one sample", 0));
         }
         let mut report = StepReport::default();
-        let (mut loss, mut real_mean, mut fake_mean, mut norm) = (0.0, 0.0, 0.0, 0.0);
-        let mut extras: BTreeMap<String, f64> = BTreeMap::new();
-        let mut real_scores = None;
-        for _ in 0..self.discriminator_steps {
-            let d = self.discriminator_step(batch, ctx)?;
-            loss += d.loss;
-            real_mean += d.real_mean;
-            fake_mean += d.fake_mean;
-            norm += d.grad_norm;
-            for (k, v) in d.extras {
-                *extras.entry(k).or_default() += v;
-            }
-            real_scores = Some(d.real_scores);
-        }
-        let k = self.discriminator_steps as f64;
-        report.loss("loss/discriminator", loss / k);
-        for (name, v) in extras {
-            report.loss(name, v / k);
-        }
-        report.diagnostic("d_real_mean", real_mean / k);
-        report.diagnostic("d_fake_mean", fake_mean / k);
-        report.diagnostic("grad_norm/discriminator", norm / k);
-        let real_scores =
-            real_scores.ok_or_else(|| Error::config("model.discriminator_steps", "must be at least 1"))?;
+        let steps = (0..self.discriminator_steps)
+            .map(|_| self.discriminator_step(batch, ctx))
+            .collect::<Result<Vec<_>>>()?;
+        DiscriminatorStep::report(&steps, &mut report);
+        let real_scores = steps
+            .last()
+            .map(|d| d.real_scores.clone())
+            .ok_or_else(|| Error::config("model.discriminator_steps", "must be at least 1"))?;
         self.generator_step(batch.len(), &real_scores, ctx, &mut report)?;
         Ok(report)
     }
@@ -452,7 +432,11 @@ impl Model for MlpGan {
     /// without stabilizers or updates.
     fn evaluate(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>> {
         if batch.is_empty() {
-            return Err(Error::shape("mlp_gan evaluation batch", "at least one sample", 0));
+            return Err(Error::shape(
+                format!("{} evaluation batch", self.kind),
+                "at least one sample",
+                0,
+            ));
         }
         let z = self.sample_latent(batch.len(), ctx.device, ctx.rng);
         let fake = self.generate(&z, Mode::Eval, ctx.rng)?.detach();
@@ -487,7 +471,7 @@ mod tests {
     use nash_core::optim::sgd::SgdConfig;
     use nash_core::optim::{Optimizer, OptimizerConfig};
     use nash_core::rand::SeedableRng;
-    use nash_core::stabilizer::{HookContext, Stabilizer, StabilizerStack};
+    use nash_core::stabilizer::{HookContext, InputRole, LossSite, Stabilizer, StabilizerStack, Targets};
     use nash_core::tensor::Scalar;
 
     fn info(n: usize) -> DataInfo {
