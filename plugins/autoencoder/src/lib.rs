@@ -1,7 +1,10 @@
 //! nash plugin: the autoencoder family.
 //!
-//! Brings the model `dense_autoencoder` ([`DenseAutoencoderConfig`]): an encoder and a decoder of
-//! runtime-shaped layers trained on reconstruction, one parameter group `model`.
+//! Models, one file each: `dense_autoencoder` ([`dense`]) and `conv_autoencoder` ([`conv`]), both
+//! with optional input corruption for denoising ([`noise`]) and an L1 activity penalty ([`sparse`]);
+//! `vae` and `conv_vae` ([`vae`], β-VAE via `beta`); `vq_vae` ([`vq`]); `adversarial_autoencoder`
+//! ([`adversarial`], groups `autoencoder` and `discriminator`). The others train one parameter group,
+//! `model`. Each can encode, decode and reconstruct; the generative ones also sample.
 
 use nash_core::registry::Registry;
 
