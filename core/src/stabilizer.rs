@@ -40,6 +40,23 @@ pub struct Targets {
     pub real: Matrix,
     /// Targets for fake samples.
     pub fake: Matrix,
+    /// Weight of the fake-sample half of the discriminator's loss: 1 unless an equilibrium
+    /// controller (BEGAN's k_t as a stabilizer) changes it. Applied by the model's discriminator
+    /// step through [`crate::loss::AdversarialObjective::discriminator_loss_halves`].
+    pub fake_weight: f32,
+}
+
+impl Targets {
+    /// Ones for real samples and zeros for fake ones, shaped like the discriminator's outputs
+    /// `real_shape` and `fake_shape` (`[batch, 1]`), with fake weight 1.
+    pub fn standard(device: &Device, real_shape: (usize, usize), fake_shape: (usize, usize)) -> Self {
+        use dfdx::tensor::{OnesTensor, ZerosTensor};
+        Targets {
+            real: device.ones_like(&real_shape),
+            fake: device.zeros_like(&fake_shape),
+            fake_weight: 1.0,
+        }
+    }
 }
 
 /// Where an extra loss term is being asked for, and what is available there.
@@ -82,6 +99,28 @@ pub trait Stabilizer {
     /// the groups it names exist). Errors say why.
     fn validate(&self, _model: &dyn Model) -> Result<()> {
         Ok(())
+    }
+    /// Prepares the stabilizer for `model` once, after the model is built and before the first
+    /// step (spectral normalization's first normalization, the EMA's shadow copy). After a
+    /// checkpoint is restored it runs again, following [`Stabilizer::load_state`].
+    fn setup(&mut self, _model: &mut dyn Model, _ctx: &mut HookContext<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// Parameter values, by full parameter name, that stand in for the trained ones while the
+    /// model is evaluated and sampled (an EMA of the generator's weights). Empty: the trained ones.
+    fn evaluation_params(&self) -> Vec<(String, Vec<f32>)> {
+        Vec::new()
+    }
+    /// The number of discriminator updates to run in this step, given the number the pipeline
+    /// configured (or the previous stabilizer decided): an adaptive step ratio. Called once per
+    /// step by adversarial models, before their discriminator updates.
+    fn discriminator_steps(&mut self, steps: usize, _ctx: &mut HookContext<'_>) -> usize {
+        steps
+    }
+    /// How many discriminator updates the generator's update looks ahead through (unrolled GAN);
+    /// 0 for none. Models that cannot unroll refuse a non-zero value at their first step.
+    fn unrolled_steps(&self) -> usize {
+        0
     }
     /// Why this stabilizer cannot be combined with `other` (given by name), if it cannot.
     fn conflicts_with(&self, _other: &dyn Stabilizer) -> Option<String> {
@@ -196,6 +235,30 @@ impl StabilizerStack {
     /// Runs [`Stabilizer::validate`] for each.
     pub fn validate(&self, model: &dyn Model) -> Result<()> {
         self.stabilizers.iter().try_for_each(|s| s.validate(model))
+    }
+    /// Runs [`Stabilizer::setup`] for each, in order.
+    pub fn setup(&mut self, model: &mut dyn Model, ctx: &mut HookContext<'_>) -> Result<()> {
+        self.stabilizers.iter_mut().try_for_each(|s| s.setup(model, ctx))
+    }
+    /// Every stabilizer's [`Stabilizer::evaluation_params`]; for a name given by several, the
+    /// last stabilizer's values.
+    pub fn evaluation_params(&self) -> Vec<(String, Vec<f32>)> {
+        let mut by_name = std::collections::BTreeMap::new();
+        for s in &self.stabilizers {
+            by_name.extend(s.evaluation_params());
+        }
+        by_name.into_iter().collect()
+    }
+    /// The discriminator updates for this step: `configured`, passed through each stabilizer's
+    /// [`Stabilizer::discriminator_steps`] in order.
+    pub fn discriminator_steps(&mut self, configured: usize, ctx: &mut HookContext<'_>) -> usize {
+        self.stabilizers
+            .iter_mut()
+            .fold(configured, |steps, s| s.discriminator_steps(steps, ctx))
+    }
+    /// The largest [`Stabilizer::unrolled_steps`] of the stack (0: no unrolling).
+    pub fn unrolled_steps(&self) -> usize {
+        self.stabilizers.iter().map(|s| s.unrolled_steps()).max().unwrap_or(0)
     }
     /// Runs [`Stabilizer::transform_input`] through each, in order.
     pub fn transform_input(

@@ -164,7 +164,7 @@ fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
         .context("cannot build the data source (`data`)")?;
     tracing::info!("data: {}", data.describe());
     let info = data.info();
-    let model = pipeline
+    let mut model = pipeline
         .model
         .build(&info, &mut BuildContext { device: &device, rng })
         .context("cannot build the model (`model`)")?;
@@ -216,10 +216,20 @@ fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
                 .with_context(|| format!("cannot build the stabilizer `stabilizers[{i}]`"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let stabilizers = StabilizerStack::new(stabilizers)?;
+    let mut stabilizers = StabilizerStack::new(stabilizers)?;
     stabilizers
         .validate(model.as_ref())
         .context("a stabilizer does not fit the model")?;
+    stabilizers
+        .setup(
+            model.as_mut(),
+            &mut HookContext {
+                step: 0,
+                device: &device,
+                rng,
+            },
+        )
+        .context("a stabilizer could not be set up for the model")?;
     if !stabilizers.is_empty() {
         let names: Vec<&str> = stabilizers.iter().map(|s| s.name()).collect();
         tracing::info!("stabilizers: {}", names.join(", "));
@@ -251,10 +261,54 @@ fn eval_seed(seed: u64) -> u64 {
     seed ^ 0x5EED_E7A1_0000_0001
 }
 
+/// Overwrites the parameters of `model` named in `values` and returns their previous values.
+fn swap_params(model: &mut dyn Model, values: Vec<(String, Vec<f32>)>) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+    let mut by_name: BTreeMap<String, &mut nash_core::tensor::Param> = model.named_params_mut().into_iter().collect();
+    let mut previous = Vec::with_capacity(values.len());
+    for (name, v) in values {
+        let param = by_name.get_mut(&name).ok_or_else(|| {
+            anyhow!("a stabilizer's evaluation parameters name `{name}`, which the model does not have")
+        })?;
+        previous.push((name.clone(), param.to_vec()));
+        param
+            .set(&v)
+            .with_context(|| format!("cannot use a stabilizer's evaluation values for `{name}`"))?;
+    }
+    Ok(previous)
+}
+
 impl Run {
+    /// Runs `f` with the stabilizers' evaluation parameters (an EMA of the generator's weights) in
+    /// place of the trained ones, and puts the trained ones back afterwards, also when `f` fails.
+    fn with_evaluation_params<T>(&mut self, f: impl FnOnce(&mut Self) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let stand_ins = self.stabilizers.evaluation_params();
+        if stand_ins.is_empty() {
+            return f(self);
+        }
+        let trained = swap_params(self.model.as_mut(), stand_ins)?;
+        let result = f(self);
+        swap_params(self.model.as_mut(), trained)?;
+        result
+    }
+
+    /// [`Run::evaluate_with_trained_params`] with the stabilizers' evaluation parameters.
+    fn evaluate(
+        &mut self,
+        batches: usize,
+        batch_size: usize,
+        seed: u64,
+    ) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
+        self.with_evaluation_params(|run| run.evaluate_with_trained_params(batches, batch_size, seed))
+    }
+
+    /// [`Run::write_samples_with_trained_params`] with the stabilizers' evaluation parameters.
+    fn write_samples(&mut self, dir: &Path, step: u64, count: usize, seed: u64) -> anyhow::Result<()> {
+        self.with_evaluation_params(|run| run.write_samples_with_trained_params(dir, step, count, seed))
+    }
+
     /// Held-out losses averaged (weighted by batch size) over the first `batches` test batches,
     /// then every metric.
-    fn evaluate(
+    fn evaluate_with_trained_params(
         &mut self,
         batches: usize,
         batch_size: usize,
@@ -308,7 +362,7 @@ impl Run {
     /// plot); for models that reconstruct, the first `count` test samples beside their
     /// reconstructions. Sampling and reconstruction draw from their own seeded generators: the same
     /// latent codes every time, and the training stream is never disturbed.
-    fn write_samples(&mut self, dir: &Path, step: u64, count: usize, seed: u64) -> anyhow::Result<()> {
+    fn write_samples_with_trained_params(&mut self, dir: &Path, step: u64, count: usize, seed: u64) -> anyhow::Result<()> {
         if count == 0 {
             return Ok(());
         }

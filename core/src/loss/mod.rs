@@ -42,6 +42,22 @@ pub trait AdversarialObjective {
         let _ = targets;
         self.discriminator_loss(real, fake)
     }
+    /// The discriminator's loss against `targets` split into its real-sample and fake-sample
+    /// halves, whose sum is [`AdversarialObjective::discriminator_loss_with_targets`] (the fake
+    /// weight of `targets` not applied). Equilibrium control weights the halves; objectives whose
+    /// loss does not split (relativistic ones) return [`crate::Error::Unsupported`], the default.
+    fn discriminator_loss_halves(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        targets: &crate::stabilizer::Targets,
+    ) -> Result<(Scalar, Scalar)> {
+        let _ = (real, fake, targets);
+        Err(crate::Error::unsupported(
+            "equilibrium control of this objective",
+            "its discriminator loss does not split into real-sample and fake-sample halves",
+        ))
+    }
 }
 
 /// Serializable description of an [`AdversarialObjective`]; `type = "non_saturating"`.

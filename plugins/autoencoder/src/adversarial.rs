@@ -462,6 +462,7 @@ impl AdversarialAutoencoder {
         let mut targets = Targets {
             real: hooks.device.ones_like(real_out.value.shape()),
             fake: hooks.device.zeros_like(fake_out.value.shape()),
+            fake_weight: 1.0,
         };
         stabilizers.transform_targets(&mut targets, &mut hooks)?;
         let mut loss = BceWithLogits.compute(real_out.value, &targets.real)?

@@ -223,6 +223,7 @@ impl Bigan {
         let mut targets = Targets {
             real: hooks.device.ones_like(real_out.shape()),
             fake: hooks.device.zeros_like(fake_out.shape()),
+            fake_weight: 1.0,
         };
         stabilizers.transform_targets(&mut targets, &mut hooks)?;
         let mut loss = self

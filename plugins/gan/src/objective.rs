@@ -540,6 +540,7 @@ mod tests {
         let targets = Targets {
             real: column(&dev, &[0.9; 4]),
             fake: column(&dev, &[0.1; 4]),
+            fake_weight: 1.0,
         };
         let (d, gr, gf) = d_loss_and_grads(&NonSaturating, &LOGITS_REAL, &LOGITS_FAKE, Some(&targets));
         let want = mean(LOGITS_REAL.iter().map(|&l| bce(l as f64, 0.9)))
@@ -555,6 +556,7 @@ mod tests {
         let bad = Targets {
             real: column(&dev, &[1.0; 3]),
             fake: column(&dev, &[0.0; 4]),
+            fake_weight: 1.0,
         };
         let r = column(&dev, &LOGITS_REAL);
         let f = column(&dev, &LOGITS_FAKE);
@@ -644,6 +646,7 @@ mod tests {
         let targets = Targets {
             real: column(&dev, &[0.9; 4]),
             fake: column(&dev, &[0.0; 4]),
+            fake_weight: 1.0,
         };
         let (d, _, _) = d_loss_and_grads(&obj, &LOGITS_REAL, &LOGITS_FAKE, Some(&targets));
         let want_d = 0.5 * mean(f64s(&LOGITS_REAL).into_iter().map(|x| (x - 0.8).powi(2)))

@@ -106,6 +106,7 @@ pub fn discriminator_loss(
     let mut targets = Targets {
         real: hooks.device.ones_like(real_out.shape()),
         fake: hooks.device.zeros_like(fake_out.shape()),
+        fake_weight: 1.0,
     };
     stabilizers.transform_targets(&mut targets, &mut hooks)?;
     let mut loss = objective.discriminator_loss_with_targets(real_out, fake_out, &targets)?;

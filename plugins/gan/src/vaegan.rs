@@ -310,6 +310,7 @@ impl VaeGan {
         let mut targets = Targets {
             real: hooks.device.ones_like(real_out.shape()),
             fake: hooks.device.zeros_like(prior_out.shape()),
+            fake_weight: 1.0,
         };
         stabilizers.transform_targets(&mut targets, &mut hooks)?;
         let real_again = real_out.with_empty_tape();

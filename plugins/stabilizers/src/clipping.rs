@@ -8,28 +8,7 @@ use nash_core::stabilizer::{HookContext, Stabilizer, StabilizerConfig};
 use nash_core::tensor::{grad_to_vec, set_grad, Grads, Param, ParamRole};
 use serde::{Deserialize, Serialize};
 
-use crate::scope::{conflict, scoped_name};
-
-/// Errors unless `model` has the parameter group `group`, listing the groups it has.
-fn check_group(model: &dyn Model, group: &str, path: &str) -> Result<()> {
-    let groups = model.param_groups();
-    if groups.iter().any(|g| g == group) {
-        Ok(())
-    } else {
-        Err(Error::config(
-            path,
-            format!(
-                "the `{}` model has no parameter group `{group}`; its groups are: {}",
-                model.family(),
-                if groups.is_empty() {
-                    "(none)".to_string()
-                } else {
-                    groups.join(", ")
-                }
-            ),
-        ))
-    }
-}
+use crate::scope::{check_group, conflict, scoped_name};
 
 /// WGAN weight clipping (Arjovsky et al. 2017): after every optimizer update of `group`, clamp each
 /// trainable parameter of that group whose role is in `roles` to [-clip, clip]. The reference code
@@ -306,62 +285,7 @@ mod tests {
     use nash_core::stabilizer::StabilizerStack;
     use nash_core::tensor::{Device, Parameterized, Rng};
 
-    /// A model with a `discriminator` group (a weight, a bias, a normalization scale and a buffer)
-    /// and a `generator` group (one weight).
-    struct TwoGroups {
-        params: Vec<(String, Param)>,
-    }
-
-    impl TwoGroups {
-        fn new(device: &Device) -> Self {
-            let p = |v: Vec<f32>, role| Param::from_vec(device, v.clone(), vec![v.len()], role).unwrap();
-            TwoGroups {
-                params: vec![
-                    (
-                        "discriminator.0.weight".into(),
-                        p(vec![-0.5, 0.005, 0.02, -0.01, 0.01], ParamRole::Weight),
-                    ),
-                    ("discriminator.0.bias".into(), p(vec![0.3, -0.002], ParamRole::Bias)),
-                    ("discriminator.1.scale".into(), p(vec![1.0, -0.7], ParamRole::Scale)),
-                    (
-                        "discriminator.1.running_var".into(),
-                        p(vec![2.0, 3.0], ParamRole::Buffer),
-                    ),
-                    ("generator.0.weight".into(), p(vec![0.9, -0.9], ParamRole::Weight)),
-                ],
-            }
-        }
-        fn values(&self, name: &str) -> Vec<f32> {
-            self.params.iter().find(|(n, _)| n == name).unwrap().1.to_vec()
-        }
-    }
-
-    impl Parameterized for TwoGroups {
-        fn named_params(&self) -> Vec<(String, &Param)> {
-            self.params.iter().map(|(n, p)| (n.clone(), p)).collect()
-        }
-        fn named_params_mut(&mut self) -> Vec<(String, &mut Param)> {
-            self.params.iter_mut().map(|(n, p)| (n.clone(), p)).collect()
-        }
-    }
-
-    impl Model for TwoGroups {
-        fn family(&self) -> &str {
-            "two_groups"
-        }
-        fn describe(&self) -> String {
-            "test model".into()
-        }
-        fn param_groups(&self) -> Vec<String> {
-            vec!["discriminator".into(), "generator".into()]
-        }
-        fn train_step(&mut self, _: &Batch, _: &mut TrainContext<'_>) -> Result<StepReport> {
-            Err(Error::unsupported("training", "test model"))
-        }
-        fn evaluate(&mut self, _: &Batch, _: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>> {
-            Ok(BTreeMap::new())
-        }
-    }
+    use crate::testutil::TwoGroups;
 
     fn after_update(s: &mut dyn Stabilizer, model: &mut TwoGroups, group: &str, device: &Device) {
         let mut rng = Rng::seed_from_u64(0);

@@ -4,15 +4,42 @@
 //!
 //! - [`clipping`]: parameter and gradient bounds — `weight_clipping` (WGAN, after each update) and
 //!   `gradient_norm_clipping` (global L2 norm, before each update).
-//! - [`scope`]: what every stabilizer here shares — the `kind@group` naming convention and the table
-//!   of techniques that cannot act on the same parameter group, with the reason.
+//! - [`penalty`]: exact gradient penalties on the critic's input gradient — WGAN-GP, R1, R2, DRAGAN.
+//! - [`regularization`]: L2 regularization and decoupled weight decay.
+//! - [`labels`]: target transforms — one-sided label smoothing, label flipping and noise.
+//! - [`noise`]: instance noise with an annealed σ.
+//! - [`averaging`]: EMA of the generator's weights (used for evaluation and sampling) and
+//!   historical averaging.
+//! - [`spectral`]: spectral normalization of chosen layers' weights (power iteration).
+//! - [`batch_layers`]: layers that look across the batch — PacGAN packing, minibatch
+//!   discrimination, the minibatch standard-deviation feature.
+//! - [`augment`]: differentiable augmentation (DiffAugment) and the adaptive augmentation
+//!   controller (ADA).
+//! - [`consistency`]: consistency regularization (bCR).
+//! - [`lecam`]: LeCam regularization.
+//! - [`schedule`]: the update schedule — unrolled discriminator steps, an adaptive
+//!   discriminator/generator step ratio, BEGAN-style equilibrium control.
+//! - [`scope`]: what every stabilizer here shares — the `kind@group` naming convention, group
+//!   checks, and the table of techniques that cannot act on the same parameter group, with the reason.
 //!
-//! New techniques go in the module of their family (penalties, normalizations, averaging, input
-//! and label transforms), register below, and add their incompatibilities to
-//! [`scope::CONFLICTS`].
+//! New techniques go in the module of their family, register in that module's `register`, and add
+//! their incompatibilities to [`scope::CONFLICTS`].
 
+pub mod augment;
+pub mod averaging;
+pub mod batch_layers;
 pub mod clipping;
+pub mod consistency;
+pub mod labels;
+pub mod lecam;
+pub mod noise;
+pub mod penalty;
+pub mod regularization;
+pub mod schedule;
 pub mod scope;
+pub mod spectral;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use nash_core::registry::Registry;
 
@@ -28,5 +55,16 @@ pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
     registry.stabilizer::<GradientNormClippingConfig>(
         "rescale a group's gradients so their global L2 norm is at most max_norm (clip_grad_norm_)",
     )?;
+    penalty::register(registry)?;
+    regularization::register(registry)?;
+    labels::register(registry)?;
+    noise::register(registry)?;
+    averaging::register(registry)?;
+    spectral::register(registry)?;
+    batch_layers::register(registry)?;
+    augment::register(registry)?;
+    consistency::register(registry)?;
+    lecam::register(registry)?;
+    schedule::register(registry)?;
     Ok(())
 }

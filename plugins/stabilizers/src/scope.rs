@@ -7,6 +7,8 @@
 //! `@` from another plugin (say `spectral_norm`) is taken to act on every group, so conflicts with
 //! it are reported rather than missed.
 
+use nash_core::error::{Error, Result};
+use nash_core::model::Model;
 use nash_core::stabilizer::Stabilizer;
 
 /// Pairs of stabilizer kinds that cannot act on the same parameter group, with the reason.
@@ -90,3 +92,25 @@ mod tests {
         assert!(conflict("spectral_norm", None, &Named("weight_clipping@discriminator")).is_some());
     }
 }
+
+/// Errors unless `model` has the parameter group `group`, listing the groups it has.
+pub fn check_group(model: &dyn Model, group: &str, path: &str) -> Result<()> {
+    let groups = model.param_groups();
+    if groups.iter().any(|g| g == group) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            path,
+            format!(
+                "the `{}` model has no parameter group `{group}`; its groups are: {}",
+                model.family(),
+                if groups.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    groups.join(", ")
+                }
+            ),
+        ))
+    }
+}
+
