@@ -27,6 +27,7 @@ use nash_core::tensor::{
 use serde::{Deserialize, Serialize};
 
 use crate::mlp_gan::{mlp, Latent};
+use crate::step::{refuse_unrolling, schedule_discriminator_steps};
 
 /// Prefixes parameter names with `prefix.`.
 pub(crate) fn prefixed<P>(params: Vec<(String, P)>, prefix: &str) -> Vec<(String, P)> {
@@ -522,18 +523,25 @@ impl Model for Began {
     }
     /// One discriminator update, the k_t update from its reconstruction errors, then one
     /// generator update. Reports `began/k` (after the update) and `began/convergence`.
+    /// Runs the discriminator's single update only when the stabilizers' schedule (from 1, capped at 1,
+    /// reported as `discriminator_steps`) keeps it: an adaptive step ratio may skip it (0); it
+    /// cannot add updates. Unrolling is refused. A skipped update leaves k_t as it is (its
+    /// reconstruction errors are not measured).
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("began", batch)?;
+        refuse_unrolling("began", ctx)?;
         let mut report = StepReport::default();
-        let d = self.discriminator_step(batch, ctx)?;
-        let (k, convergence) = began_update(self.k, self.gamma, self.lambda_k, d.real, d.fake);
-        self.k = k;
-        report.loss("loss/discriminator", d.loss);
-        report.diagnostic("began/real_reconstruction", d.real);
-        report.diagnostic("began/fake_reconstruction", d.fake);
+        if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
+            let d = self.discriminator_step(batch, ctx)?;
+            let (k, convergence) = began_update(self.k, self.gamma, self.lambda_k, d.real, d.fake);
+            self.k = k;
+            report.loss("loss/discriminator", d.loss);
+            report.diagnostic("began/real_reconstruction", d.real);
+            report.diagnostic("began/fake_reconstruction", d.fake);
+            report.diagnostic("began/convergence", convergence);
+            report.diagnostic("grad_norm/discriminator", d.grad_norm);
+        }
         report.diagnostic("began/k", self.k);
-        report.diagnostic("began/convergence", convergence);
-        report.diagnostic("grad_norm/discriminator", d.grad_norm);
         self.generator_step(batch.len(), ctx, &mut report)?;
         Ok(report)
     }

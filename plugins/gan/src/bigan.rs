@@ -27,6 +27,7 @@ use crate::began::{
 };
 use crate::mlp_gan::{mlp, Latent};
 use crate::objective::NonSaturatingConfig;
+use crate::step::{refuse_unrolling, schedule_discriminator_steps};
 
 /// Config of [`Bigan`], `type = "bigan"` in pipeline files. Stacks left out are MLPs sized from
 /// the data: generator latent-h-h-data (LeakyReLU(0.2), output activation from the data's range),
@@ -325,10 +326,16 @@ impl Model for Bigan {
         vec!["discriminator".into(), "generator".into()]
     }
     /// One discriminator update, then one update of the generator and encoder.
+    /// Runs the discriminator's single update only when the stabilizers' schedule (from 1, capped at 1,
+    /// reported as `discriminator_steps`) keeps it: an adaptive step ratio may skip it (0); it
+    /// cannot add updates. Unrolling is refused.
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("bigan", batch)?;
+        refuse_unrolling("bigan", ctx)?;
         let mut report = StepReport::default();
-        self.discriminator_step(batch, ctx, &mut report)?;
+        if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
+            self.discriminator_step(batch, ctx, &mut report)?;
+        }
         self.generator_step(batch, ctx, &mut report)?;
         Ok(report)
     }

@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use crate::mlp_gan::{Latent, MlpGanConfig};
 use crate::objective::NonSaturatingConfig;
 use crate::step::{
-    describe_stack, discriminator_loss, generator_loss_terms, mean_sigmoid, prefixed, transform_fake, transform_inputs,
-    CriticSite, DiscriminatorStep,
+    describe_stack, discriminator_loss, generator_loss_terms, mean_sigmoid, prefixed, refuse_unrolling,
+    schedule_discriminator_steps, transform_fake, transform_inputs, CriticSite, DiscriminatorStep,
 };
 
 /// How a class label is fed to a network.
@@ -728,9 +728,30 @@ impl ConditionalGan {
                 grad_norm,
                 extras,
                 real_scores,
+                real_sign: d.real_sign,
+                halves: d.halves,
             },
             aux,
         ))
+    }
+
+    /// The discriminator's adversarial outputs on the batch's real samples (with their labels) in
+    /// eval mode, without tape: the real scores for the generator's loss when the schedule skipped
+    /// every discriminator update of the step.
+    fn real_scores(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<Matrix> {
+        let y_real = self.batch_labels(batch)?.to_vec();
+        let real_in = self.data_input(&batch.inputs)?;
+        let device = ctx.device.clone();
+        let heads = self.discriminate(
+            real_in,
+            &y_real,
+            &device,
+            &mut ForwardContext {
+                mode: Mode::Eval,
+                rng: ctx.rng,
+            },
+        )?;
+        Ok(heads.adversarial.retaped::<NoneTape>())
     }
 
     /// One generator update for `n` uniformly drawn labels; only the generator's parameters
@@ -862,10 +883,12 @@ impl Model for ConditionalGan {
         if batch.is_empty() {
             return Err(Error::shape(format!("{} batch", self.kind), "at least one sample", 0));
         }
+        refuse_unrolling(self.kind, ctx)?;
         let mut report = StepReport::default();
-        let mut steps = Vec::with_capacity(self.discriminator_steps);
+        let count = schedule_discriminator_steps(self.discriminator_steps, usize::MAX, ctx, &mut report);
+        let mut steps = Vec::with_capacity(count);
         let (mut acc_real, mut acc_fake, mut counted) = (0.0, 0.0, 0usize);
-        for _ in 0..self.discriminator_steps {
+        for _ in 0..count {
             let (d, aux) = self.discriminator_step(batch, ctx)?;
             if let Some(a) = aux {
                 acc_real += a.accuracy_real;
@@ -879,10 +902,10 @@ impl Model for ConditionalGan {
             report.diagnostic("classifier_accuracy_real", acc_real / counted as f64);
             report.diagnostic("classifier_accuracy_fake", acc_fake / counted as f64);
         }
-        let real_scores = steps
-            .last()
-            .map(|d| d.real_scores.clone())
-            .ok_or_else(|| Error::config("model.discriminator_steps", "must be at least 1"))?;
+        let real_scores = match steps.last() {
+            Some(d) => d.real_scores.clone(),
+            None => self.real_scores(batch, ctx)?,
+        };
         self.generator_step(batch.len(), &real_scores, ctx, &mut report)?;
         Ok(report)
     }

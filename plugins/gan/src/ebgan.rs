@@ -25,6 +25,7 @@ use crate::began::{
     stack_or, AutoencoderCritic, CriticPass,
 };
 use crate::mlp_gan::{mlp, Latent};
+use crate::step::{refuse_unrolling, schedule_discriminator_steps};
 
 /// The pulling-away term of a batch of codes `[N, c]` (N >= 2), on the tape:
 /// `PT = 1/(N(N-1)) Σ_{i≠j} cos²(s_i, s_j)`. Computed as `(Σ_{ij} G_ij² - Σ_i G_ii²) / (N(N-1))`
@@ -294,10 +295,16 @@ impl Model for Ebgan {
         vec!["discriminator".into(), "generator".into()]
     }
     /// One discriminator update, then one generator update on fresh latent codes.
+    /// Runs the discriminator's single update only when the stabilizers' schedule (from 1, capped at 1,
+    /// reported as `discriminator_steps`) keeps it: an adaptive step ratio may skip it (0); it
+    /// cannot add updates. Unrolling is refused.
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("ebgan", batch)?;
+        refuse_unrolling("ebgan", ctx)?;
         let mut report = StepReport::default();
-        self.discriminator_step(batch, ctx, &mut report)?;
+        if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
+            self.discriminator_step(batch, ctx, &mut report)?;
+        }
         self.generator_step(batch.len(), ctx, &mut report)?;
         Ok(report)
     }

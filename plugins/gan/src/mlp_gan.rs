@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::objective::NonSaturatingConfig;
 use crate::step::{
-    describe_stack, discriminator_loss, generator_loss_terms, mean_sigmoid, prefixed, transform_fake, transform_inputs,
-    CriticSite, DiscriminatorStep,
+    describe_stack, discriminator_loss, generator_loss_terms, mean_sigmoid, prefixed, schedule_discriminator_steps,
+    transform_fake, transform_inputs, with_unrolled_discriminator, CriticSite, DiscriminatorStep, UnrollDiscriminator,
 };
 
 /// The distribution latent codes are drawn from.
@@ -336,6 +336,8 @@ impl MlpGan {
             grad_norm,
             extras: d.extras,
             real_scores,
+            real_sign: d.real_sign,
+            halves: d.halves,
         })
     }
 
@@ -369,6 +371,15 @@ impl MlpGan {
         let norm = ctx.apply_gradients("generator", &mut params, grads)?;
         report.diagnostic("grad_norm/generator", norm);
         Ok(())
+    }
+}
+
+impl UnrollDiscriminator for MlpGan {
+    fn unrolled_update(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<DiscriminatorStep> {
+        self.discriminator_step(batch, ctx)
+    }
+    fn discriminator_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        prefixed(self.discriminator.named_params_mut(), "discriminator")
     }
 }
 
@@ -410,22 +421,30 @@ impl Model for MlpGan {
     fn param_groups(&self) -> Vec<String> {
         vec!["discriminator".into(), "generator".into()]
     }
-    /// `discriminator_steps` discriminator updates (each on the batch's real samples and fresh
-    /// fakes, detached from the generator), then one generator update through the discriminator.
+    /// Discriminator updates (each on the batch's real samples and fresh fakes, detached from the
+    /// generator), as many as the stabilizers schedule from `discriminator_steps` (reported as
+    /// `discriminator_steps`; an adaptive ratio may skip them all), then one generator update
+    /// through the discriminator, unrolled `k` updates ahead when a stabilizer asks for it
+    /// ([`with_unrolled_discriminator`]). When no discriminator update ran, the real scores a
+    /// relativistic generator loss needs come from the discriminator in eval mode.
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         if batch.is_empty() {
             return Err(Error::shape(format!("{} batch", self.kind), "at least one sample", 0));
         }
         let mut report = StepReport::default();
-        let steps = (0..self.discriminator_steps)
+        let count = schedule_discriminator_steps(self.discriminator_steps, usize::MAX, ctx, &mut report);
+        let steps = (0..count)
             .map(|_| self.discriminator_step(batch, ctx))
             .collect::<Result<Vec<_>>>()?;
         DiscriminatorStep::report(&steps, &mut report);
-        let real_scores = steps
-            .last()
-            .map(|d| d.real_scores.clone())
-            .ok_or_else(|| Error::config("model.discriminator_steps", "must be at least 1"))?;
-        self.generator_step(batch.len(), &real_scores, ctx, &mut report)?;
+        let real_scores = match steps.last() {
+            Some(d) => d.real_scores.clone(),
+            None => self.score(&batch.inputs, ctx.rng)?,
+        };
+        let unrolled = ctx.stabilizers.unrolled_steps();
+        with_unrolled_discriminator(self, batch, unrolled, ctx, &mut report, |m, ctx, report| {
+            m.generator_step(batch.len(), &real_scores, ctx, report)
+        })?;
         Ok(report)
     }
     /// Discriminator and generator losses on a held-out batch with fresh fakes, in eval mode,

@@ -53,6 +53,16 @@ fn bce_mean(logits: Matrix<Tape>, targets: Matrix) -> Scalar {
 /// `BCE(real, t_real) + BCE(fake, t_fake)`, each a batch mean (PyTorch's DCGAN example:
 /// `errD = criterion(D(x), 1) + criterion(D(G(z)), 0)`).
 fn bce_discriminator_loss(real: Matrix<Tape>, fake: Matrix<Tape>, targets: Option<&Targets>) -> Result<Scalar> {
+    let (r, f) = bce_discriminator_halves(real, fake, targets)?;
+    Ok(r + f)
+}
+
+/// The two halves of [`bce_discriminator_loss`]: `(BCE(real, t_real), BCE(fake, t_fake))`.
+fn bce_discriminator_halves(
+    real: Matrix<Tape>,
+    fake: Matrix<Tape>,
+    targets: Option<&Targets>,
+) -> Result<(Scalar, Scalar)> {
     check_logits("real", &real)?;
     check_logits("fake", &fake)?;
     let (t_real, t_fake) = match targets {
@@ -63,7 +73,7 @@ fn bce_discriminator_loss(real: Matrix<Tape>, fake: Matrix<Tape>, targets: Optio
         }
         None => (filled(&real, 1.0), filled(&fake, 0.0)),
     };
-    Ok(bce_mean(real, t_real) + bce_mean(fake, t_fake))
+    Ok((bce_mean(real, t_real), bce_mean(fake, t_fake)))
 }
 
 /// The non-saturating GAN objective (Goodfellow et al. 2014, the variant used in practice).
@@ -87,6 +97,15 @@ impl AdversarialObjective for NonSaturating {
         targets: &Targets,
     ) -> Result<Scalar> {
         bce_discriminator_loss(real, fake, Some(targets))
+    }
+    /// `(BCE(D(x), t_real), BCE(D(G(z)), t_fake))`.
+    fn discriminator_loss_halves(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        targets: &Targets,
+    ) -> Result<(Scalar, Scalar)> {
+        bce_discriminator_halves(real, fake, Some(targets))
     }
     fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
         check_logits("fake", &fake)?;
@@ -130,6 +149,15 @@ impl AdversarialObjective for Minimax {
     ) -> Result<Scalar> {
         bce_discriminator_loss(real, fake, Some(targets))
     }
+    /// `(BCE(D(x), t_real), BCE(D(G(z)), t_fake))`.
+    fn discriminator_loss_halves(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        targets: &Targets,
+    ) -> Result<(Scalar, Scalar)> {
+        bce_discriminator_halves(real, fake, Some(targets))
+    }
     fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
         check_logits("fake", &fake)?;
         let zeros = filled(&fake, 0.0);
@@ -164,6 +192,17 @@ impl AdversarialObjective for Wasserstein {
         check_logits("real", &real)?;
         check_logits("fake", &fake)?;
         Ok(fake.mean() - real.mean())
+    }
+    /// `(−mean(D(x)), mean(D(G(z))))`; the targets are ignored, as in the loss.
+    fn discriminator_loss_halves(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        _targets: &Targets,
+    ) -> Result<(Scalar, Scalar)> {
+        check_logits("real", &real)?;
+        check_logits("fake", &fake)?;
+        Ok((real.mean().negate(), fake.mean()))
     }
     fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
         check_logits("fake", &fake)?;
@@ -239,6 +278,12 @@ impl LeastSquares {
         let f = (fake - t_fake).square().mean();
         (r + f) * 0.5
     }
+    /// `(0.5·mean((D(x) − t_real)²), 0.5·mean((D(G(z)) − t_fake)²))`.
+    fn halves(real: Matrix<Tape>, fake: Matrix<Tape>, t_real: Matrix, t_fake: Matrix) -> (Scalar, Scalar) {
+        let r = (real - t_real).square().mean() * 0.5;
+        let f = (fake - t_fake).square().mean() * 0.5;
+        (r, f)
+    }
     /// Regression targets `a + (b − a)·t` for label targets `t`.
     fn map(&self, t: &Matrix) -> Matrix {
         t.clone() * (self.b - self.a) + self.a
@@ -267,6 +312,20 @@ impl AdversarialObjective for LeastSquares {
         check_targets("fake", &fake, &targets.fake)?;
         let (t_real, t_fake) = (self.map(&targets.real), self.map(&targets.fake));
         Ok(self.loss(real, fake, t_real, t_fake))
+    }
+    /// `(0.5·mean((D(x) − b')²), 0.5·mean((D(G(z)) − a')²))` with the mapped targets.
+    fn discriminator_loss_halves(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        targets: &Targets,
+    ) -> Result<(Scalar, Scalar)> {
+        check_logits("real", &real)?;
+        check_logits("fake", &fake)?;
+        check_targets("real", &real, &targets.real)?;
+        check_targets("fake", &fake, &targets.fake)?;
+        let (t_real, t_fake) = (self.map(&targets.real), self.map(&targets.fake));
+        Ok(Self::halves(real, fake, t_real, t_fake))
     }
     fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
         check_logits("fake", &fake)?;
@@ -338,6 +397,17 @@ impl AdversarialObjective for Hinge {
         let r = (real.negate() + 1.0).relu().mean();
         let f = (fake + 1.0).relu().mean();
         Ok(r + f)
+    }
+    /// `(mean(relu(1 − D(x))), mean(relu(1 + D(G(z)))))`; the targets are ignored, as in the loss.
+    fn discriminator_loss_halves(
+        &self,
+        real: Matrix<Tape>,
+        fake: Matrix<Tape>,
+        _targets: &Targets,
+    ) -> Result<(Scalar, Scalar)> {
+        check_logits("real", &real)?;
+        check_logits("fake", &fake)?;
+        Ok(((real.negate() + 1.0).relu().mean(), (fake + 1.0).relu().mean()))
     }
     fn generator_loss(&self, fake: Matrix<Tape>, _real: Option<&Matrix>) -> Result<Scalar> {
         check_logits("fake", &fake)?;
@@ -715,5 +785,65 @@ mod tests {
             let fd_g = finite_diff(&fake, |x| g_loss_with_real(obj, x, &real).0);
             assert_close(&format!("{} g/d fake", obj.name()), &gg, &fd_g, 1e-2);
         }
+    }
+
+    /// Each objective's halves against the hand formula (smoothed targets where the objective
+    /// uses them), and their sum against `discriminator_loss_with_targets`.
+    #[test]
+    fn loss_halves_match_the_hand_formula_and_sum_to_the_loss() {
+        let dev = Device::default();
+        let (r, f) = (column(&dev, &LOGITS_REAL), column(&dev, &LOGITS_FAKE));
+        let targets = Targets {
+            real: column(&dev, &[0.9; 4]),
+            fake: column(&dev, &[0.1, 0.0, 0.2, 0.0]),
+            fake_weight: 1.0,
+        };
+        let tr: Vec<f64> = f64s(&targets.real.as_vec());
+        let tf: Vec<f64> = f64s(&targets.fake.as_vec());
+        let (lr, lf) = (f64s(&LOGITS_REAL), f64s(&LOGITS_FAKE));
+        let ls = LeastSquares {
+            a: -1.0,
+            b: 1.0,
+            c: 0.0,
+        };
+        // Hand formulas: (real half, fake half).
+        let bce_halves = (
+            mean(lr.iter().zip(&tr).map(|(&l, &t)| bce(l, t))),
+            mean(lf.iter().zip(&tf).map(|(&l, &t)| bce(l, t))),
+        );
+        // LSGAN targets a + (b − a)·t with a = −1, b = 1.
+        let ls_halves = (
+            0.5 * mean(lr.iter().zip(&tr).map(|(&l, &t)| (l - (-1.0 + 2.0 * t)).powi(2))),
+            0.5 * mean(lf.iter().zip(&tf).map(|(&l, &t)| (l - (-1.0 + 2.0 * t)).powi(2))),
+        );
+        let hinge_halves = (
+            mean(lr.iter().map(|&l| (1.0 - l).max(0.0))),
+            mean(lf.iter().map(|&l| (1.0 + l).max(0.0))),
+        );
+        let w_halves = (-mean(lr.iter().copied()), mean(lf.iter().copied()));
+        let cases: [(&dyn AdversarialObjective, (f64, f64)); 5] = [
+            (&NonSaturating, bce_halves),
+            (&Minimax, bce_halves),
+            (&ls, ls_halves),
+            (&Hinge, hinge_halves),
+            (&Wasserstein, w_halves),
+        ];
+        for (obj, (want_r, want_f)) in cases {
+            let (hr, hf) = obj
+                .discriminator_loss_halves(r.leaky_trace(), f.leaky_trace(), &targets)
+                .unwrap();
+            let (hr, hf) = (hr.array() as f64, hf.array() as f64);
+            let whole = obj
+                .discriminator_loss_with_targets(r.leaky_trace(), f.leaky_trace(), &targets)
+                .unwrap()
+                .array() as f64;
+            assert!((hr - want_r).abs() < 1e-5, "{}: real half {hr} vs {want_r}", obj.name());
+            assert!((hf - want_f).abs() < 1e-5, "{}: fake half {hf} vs {want_f}", obj.name());
+            assert!((hr + hf - whole).abs() < 1e-5, "{}: {hr} + {hf} != {whole}", obj.name());
+        }
+        let err = RelativisticAverage
+            .discriminator_loss_halves(r.leaky_trace(), f.leaky_trace(), &targets)
+            .unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
     }
 }

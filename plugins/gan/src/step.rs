@@ -15,16 +15,144 @@
 //! [`generator_loss_terms`], and applies the gradients to the `generator` group only.
 //! [`DiscriminatorStep::report`] averages several discriminator updates (n_critic) into a report.
 //!
+//! The update schedule is shared too: [`schedule_discriminator_steps`] asks the stabilizers how
+//! many discriminator updates to run this step (an adaptive step ratio may return 0 or more than
+//! configured) and reports the count as `discriminator_steps`; [`with_unrolled_discriminator`]
+//! runs the generator's update against a discriminator unrolled `k` updates ahead (unrolled GAN)
+//! and rewinds it afterwards; [`refuse_unrolling`] is what models that cannot unroll call.
+//!
 //! This API is stable: the models `mlp_gan`, `dcgan`, `conditional_gan` and `ac_gan` use it, and
 //! other models of the plugin may.
 
+use nash_core::data::Batch;
 use nash_core::dfdx::prelude::*;
-use nash_core::error::Result;
+use nash_core::error::{Error, Result};
 use nash_core::layers::Sequential;
 use nash_core::loss::AdversarialObjective;
 use nash_core::model::{StepReport, TrainContext};
 use nash_core::stabilizer::{InputRole, LossSite, Targets};
-use nash_core::tensor::{check_finite, join_name, Activation, FeatureShape, Matrix, Scalar, Tape};
+use nash_core::tensor::{check_finite, join_name, Activation, FeatureShape, Matrix, Param, Scalar, Tape};
+
+/// The models that unroll the discriminator for the generator's update.
+pub const UNROLLING_MODELS: &str = "mlp_gan, dcgan";
+
+/// The number of discriminator updates to run this step: `configured` passed through the
+/// stabilizers' `discriminator_steps` (an adaptive step ratio), at most `cap` (models with a single
+/// fixed discriminator update pass 1: they run it or, for 0, skip it). Called once per step, before
+/// the discriminator updates; the count is reported as the diagnostic `discriminator_steps`.
+pub fn schedule_discriminator_steps(
+    configured: usize,
+    cap: usize,
+    ctx: &mut TrainContext<'_>,
+    report: &mut StepReport,
+) -> usize {
+    let (stabilizers, mut hooks) = ctx.hooks();
+    let steps = stabilizers.discriminator_steps(configured, &mut hooks).min(cap);
+    report.diagnostic("discriminator_steps", steps as f64);
+    steps
+}
+
+/// Refuses a non-zero `unrolled_steps` of the stabilizers for a model (`kind`) that cannot unroll
+/// its discriminator, naming the models that can.
+pub fn refuse_unrolling(kind: &str, ctx: &TrainContext<'_>) -> Result<()> {
+    let k = ctx.stabilizers.unrolled_steps();
+    if k == 0 {
+        return Ok(());
+    }
+    Err(Error::unsupported(
+        format!("{k} unrolled discriminator step(s) with the `{kind}` model"),
+        format!(
+            "only {UNROLLING_MODELS} unroll the discriminator for the generator's update; remove the `unrolled` \
+             stabilizer or use one of those models"
+        ),
+    ))
+}
+
+/// A GAN whose discriminator update can be run ahead of the generator's update (unrolled GAN).
+pub trait UnrollDiscriminator {
+    /// One normal discriminator update on `batch`'s real samples and fresh fakes (through every
+    /// stabilizer hook and the `discriminator` optimizer).
+    fn unrolled_update(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<DiscriminatorStep>;
+    /// Every parameter of the discriminator (buffers included), named as in the model.
+    fn discriminator_params_mut(&mut self) -> Vec<(String, &mut Param)>;
+}
+
+/// Unrolled GAN (Metz et al. 2017, "Unrolled Generative Adversarial Networks"), first-order:
+/// snapshots the discriminator's parameters and its optimizer's state, runs `steps` normal
+/// discriminator updates on the step's real batch with fresh latent codes (only the current batch
+/// is at hand; common implementations do the same), runs `update` (the generator's update, which
+/// then sees the unrolled discriminator), and restores the snapshot, also when anything failed.
+///
+/// First-order: the generator's gradient is taken through the unrolled discriminator's
+/// parameters, not through the unrolled updates themselves (the paper's full variant
+/// differentiates through them; dfdx has no double backward). Stabilizer state advanced by the
+/// look-ahead updates' hooks is not rewound. Reports `unrolled_steps` and
+/// `unrolled/discriminator_loss` (the objective at the last look-ahead update). With `steps = 0`
+/// it just runs `update`.
+pub fn with_unrolled_discriminator<M: UnrollDiscriminator, T>(
+    model: &mut M,
+    batch: &Batch,
+    steps: usize,
+    ctx: &mut TrainContext<'_>,
+    report: &mut StepReport,
+    update: impl FnOnce(&mut M, &mut TrainContext<'_>, &mut StepReport) -> Result<T>,
+) -> Result<T> {
+    if steps == 0 {
+        return update(model, ctx, report);
+    }
+    let params: Vec<Vec<f32>> = model
+        .discriminator_params_mut()
+        .iter()
+        .map(|(_, p)| p.to_vec())
+        .collect();
+    let optimizer_state = ctx
+        .optimizers
+        .get("discriminator")
+        .ok_or_else(|| {
+            Error::config(
+                "optimizers.discriminator",
+                "no optimizer configured for this parameter group",
+            )
+        })?
+        .state();
+    let run = || -> Result<T> {
+        let mut last = None;
+        for _ in 0..steps {
+            last = Some(model.unrolled_update(batch, ctx)?);
+        }
+        report.diagnostic("unrolled_steps", steps as f64);
+        if let Some(d) = last {
+            report.diagnostic("unrolled/discriminator_loss", d.loss);
+        }
+        update(model, ctx, report)
+    };
+    let out = run();
+    for ((_, p), values) in model.discriminator_params_mut().into_iter().zip(&params) {
+        p.set(values)?;
+    }
+    if let Some(opt) = ctx.optimizers.get_mut("discriminator") {
+        opt.load_state(&optimizer_state)?;
+    }
+    out
+}
+
+/// Mean of `sign(x)` over raw outputs (`sign(0) = 0`; 0 for none): ADA's overfitting heuristic
+/// `r_t = E[sign(D(x_real))]` (Karras et al. 2020).
+pub fn mean_sign(outputs: &[f32]) -> f64 {
+    if outputs.is_empty() {
+        return 0.0;
+    }
+    let sign = |x: f32| {
+        if x > 0.0 {
+            1.0
+        } else if x < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    };
+    outputs.iter().map(|&x| sign(x)).sum::<f64>() / outputs.len() as f64
+}
 
 /// Prefixes parameter names with `prefix.`.
 pub fn prefixed<P>(params: Vec<(String, P)>, prefix: &str) -> Vec<(String, P)> {
@@ -90,11 +218,20 @@ pub struct DiscriminatorLoss {
     pub objective: f64,
     /// Each stabilizer term's value, keyed `loss/discriminator/<name>`.
     pub extras: Vec<(String, f64)>,
+    /// Mean sign of the raw outputs on real samples (ADA's r_t).
+    pub real_sign: f64,
+    /// The objective's real-sample and fake-sample halves (unweighted), where it splits.
+    pub halves: Option<(f64, f64)>,
 }
 
 /// Targets (through the stabilizers' `transform_targets`), the objective on the raw outputs
 /// `real_out` and `fake_out` (`[batch, 1]`), then the stabilizers' extra terms at
 /// [`LossSite::Discriminator`] for `site`, added to the loss. Every value is checked finite.
+///
+/// With the targets' `fake_weight` at 1 the objective is `discriminator_loss_with_targets`, and
+/// its halves are computed on the side for the report where the objective splits. With another
+/// fake weight (the `equilibrium` stabilizer) the objective is `real_half + fake_weight·fake_half`
+/// from `discriminator_loss_halves`; objectives that do not split are refused.
 pub fn discriminator_loss(
     objective: &dyn AdversarialObjective,
     real_out: Matrix<Tape>,
@@ -109,7 +246,47 @@ pub fn discriminator_loss(
         fake_weight: 1.0,
     };
     stabilizers.transform_targets(&mut targets, &mut hooks)?;
-    let mut loss = objective.discriminator_loss_with_targets(real_out, fake_out, &targets)?;
+    let real_values = real_out.retaped::<NoneTape>();
+    let real_sign = mean_sign(&real_values.as_vec());
+    let (mut loss, halves) = if targets.fake_weight == 1.0 {
+        // Halves for the report only, from constant copies of the outputs.
+        let fake_values = fake_out.retaped::<NoneTape>();
+        let halves =
+            match objective.discriminator_loss_halves(real_values.leaky_trace(), fake_values.leaky_trace(), &targets) {
+                Ok((r, f)) => Some((r.array() as f64, f.array() as f64)),
+                Err(Error::Unsupported { .. }) => None,
+                Err(e) => return Err(e),
+            };
+        (
+            objective.discriminator_loss_with_targets(real_out, fake_out, &targets)?,
+            halves,
+        )
+    } else {
+        let weight = targets.fake_weight;
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(Error::config(
+                "stabilizers",
+                format!("the discriminator's fake-sample weight must be finite and >= 0, a stabilizer set {weight}"),
+            ));
+        }
+        let (r, f) = match objective.discriminator_loss_halves(real_out, fake_out, &targets) {
+            Err(Error::Unsupported { why, .. }) => {
+                return Err(Error::unsupported(
+                    format!(
+                        "a fake-sample weight of {weight} (the `equilibrium` stabilizer) with the `{}` objective",
+                        objective.name()
+                    ),
+                    format!(
+                        "{why}; use non_saturating, minimax, least_squares, hinge or wasserstein, or remove the \
+                         `equilibrium` stabilizer"
+                    ),
+                ))
+            }
+            other => other?,
+        };
+        let halves = (r.array() as f64, f.array() as f64);
+        (r + f * weight, Some(halves))
+    };
     let objective_value = check_finite("loss/discriminator", loss.array())? as f64;
     let terms = stabilizers.extra_losses(
         &mut LossSite::Discriminator {
@@ -130,6 +307,8 @@ pub fn discriminator_loss(
         loss,
         objective: objective_value,
         extras,
+        real_sign,
+        halves,
     })
 }
 
@@ -161,11 +340,16 @@ pub struct DiscriminatorStep {
     /// The raw outputs on this step's real samples, before the update (for relativistic
     /// generator losses).
     pub real_scores: Matrix,
+    /// Mean sign of the raw outputs on real samples (ADA's r_t), from [`DiscriminatorLoss`].
+    pub real_sign: f64,
+    /// The objective's real-sample and fake-sample halves, where it splits.
+    pub halves: Option<(f64, f64)>,
 }
 
 impl DiscriminatorStep {
     /// Records the mean over `steps` of every measurement: `loss/discriminator`, the extra terms,
-    /// `d_real_mean`, `d_fake_mean` and `grad_norm/discriminator`. Does nothing for no steps.
+    /// `d_real_mean`, `d_fake_mean`, `d_real_sign`, `grad_norm/discriminator`, and `d_loss_real` /
+    /// `d_loss_fake` when every step has the objective's halves. Does nothing for no steps.
     pub fn report(steps: &[DiscriminatorStep], report: &mut StepReport) {
         if steps.is_empty() {
             return;
@@ -185,6 +369,11 @@ impl DiscriminatorStep {
         report.diagnostic("d_real_mean", mean(|d| d.real_mean));
         report.diagnostic("d_fake_mean", mean(|d| d.fake_mean));
         report.diagnostic("grad_norm/discriminator", mean(|d| d.grad_norm));
+        report.diagnostic("d_real_sign", mean(|d| d.real_sign));
+        if steps.iter().all(|d| d.halves.is_some()) {
+            report.diagnostic("d_loss_real", mean(|d| d.halves.map_or(0.0, |h| h.0)));
+            report.diagnostic("d_loss_fake", mean(|d| d.halves.map_or(0.0, |h| h.1)));
+        }
     }
 }
 
@@ -234,5 +423,367 @@ pub(crate) mod test_support {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// The update schedule through the models: scheduled discriminator counts, the fake-sample weight,
+/// the reported halves and sign, and unrolling (against the same steps run by hand).
+#[cfg(test)]
+mod schedule_tests {
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+    use std::rc::Rc;
+
+    use nash_core::data::{Batch, DataInfo};
+    use nash_core::layers::BuildContext;
+    use nash_core::model::Model;
+    use nash_core::optim::sgd::SgdConfig;
+    use nash_core::optim::Optimizer;
+    use nash_core::rand::{Rng as _, SeedableRng};
+    use nash_core::stabilizer::{HookContext, Stabilizer, StabilizerStack};
+    use nash_core::tensor::{Device, Rng};
+
+    use super::test_support::{adam, changed, optimizers, snapshot, trainable_with_prefix};
+    use super::*;
+    use crate::began::BeganConfig;
+    use crate::mlp_gan::{mlp, MlpGan, MlpGanConfig};
+    use crate::objective::RelativisticAverageConfig;
+
+    /// A stabilizer that fixes the schedule: discriminator updates (`None`: as configured), look-ahead
+    /// updates and the fake-sample weight; counts the discriminator's optimizer updates.
+    #[derive(Default)]
+    struct Fixed {
+        steps: Option<usize>,
+        unrolled: usize,
+        fake_weight: Option<f32>,
+        d_updates: Rc<Cell<usize>>,
+    }
+
+    impl Stabilizer for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn discriminator_steps(&mut self, steps: usize, _: &mut HookContext<'_>) -> usize {
+            self.steps.unwrap_or(steps)
+        }
+        fn unrolled_steps(&self) -> usize {
+            self.unrolled
+        }
+        fn transform_targets(&mut self, targets: &mut Targets, _: &mut HookContext<'_>) -> Result<()> {
+            if let Some(w) = self.fake_weight {
+                targets.fake_weight = w;
+            }
+            Ok(())
+        }
+        fn after_update(&mut self, group: &str, _: &mut [(String, &mut Param)], _: &mut HookContext<'_>) -> Result<()> {
+            if group == "discriminator" {
+                self.d_updates.set(self.d_updates.get() + 1);
+            }
+            Ok(())
+        }
+    }
+
+    fn info(dim: usize) -> DataInfo {
+        DataInfo {
+            sample_shape: FeatureShape::Flat(dim),
+            num_classes: None,
+            value_range: (-1.0, 1.0),
+        }
+    }
+
+    fn gan(configure: impl FnOnce(&mut MlpGanConfig)) -> MlpGan {
+        let mut cfg = MlpGanConfig {
+            latent_dim: 3,
+            generator: mlp(&[8], 2, None),
+            discriminator: mlp(&[8], 1, None),
+            ..Default::default()
+        };
+        configure(&mut cfg);
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        cfg.build_gan(
+            &info(2),
+            &mut BuildContext {
+                device: &device,
+                rng: &mut rng,
+            },
+        )
+        .unwrap()
+    }
+
+    fn batch(device: &Device, rng: &mut Rng) -> Batch {
+        let values: Vec<f32> = (0..16).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        Batch {
+            inputs: device.tensor_from_vec(values, (8, 2)),
+            shape: FeatureShape::Flat(2),
+            labels: None,
+        }
+    }
+
+    fn sgd() -> BTreeMap<String, Box<dyn Optimizer>> {
+        optimizers(&SgdConfig {
+            lr: 0.1,
+            ..Default::default()
+        })
+    }
+
+    /// One `train_step` of `model` on a seeded batch with `stabilizer`.
+    fn step(
+        model: &mut dyn Model,
+        stabilizer: Fixed,
+        opts: &mut BTreeMap<String, Box<dyn Optimizer>>,
+        seed: u64,
+    ) -> Result<StepReport> {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(seed);
+        let data = batch(&device, &mut rng);
+        let mut stabilizers = StabilizerStack::new(vec![Box::new(stabilizer)]).unwrap();
+        model.train_step(
+            &data,
+            &mut TrainContext {
+                step: 0,
+                device: &device,
+                rng: &mut rng,
+                optimizers: opts,
+                stabilizers: &mut stabilizers,
+            },
+        )
+    }
+
+    #[test]
+    fn the_stabilizers_decide_the_number_of_discriminator_updates() {
+        let mut model = gan(|c| c.discriminator_steps = 2);
+        let d_names = trainable_with_prefix(&model, "discriminator.");
+        let g_names = trainable_with_prefix(&model, "generator.");
+        // As configured.
+        let count = Rc::new(Cell::new(0));
+        let report = step(
+            &mut model,
+            Fixed {
+                d_updates: count.clone(),
+                ..Default::default()
+            },
+            &mut sgd(),
+            1,
+        )
+        .unwrap();
+        assert_eq!((count.get(), report.diagnostics["discriminator_steps"]), (2, 2.0));
+        // Skipped: the discriminator is untouched, the generator still updates.
+        let count = Rc::new(Cell::new(0));
+        let before = snapshot(&model);
+        let fixed = Fixed {
+            steps: Some(0),
+            d_updates: count.clone(),
+            ..Default::default()
+        };
+        let report = step(&mut model, fixed, &mut sgd(), 2).unwrap();
+        assert_eq!((count.get(), report.diagnostics["discriminator_steps"]), (0, 0.0));
+        assert_eq!(changed(&before, &snapshot(&model)), g_names);
+        assert!(!report.losses.contains_key("loss/discriminator"), "{report:?}");
+        // More than configured.
+        let count = Rc::new(Cell::new(0));
+        let before = snapshot(&model);
+        let fixed = Fixed {
+            steps: Some(3),
+            d_updates: count.clone(),
+            ..Default::default()
+        };
+        let report = step(&mut model, fixed, &mut sgd(), 3).unwrap();
+        assert_eq!((count.get(), report.diagnostics["discriminator_steps"]), (3, 3.0));
+        let mut all = d_names.clone();
+        all.extend(g_names);
+        all.sort();
+        assert_eq!(changed(&before, &snapshot(&model)), all);
+        // A relativistic objective without any discriminator update takes its real scores from an
+        // eval-mode pass.
+        let mut model = gan(|c| c.objective = Box::new(RelativisticAverageConfig {}));
+        let fixed = Fixed {
+            steps: Some(0),
+            ..Default::default()
+        };
+        assert!(step(&mut model, fixed, &mut sgd(), 4).unwrap().losses["loss/generator"].is_finite());
+    }
+
+    #[test]
+    fn single_update_models_skip_their_update_or_run_it_once() {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        let mut model = BeganConfig {
+            latent_dim: 3,
+            hidden_dim: 8,
+            code_dim: 2,
+            ..Default::default()
+        }
+        .build_began(
+            &info(2),
+            &mut BuildContext {
+                device: &device,
+                rng: &mut rng,
+            },
+        )
+        .unwrap();
+        for (steps, want) in [(0, 0), (3, 1), (1, 1)] {
+            let count = Rc::new(Cell::new(0));
+            let k = model.k();
+            let fixed = Fixed {
+                steps: Some(steps),
+                d_updates: count.clone(),
+                ..Default::default()
+            };
+            let report = step(&mut model, fixed, &mut sgd(), 5).unwrap();
+            assert_eq!(count.get(), want, "{steps}");
+            assert_eq!(report.diagnostics["discriminator_steps"], want as f64);
+            if want == 0 {
+                assert_eq!(model.k(), k, "a skipped update keeps k_t");
+            }
+        }
+        let fixed = Fixed {
+            unrolled: 2,
+            ..Default::default()
+        };
+        let err = step(&mut model, fixed, &mut sgd(), 6).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        assert!(
+            err.to_string().contains("mlp_gan, dcgan") && err.to_string().contains("began"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_real_sign_and_the_loss_halves_are_reported() {
+        let device = Device::default();
+        let mut model = gan(|_| {});
+        let mut rng = Rng::seed_from_u64(7);
+        let data = batch(&device, &mut rng);
+        // The discriminator's outputs on the real batch before the update (no dropout or
+        // normalization: eval and train passes agree).
+        let scores = model.score(&data.inputs, &mut rng).unwrap().as_vec();
+        let sign = scores.iter().map(|&s| if s > 0.0 { 1.0 } else { -1.0 }).sum::<f64>() / 8.0;
+        // Non-saturating real half: mean BCE(s, 1) = mean softplus(−s).
+        let real_half = scores.iter().map(|&s| (1.0 + (-(s as f64)).exp()).ln()).sum::<f64>() / 8.0;
+        let report = step(&mut model, Fixed::default(), &mut sgd(), 7).unwrap();
+        let d = &report.diagnostics;
+        assert!(
+            (d["d_real_sign"] - sign).abs() < 1e-12,
+            "{} vs {sign}",
+            d["d_real_sign"]
+        );
+        assert!(
+            (d["d_loss_real"] - real_half).abs() < 1e-5,
+            "{} vs {real_half}",
+            d["d_loss_real"]
+        );
+        let sum = d["d_loss_real"] + d["d_loss_fake"];
+        assert!((sum - report.losses["loss/discriminator"]).abs() < 1e-5, "{report:?}");
+        // A relativistic objective does not split: no halves, but the sign.
+        let mut model = gan(|c| c.objective = Box::new(RelativisticAverageConfig {}));
+        let report = step(&mut model, Fixed::default(), &mut sgd(), 7).unwrap();
+        assert!(!report.diagnostics.contains_key("d_loss_real"));
+        assert!(report.diagnostics.contains_key("d_real_sign"));
+    }
+
+    #[test]
+    fn the_fake_weight_scales_the_fake_half() {
+        // Plain SGD moves the discriminator by −lr·(∇real + w·∇fake): linear in w on the same data
+        // and fakes, so the update at w = 0.25 is 0.75·(update at 0) + 0.25·(update at 1).
+        let run = |w: f32| {
+            let mut model = gan(|_| {});
+            let fixed = Fixed {
+                fake_weight: Some(w),
+                ..Default::default()
+            };
+            let report = step(&mut model, fixed, &mut sgd(), 9).unwrap();
+            (snapshot(&model), report)
+        };
+        let before = snapshot(&gan(|_| {}));
+        let ((p0, _), (p1, _), (pw, report)) = (run(0.0), run(1.0), run(0.25));
+        for name in trainable_with_prefix(&gan(|_| {}), "discriminator.") {
+            for (((b, a0), a1), aw) in before[&name].iter().zip(&p0[&name]).zip(&p1[&name]).zip(&pw[&name]) {
+                let want = b + 0.75 * (a0 - b) + 0.25 * (a1 - b);
+                assert!((aw - want).abs() < 1e-5, "{name}: {aw} vs {want}");
+            }
+        }
+        let (r, f) = (report.diagnostics["d_loss_real"], report.diagnostics["d_loss_fake"]);
+        assert!(
+            (report.losses["loss/discriminator"] - (r + 0.25 * f)).abs() < 1e-5,
+            "{report:?}"
+        );
+        // Objectives that do not split are refused, naming the objective and the stabilizer.
+        let mut model = gan(|c| c.objective = Box::new(RelativisticAverageConfig {}));
+        let fixed = Fixed {
+            fake_weight: Some(0.5),
+            ..Default::default()
+        };
+        let err = step(&mut model, fixed, &mut sgd(), 9).unwrap_err().to_string();
+        assert!(
+            err.contains("relativistic_average") && err.contains("equilibrium"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unrolling_updates_the_generator_against_the_look_ahead_and_restores_the_discriminator() {
+        // With Adam, whose moments make the optimizer state matter.
+        let k = 2;
+        let mut unrolled = gan(|_| {});
+        let mut opts = adam(0.01);
+        let fixed = Fixed {
+            unrolled: k,
+            ..Default::default()
+        };
+        let report = step(&mut unrolled, fixed, &mut opts, 11).unwrap();
+        assert_eq!(report.diagnostics["unrolled_steps"], k as f64);
+        assert!(report.diagnostics["unrolled/discriminator_loss"].is_finite());
+
+        // The same step by hand: one discriminator update (kept), k look-ahead updates, the
+        // generator's update, then the discriminator and its optimizer as after the first update.
+        let mut by_hand = gan(|_| {});
+        let mut hand_opts = adam(0.01);
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(11);
+        let data = batch(&device, &mut rng);
+        let mut stabilizers = StabilizerStack::default();
+        let mut ctx = TrainContext {
+            step: 0,
+            device: &device,
+            rng: &mut rng,
+            optimizers: &mut hand_opts,
+            stabilizers: &mut stabilizers,
+        };
+        let d = by_hand.discriminator_step(&data, &mut ctx).unwrap();
+        let d_after = snapshot(&by_hand);
+        let d_state = ctx.optimizers["discriminator"].state();
+        for _ in 0..k {
+            by_hand.discriminator_step(&data, &mut ctx).unwrap();
+        }
+        let mut hand_report = StepReport::default();
+        by_hand
+            .generator_step(8, &d.real_scores, &mut ctx, &mut hand_report)
+            .unwrap();
+        let after = snapshot(&unrolled);
+        let hand = snapshot(&by_hand);
+        for (name, values) in &after {
+            let want = if name.starts_with("generator.") {
+                &hand[name]
+            } else {
+                &d_after[name]
+            };
+            assert_eq!(values, want, "{name}");
+        }
+        assert_eq!(opts["discriminator"].state(), d_state);
+        assert_eq!(opts["generator"].state(), hand_opts["generator"].state());
+        assert_eq!(report.losses["loss/generator"], hand_report.losses["loss/generator"]);
+
+        // Without unrolling the generator's update differs (the discriminator does not).
+        let mut plain = gan(|_| {});
+        let mut plain_opts = adam(0.01);
+        step(&mut plain, Fixed::default(), &mut plain_opts, 11).unwrap();
+        let plain = snapshot(&plain);
+        let differ = changed(&plain, &after);
+        assert!(
+            !differ.is_empty() && differ.iter().all(|n| n.starts_with("generator.")),
+            "{differ:?}"
+        );
+        assert_eq!(plain_opts["discriminator"].state(), opts["discriminator"].state());
     }
 }

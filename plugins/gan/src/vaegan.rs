@@ -42,6 +42,7 @@ use crate::began::{
 };
 use crate::mlp_gan::mlp;
 use crate::objective::NonSaturatingConfig;
+use crate::step::{refuse_unrolling, schedule_discriminator_steps};
 
 /// The closed-form KL divergence of `N(μ, diag σ²)` from `N(0, I)`, summed over latent
 /// dimensions and averaged over the batch: `1/N Σ_ij ½ (μ² + e^{log σ²} - 1 - log σ²)`.
@@ -468,10 +469,16 @@ impl Model for VaeGan {
         vec!["encoder".into(), "decoder".into(), "discriminator".into()]
     }
     /// Discriminator, encoder, then decoder update, each from its own forward pass.
+    /// Runs the discriminator's single update only when the stabilizers' schedule (from 1, capped at 1,
+    /// reported as `discriminator_steps`) keeps it: an adaptive step ratio may skip it (0); it
+    /// cannot add updates. Unrolling is refused.
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("vae_gan", batch)?;
+        refuse_unrolling("vae_gan", ctx)?;
         let mut report = StepReport::default();
-        self.discriminator_step(batch, ctx, &mut report)?;
+        if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
+            self.discriminator_step(batch, ctx, &mut report)?;
+        }
         self.encoder_step(batch, ctx, &mut report)?;
         self.decoder_step(batch, ctx, &mut report)?;
         Ok(report)

@@ -279,8 +279,7 @@ impl Stabilizer for GradientNormClipping {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nash_core::data::Batch;
-    use nash_core::model::{group_params, EvalContext, TrainContext};
+    use nash_core::model::group_params;
     use nash_core::rand::SeedableRng;
     use nash_core::stabilizer::StabilizerStack;
     use nash_core::tensor::{Device, Parameterized, Rng};

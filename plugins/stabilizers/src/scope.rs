@@ -13,13 +13,39 @@ use nash_core::stabilizer::Stabilizer;
 
 /// Pairs of stabilizer kinds that cannot act on the same parameter group, with the reason.
 /// Symmetric: the order within a pair does not matter.
-pub const CONFLICTS: &[(&str, &str, &str)] = &[(
-    "weight_clipping",
-    "spectral_norm",
-    "both constrain the critic's Lipschitz constant through the scale of its weights: spectral \
-     normalization divides each weight by its largest singular value while weight clipping bounds \
-     every entry to [-clip, clip], so each undoes the other and they fight over the weight scale; use one",
-)];
+pub const CONFLICTS: &[(&str, &str, &str)] = &[
+    (
+        "weight_clipping",
+        "spectral_norm",
+        "both constrain the critic's Lipschitz constant through the scale of its weights: spectral \
+         normalization divides each weight by its largest singular value while weight clipping bounds \
+         every entry to [-clip, clip], so each undoes the other and they fight over the weight scale; use one",
+    ),
+    (
+        "spectral_norm",
+        "spectral_norm",
+        "two spectral normalizations of the same group would divide a weight twice and each would undo the \
+         other's raw-weight bookkeeping; use one pattern that selects every layer to normalize",
+    ),
+    (
+        "weight_clipping",
+        "wgan_gp",
+        "weight clipping bounds the critic's gradient norm by the clip value, so the gradient penalty's \
+         target norm may be unreachable and the two fight; WGAN-GP replaces clipping, use one",
+    ),
+    (
+        "diff_augment",
+        "ada",
+        "both augment every discriminator input: stacked, each image is augmented twice and ADA's \
+         probability no longer controls the augmentation strength; use one",
+    ),
+    (
+        "ema",
+        "ema",
+        "two EMAs of the same group would both supply evaluation weights and only the last one's would be \
+         used; keep one",
+    ),
+];
 
 /// The name of a stabilizer of `kind` acting on `group` (`None`: every group).
 pub fn scoped_name(kind: &str, group: Option<&str>) -> String {
@@ -60,6 +86,27 @@ pub fn conflict(kind: &str, group: Option<&str>, other: &dyn Stabilizer) -> Opti
         })
 }
 
+/// Errors unless `model` has the parameter group `group`, listing the groups it has.
+pub fn check_group(model: &dyn Model, group: &str, path: &str) -> Result<()> {
+    let groups = model.param_groups();
+    if groups.iter().any(|g| g == group) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            path,
+            format!(
+                "the `{}` model has no parameter group `{group}`; its groups are: {}",
+                model.family(),
+                if groups.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    groups.join(", ")
+                }
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,26 +138,15 @@ mod tests {
         // Symmetric.
         assert!(conflict("spectral_norm", None, &Named("weight_clipping@discriminator")).is_some());
     }
-}
 
-/// Errors unless `model` has the parameter group `group`, listing the groups it has.
-pub fn check_group(model: &dyn Model, group: &str, path: &str) -> Result<()> {
-    let groups = model.param_groups();
-    if groups.iter().any(|g| g == group) {
-        Ok(())
-    } else {
-        Err(Error::config(
-            path,
-            format!(
-                "the `{}` model has no parameter group `{group}`; its groups are: {}",
-                model.family(),
-                if groups.is_empty() {
-                    "(none)".to_string()
-                } else {
-                    groups.join(", ")
-                }
-            ),
-        ))
+    #[test]
+    fn every_conflict_names_a_registered_stabilizer() {
+        let mut registry = nash_core::registry::Registry::new();
+        crate::register(&mut registry).unwrap();
+        let tags = registry.tags(nash_core::registry::Kind::Stabilizer);
+        for (a, b, why) in CONFLICTS {
+            assert!(tags.contains(a) && tags.contains(b), "{a} / {b} not both registered: {tags:?}");
+            assert!(why.contains("use one") || why.contains("keep one") || why.contains("use one pattern"));
+        }
     }
 }
-

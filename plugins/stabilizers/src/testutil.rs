@@ -66,4 +66,3 @@ impl Model for TwoGroups {
         Ok(BTreeMap::new())
     }
 }
-
