@@ -110,17 +110,24 @@ for data in $datasets; do
                 rows+="$(metric "$f" modes_captured) $(metric "$f" high_quality_share) $(metric "$f" reverse_kl) $(grep '"steps_per_s"' "$f" | sed 's/.*: *//; s/,$//')"$'\n'
             fi
         done
+        # reverse_kl is null (undefined) for a run that captured no mode: it is left out of the KL mean,
+        # and the KL cell says over how many seeds it is defined.
         printf '%s' "$rows" | awk -v data="$data" -v variant="$variant" '
-            NF == 4 { n++; for (i = 1; i <= 4; i++) { s[i] += $i; q[i] += $i * $i } }
-            function ms(i, scale,   m, v) {
-                m = s[i] / n
-                v = n > 1 ? (q[i] - n * m * m) / (n - 1) : 0
+            NF == 4 {
+                n++
+                for (i = 1; i <= 4; i++) if (i != 3) { s[i] += $i; q[i] += $i * $i }
+                if ($3 != "null") { k++; s[3] += $3; q[3] += $3 * $3 }
+            }
+            function ms(i, m_n, scale,   m, v) {
+                m = s[i] / m_n
+                v = m_n > 1 ? (q[i] - m_n * m * m) / (m_n - 1) : 0
                 if (v < 0) v = 0
-                return sprintf(scale == 100 ? "%.1f ± %.1f" : "%.2f ± %.2f", m * scale, sqrt(v / n) * scale)
+                return sprintf(scale == 100 ? "%.1f ± %.1f" : "%.2f ± %.2f", m * scale, sqrt(v / m_n) * scale)
             }
             END {
                 if (n == 0) { printf "| %s | %s | (no finished run) | | | | 0 |\n", data, variant; exit }
-                printf "| %s | %s | %s | %s | %s | %.0f | %d |\n", data, variant, ms(1, 1), ms(2, 100), ms(3, 1), s[4] / n, n
+                kl = k == 0 ? "undefined (no mode)" : ms(3, k, 1) (k < n ? sprintf(" (%d of %d seeds)", k, n) : "")
+                printf "| %s | %s | %s | %s | %s | %.0f | %d |\n", data, variant, ms(1, n, 1), ms(2, n, 100), kl, s[4] / n, n
             }'
     done
 done

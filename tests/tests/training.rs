@@ -151,7 +151,10 @@ fn composed_stabilizers_train_together() {
     let after = number(&summary, "final_metrics", "high_quality_share");
     let modes = number(&summary, "final_metrics", "modes_captured");
     eprintln!("composed: share {before:.4} -> {after:.4}; modes {modes}");
-    assert!(after >= 0.05 && after >= 10.0 * before.max(0.001), "share {before} -> {after}");
+    assert!(
+        after >= 0.05 && after >= 10.0 * before.max(0.001),
+        "share {before} -> {after}"
+    );
     assert!(modes >= 6.0, "only {modes} of 8 modes captured");
 }
 

@@ -11,11 +11,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use nash_core::tracing;
 
+pub mod checkpoint;
+pub mod health;
 pub mod loader;
 pub mod outputs;
 pub mod pipeline;
 pub mod progress;
+pub mod report;
+pub mod scaffold;
 pub mod train;
+pub mod validate;
 
 pub use loader::{LoadedPlugin, PluginSet};
 pub use pipeline::{Format, Override, Pipeline, PipelineDoc, PipelineSource, TrainingConfig};

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nash_core::registry::TypeInfo;
 use nash_core::serde_json::{self, json};
 use nash_core::tracing;
+use nash_trainer::validate::{exit, exit_code};
 use nash_trainer::{progress::LogWriter, Override, PipelineSource, PluginSet, RunOptions};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -19,7 +20,16 @@ use tracing_subscriber::EnvFilter;
 /// Train autoencoders and GANs from pipeline files; every model, loss, optimizer, stabilizer,
 /// data source and metric is a plugin.
 #[derive(Parser, Debug)]
-#[command(name = "nash", version, about, propagate_version = true)]
+#[command(
+    name = "nash",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Exit codes: 0 ok, 1 other failure (an output folder that cannot be written), 2 usage, \
+                  3 invalid pipeline (syntax, types, ranges, wiring), 4 data file missing or truncated, \
+                  5 plugin library missing or refused, 6 training failed (non-finite loss, step error), \
+                  101 internal error (a bug: please report it), 130 interrupted."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,6 +51,78 @@ enum Command {
     Train(TrainArgs),
     /// List every registered type: kind, tag, plugin, summary and config fields with defaults.
     Plugins(PluginsArgs),
+    /// Regenerate a run folder's metrics.csv, curves/ and self-contained index.html.
+    Report(ReportArgs),
+    /// Check a pipeline without training: report every error at once (exit code 3 if any).
+    Validate(ValidateArgs),
+    /// Scaffold a plugin crate inside the nash workspace (one example loss, a test, a pipeline).
+    NewPlugin(NewPluginArgs),
+    /// Continue a run from its newest complete checkpoint (appends to its metrics).
+    Resume(ResumeArgs),
+    /// Draw samples from a checkpoint (or a run's newest one) into a PNG picture or an .npy array.
+    Sample(SampleArgs),
+    /// Run the pipeline's held-out evaluation and metrics on a checkpoint (or a run's newest one).
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ResumeArgs {
+    /// The run folder.
+    run_dir: PathBuf,
+    /// Train to this many steps in all (default: the run's `training.steps`).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Threads for matrix products (replaces `training.threads`).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+struct SampleArgs {
+    /// A checkpoint folder (`<run>/checkpoints/step-XXXXXXXX`) or a run folder.
+    checkpoint: PathBuf,
+    /// Number of samples.
+    #[arg(long, default_value_t = 64)]
+    count: usize,
+    /// Seed of the latent codes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The output file: `.png` (a grid or a scatter plot) or `.npy` (`[count, ...sample shape]`, f32).
+    #[arg(long, value_name = "FILE", default_value = "samples.png")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// A checkpoint folder (`<run>/checkpoints/step-XXXXXXXX`) or a run folder.
+    checkpoint: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ValidateArgs {
+    /// The pipeline file (`.toml` or `.json`).
+    pipeline: PathBuf,
+    /// Override a pipeline value before it is checked, as for `nash train`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<Override>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct NewPluginArgs {
+    /// The plugin's name: lowercase letters, digits, `_`, `-` (its types are tagged `<name>_...`).
+    name: String,
+    /// Where the crate `plugin-<name>` is created; must be inside the nash workspace.
+    #[arg(long, value_name = "DIR", default_value = "plugins")]
+    dir: PathBuf,
+    /// Also add the crate to `members` in the workspace's root `Cargo.toml`.
+    #[arg(long)]
+    add_to_workspace: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +145,12 @@ struct TrainArgs {
     /// Threads for matrix products (replaces `training.threads`).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReportArgs {
+    /// The run folder (it holds metrics.jsonl, summary.json, pipeline.resolved.json).
+    run_dir: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,11 +217,56 @@ fn train(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
         threads: args.threads,
         progress: !cli.quiet,
     };
+    nash_trainer::train::install_signal_handler()?;
     let summary = nash_trainer::run_training(source, &args.set, &cli.plugins, &opts)?;
+    finish_training(cli, &summary)
+}
+
+/// Prints where the summary is, or returns [`nash_trainer::train::Interrupted`] (exit code 130).
+fn finish_training(cli: &Cli, summary: &nash_trainer::Summary) -> anyhow::Result<()> {
+    if summary.status == "interrupted" {
+        return Err(nash_trainer::train::Interrupted {
+            run_dir: summary.run_dir.clone(),
+            step: summary.steps,
+        }
+        .into());
+    }
     if cli.quiet {
         return Ok(());
     }
     print_out(&format!("{}\n", summary.run_dir.join("summary.json").display()))
+}
+
+fn resume(cli: &Cli, args: &ResumeArgs) -> anyhow::Result<()> {
+    let opts = RunOptions {
+        steps: args.steps,
+        threads: args.threads,
+        progress: !cli.quiet,
+        ..RunOptions::default()
+    };
+    nash_trainer::train::install_signal_handler()?;
+    let summary = nash_trainer::train::resume(&args.run_dir, &cli.plugins, &opts)?;
+    finish_training(cli, &summary)
+}
+
+fn sample(cli: &Cli, args: &SampleArgs) -> anyhow::Result<()> {
+    nash_trainer::train::sample(&args.checkpoint, args.count, args.seed, &args.out, &cli.plugins)?;
+    if cli.quiet {
+        return Ok(());
+    }
+    print_out(&format!("{}\n", args.out.display()))
+}
+
+fn eval(cli: &Cli, args: &EvalArgs) -> anyhow::Result<()> {
+    let e = nash_trainer::train::evaluate(&args.checkpoint, &cli.plugins)?;
+    if args.json {
+        return print_out(&(serde_json::to_string_pretty(&e)? + "\n"));
+    }
+    let mut text = format!("step {}\n", e.step);
+    for (k, v) in e.eval.iter().chain(&e.metrics) {
+        let _ = writeln!(text, "  {k}: {v}");
+    }
+    print_out(&text)
 }
 
 /// Writes `text` to stdout; a closed pipe (`nash plugins | head`) is not an error.
@@ -190,6 +323,16 @@ fn write_table(out: &mut String, types: &[&TypeInfo]) {
             );
         }
     }
+}
+
+/// `nash report <run-dir>`: writes metrics.csv, the curves and index.html; prints the report's path.
+fn report(cli: &Cli, args: &ReportArgs) -> anyhow::Result<()> {
+    let path = nash_trainer::report::finish_run_outputs(&args.run_dir)
+        .with_context(|| format!("cannot write the report of {}", args.run_dir.display()))?;
+    if cli.quiet {
+        return Ok(());
+    }
+    print_out(&format!("{}\n", path.display()))
 }
 
 fn plugins(cli: &Cli, args: &PluginsArgs) -> anyhow::Result<()> {
@@ -249,6 +392,52 @@ fn plugins(cli: &Cli, args: &PluginsArgs) -> anyhow::Result<()> {
     print_out(&text)
 }
 
+fn validate(cli: &Cli, args: &ValidateArgs) -> anyhow::Result<()> {
+    let source = PipelineSource::from_file(&args.pipeline).context("cannot read the pipeline")?;
+    let report = nash_trainer::validate::validate(source, &args.set, &cli.plugins);
+    if args.json {
+        print_out(&(serde_json::to_string_pretty(&report.to_json())? + "\n"))?;
+    } else {
+        print_out(&report.to_text())?;
+    }
+    if report.is_ok() {
+        Ok(())
+    } else {
+        let n = report.errors.len();
+        let errors = if n == 1 { "1 error" } else { "errors" };
+        let count = if n == 1 { String::new() } else { format!("{n} ") };
+        Err(nash_core::Error::config(report.pipeline.clone(), format!("{count}{errors}, listed above")).into())
+    }
+}
+
+fn new_plugin(args: &NewPluginArgs) -> anyhow::Result<()> {
+    let made = nash_trainer::scaffold::new_plugin(&args.name, &args.dir, args.add_to_workspace)
+        .context("cannot scaffold the plugin")?;
+    let mut text = format!("created {}\n", made.crate_dir.display());
+    for f in &made.files {
+        let _ = writeln!(text, "  {}", f.display());
+    }
+    if made.added_to_workspace {
+        let _ = writeln!(
+            text,
+            "added to `members` in the workspace's Cargo.toml:\n{}",
+            made.member_line
+        );
+    } else {
+        let _ = writeln!(
+            text,
+            "add this line to `members` in the workspace's root Cargo.toml (or rerun with --add-to-workspace):\n{}",
+            made.member_line
+        );
+    }
+    let _ = writeln!(
+        text,
+        "then: cargo test -p {} && cargo build --workspace && ./target/debug/nash plugins",
+        made.package
+    );
+    print_out(&text)
+}
+
 /// The message of the last panic, recorded by the panic hook.
 static PANIC_MESSAGE: Mutex<Option<String>> = Mutex::new(None);
 
@@ -277,19 +466,30 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &cli.command {
         Command::Train(args) => train(&cli, args),
         Command::Plugins(args) => plugins(&cli, args),
+        Command::Report(args) => report(&cli, args),
+        Command::Validate(args) => validate(&cli, args),
+        Command::NewPlugin(args) => new_plugin(args),
+        Command::Resume(args) => resume(&cli, args),
+        Command::Sample(args) => sample(&cli, args),
+        Command::Eval(args) => eval(&cli, args),
     }));
-    let result = result.unwrap_or_else(|_| {
+    let Ok(result) = result else {
         let message = PANIC_MESSAGE
             .lock()
             .ok()
             .and_then(|mut m| m.take())
             .unwrap_or_else(|| "unknown panic".into());
-        Err(anyhow::anyhow!(
-            "internal error: {message}\nthis is a bug in nash or in a plugin; please report it (RUST_BACKTRACE=1 shows where)"
-        ))
-    });
+        eprintln!(
+            "internal error (a bug in nash or a plugin): {message}, please report it (RUST_BACKTRACE=1 shows where)"
+        );
+        return ExitCode::from(exit::INTERNAL);
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<nash_trainer::train::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(exit::INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             let mut previous = e.to_string();
@@ -301,7 +501,7 @@ fn main() -> ExitCode {
                 }
                 previous = text;
             }
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
 }

@@ -15,6 +15,7 @@ use nash_core::registry::{Kind, Registry};
 use nash_core::serde_json::{self, Value};
 use nash_core::stabilizer::StabilizerConfig;
 use nash_core::{Error, Result};
+use serde::de::DeserializeOwned;
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -70,6 +71,10 @@ pub struct TrainingConfig {
     pub threads: Option<usize>,
     /// The run folder (default: `runs/<name>-<YYYYmmdd-HHMMSS>`).
     pub out_dir: Option<PathBuf>,
+    /// Checkpoints: how often, how many are kept, which is the best (`[training.checkpoint]`).
+    pub checkpoint: crate::checkpoint::CheckpointConfig,
+    /// The training-health monitor: detectors and their policies (`[training.health]`).
+    pub health: crate::health::HealthConfig,
 }
 
 impl Default for TrainingConfig {
@@ -84,6 +89,8 @@ impl Default for TrainingConfig {
             sample_count: 64,
             threads: None,
             out_dir: None,
+            checkpoint: crate::checkpoint::CheckpointConfig::default(),
+            health: crate::health::HealthConfig::default(),
         }
     }
 }
@@ -470,27 +477,68 @@ impl PipelineDoc {
 
     /// Deserializes the whole pipeline; every type tag must be registered by now. `registry`
     /// supplies the known tags for errors.
+    /// Checks the ranges of the `[training]` values too (the first error is returned; `nash validate`
+    /// reports them all).
     pub fn deserialize(&self, registry: &Registry) -> Result<Pipeline> {
-        let text = serde_json::to_string(&TypeFirst(&self.value))?;
-        let mut de = serde_json::Deserializer::from_str(&text);
-        let mut pipeline: Pipeline = match serde_path_to_error::deserialize(&mut de) {
-            Ok(p) => p,
-            Err(e) => {
-                let segs: Vec<Seg> = e
-                    .path()
-                    .iter()
-                    .filter_map(|s| match s {
-                        serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
-                        serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
-                        serde_path_to_error::Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
-                        serde_path_to_error::Segment::Unknown => None,
-                    })
-                    .collect();
-                return Err(explain(&segs, &json_message(e.inner()), registry));
-            }
-        };
+        let mut pipeline: Pipeline = deserialize_value(&self.value, "", registry)?;
         pipeline.plugins = self.plugin_paths()?;
+        if let Some(e) = pipeline.training.check().into_iter().next() {
+            return Err(e);
+        }
         Ok(pipeline)
+    }
+}
+
+/// Deserializes `value`, found at config path `path` (`""` for the whole pipeline), into `T`;
+/// errors name the full config path and what would be valid there (known tags, nearest field).
+pub fn deserialize_value<T: DeserializeOwned>(value: &Value, path: &str, registry: &Registry) -> Result<T> {
+    let prefix = if path.is_empty() {
+        Vec::new()
+    } else {
+        parse_path(path).map_err(Error::Other)?
+    };
+    let text = serde_json::to_string(&TypeFirst(value))?;
+    let mut de = serde_json::Deserializer::from_str(&text);
+    match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let mut segs = prefix;
+            segs.extend(e.path().iter().filter_map(|s| match s {
+                serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+                serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
+                serde_path_to_error::Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+                serde_path_to_error::Segment::Unknown => None,
+            }));
+            Err(explain(&segs, &json_message(e.inner()), registry))
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// The range errors of these values (empty when every value is usable), each naming its
+    /// `training.*` path and the valid range.
+    pub fn check(&self) -> Vec<Error> {
+        let mut errors = Vec::new();
+        if self.steps == 0 {
+            errors.push(Error::config("training.steps", "must be at least 1, got 0"));
+        }
+        if self.batch_size == 0 {
+            errors.push(Error::config("training.batch_size", "must be at least 1, got 0"));
+        }
+        if self.threads == Some(0) {
+            errors.push(Error::config(
+                "training.threads",
+                "must be at least 1, got 0 (leave it out for one thread per core)",
+            ));
+        }
+        if self.sample_every > 0 && self.sample_count == 0 {
+            errors.push(Error::config(
+                "training.sample_count",
+                "must be at least 1 when `training.sample_every` is set, got 0",
+            ));
+        }
+        errors.extend(self.health.check());
+        errors
     }
 }
 

@@ -1,5 +1,8 @@
 //! The training driver: builds everything a pipeline describes, runs the steps, evaluates, and
-//! writes the run folder (`metrics.jsonl`, `samples/` with JSON rows and pictures, `summary.json`).
+//! writes the run folder (`metrics.jsonl`, `samples/` with JSON rows and pictures, `summary.json`,
+//! `health.jsonl`, and at the end of every run `metrics.csv`, `curves/` and `index.html`). Every step
+//! and evaluation goes through the training-health monitor ([`crate::health`]), whose policy may
+//! roll the run back to an in-memory snapshot or stop it ([`TrainingFailed`], exit code 6).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -21,6 +24,8 @@ use nash_core::tensor::{Device, Rng};
 use nash_core::tracing;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, Evaluation, NamedTensor, RngState, RunRecord, TrainingState};
+use crate::health::{self, Action, Detector, Monitor};
 use crate::loader::LoadedPlugin;
 use crate::outputs::Pictures;
 use crate::pipeline::Pipeline;
@@ -57,7 +62,8 @@ pub struct PluginRecord {
 pub struct Summary {
     /// The run's name.
     pub name: String,
-    /// `completed`, or `failed` with [`Summary::error`] set.
+    /// `completed`, `interrupted` (Ctrl-C or SIGTERM; a checkpoint was written), or `failed` with
+    /// [`Summary::error`] set.
     pub status: String,
     /// Why the run stopped early.
     pub error: Option<String>,
@@ -89,7 +95,46 @@ pub struct Summary {
     pub final_metrics: BTreeMap<String, f64>,
     /// The plugins that were loaded.
     pub plugins: Vec<PluginRecord>,
+    /// What the training-health monitor found and did.
+    #[serde(default)]
+    pub health: HealthSummary,
 }
+
+/// The summary's `health` section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthSummary {
+    /// Events by detector (`non_finite`, `divergence`, `mode_collapse`, `oscillation`).
+    pub events: BTreeMap<String, u64>,
+    /// Rollbacks to an earlier snapshot.
+    pub rollbacks: u32,
+    /// The detector that stopped the run, if one did.
+    pub stopped_by: Option<String>,
+}
+
+/// The error of a run that failed while training (a step or a stabilizer failed, or the health
+/// monitor stopped it): exit code 6, whatever the message says.
+#[derive(Debug)]
+pub struct TrainingFailed {
+    /// What happened.
+    pub message: String,
+}
+
+impl TrainingFailed {
+    /// A training failure described by `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        TrainingFailed {
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for TrainingFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TrainingFailed {}
 
 /// The run folder: `--out`, else `training.out_dir`, else `runs/<name>-<YYYYmmdd-HHMMSS>`.
 pub fn run_dir(pipeline: &Pipeline, name: &str, opts: &RunOptions) -> PathBuf {
@@ -117,6 +162,54 @@ fn set_threads(threads: Option<usize>) {
     }
 }
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks the training loop to stop after the current step, write a checkpoint and return a
+/// summary with status `interrupted` (what Ctrl-C and SIGTERM do).
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Makes Ctrl-C and SIGTERM call [`request_stop`]; a second one exits at once with code 130.
+pub fn install_signal_handler() -> anyhow::Result<()> {
+    ctrlc::set_handler(|| {
+        if stop_requested() {
+            eprintln!("interrupted again: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: finishing this step and writing a checkpoint (again to exit at once)");
+        request_stop();
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
+/// The error a command returns when training was interrupted (exit code 130).
+#[derive(Debug)]
+pub struct Interrupted {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Steps completed.
+    pub step: u64,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted after step {}; checkpoint written, continue with `nash resume {}`",
+            self.step,
+            self.run_dir.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Appends JSON lines to a file, flushing each.
 struct JsonLines {
     path: PathBuf,
@@ -126,6 +219,30 @@ struct JsonLines {
 impl JsonLines {
     fn create(path: PathBuf) -> anyhow::Result<Self> {
         let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(JsonLines {
+            path,
+            out: BufWriter::new(file),
+        })
+    }
+    /// Opens `path` to continue after `step`: lines of later steps (written after the checkpoint
+    /// being resumed) are dropped.
+    fn resume(path: PathBuf, step: u64) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, kept).with_context(|| format!("cannot write {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
         Ok(JsonLines {
             path,
             out: BufWriter::new(file),
@@ -278,6 +395,109 @@ fn swap_params(model: &mut dyn Model, values: Vec<(String, Vec<f32>)>) -> anyhow
 }
 
 impl Run {
+    /// Everything needed to continue exactly after `step`: parameters, optimizer, stabilizer and
+    /// model state, the training generator and the loader's position. The health monitor's
+    /// rollback keeps one of these in memory; checkpoints write it with
+    /// [`checkpoint::write_checkpoint`].
+    pub(crate) fn capture(
+        &self,
+        step: u64,
+        rng: &Rng,
+        loader: &DataLoader,
+        pipeline_hash: &str,
+        record: RunRecord,
+    ) -> TrainingState {
+        let params = self
+            .model
+            .named_params()
+            .into_iter()
+            .map(|(name, p)| NamedTensor {
+                name,
+                shape: p.shape.clone(),
+                values: p.to_vec(),
+            })
+            .collect();
+        let mut state = nash_core::state::StateDict::default();
+        for (group, opt) in &self.optimizers {
+            state.extend_prefixed(&format!("optimizers.{group}"), opt.state());
+        }
+        state.extend_prefixed("stabilizers", self.stabilizers.state());
+        state.extend_prefixed("model", self.model.extra_state());
+        state.extend_prefixed("loader", loader.state());
+        TrainingState {
+            step,
+            params,
+            state,
+            rng: RngState::capture(rng),
+            pipeline_hash: pipeline_hash.to_string(),
+            nash_version: env!("CARGO_PKG_VERSION").to_string(),
+            record,
+        }
+    }
+
+    /// Puts `saved` back (the reverse of [`Run::capture`]); `origin` names the checkpoint in errors.
+    /// Parameter names and shapes must match the model exactly.
+    pub(crate) fn restore(
+        &mut self,
+        saved: &TrainingState,
+        rng: &mut Rng,
+        loader: Option<&mut DataLoader>,
+        origin: &Path,
+    ) -> anyhow::Result<()> {
+        let file = origin.join(checkpoint::PARAMS_FILE);
+        let mut by_name: BTreeMap<String, &mut nash_core::tensor::Param> =
+            self.model.named_params_mut().into_iter().collect();
+        for t in &saved.params {
+            let Some(p) = by_name.remove(&t.name) else {
+                let known: Vec<&String> = by_name.keys().collect();
+                return Err(anyhow!(
+                    "{}: parameter `{}` is not a parameter of this model (expected names like {:?}); \
+                     the checkpoint belongs to another pipeline",
+                    file.display(),
+                    t.name,
+                    known.iter().take(4).collect::<Vec<_>>()
+                ));
+            };
+            if p.shape != t.shape {
+                return Err(anyhow!(
+                    "{}: parameter `{}` has shape {:?}, the model expects {:?}",
+                    file.display(),
+                    t.name,
+                    t.shape,
+                    p.shape
+                ));
+            }
+            p.set(&t.values)
+                .with_context(|| format!("{}: parameter `{}`", file.display(), t.name))?;
+        }
+        if let Some(missing) = by_name.keys().next() {
+            return Err(anyhow!(
+                "{}: the model's parameter `{missing}` is missing ({} missing in all)",
+                file.display(),
+                by_name.len()
+            ));
+        }
+        let state_file = origin.join(checkpoint::STATE_FILE);
+        let ctx = |what: String| format!("{}: cannot restore {what}", state_file.display());
+        self.model
+            .load_extra_state(&saved.state.sub("model"))
+            .with_context(|| ctx("the model's state".into()))?;
+        for (group, opt) in self.optimizers.iter_mut() {
+            opt.load_state(&saved.state.sub(&format!("optimizers.{group}")))
+                .with_context(|| ctx(format!("the optimizer `{group}`")))?;
+        }
+        self.stabilizers
+            .load_state(&saved.state.sub("stabilizers"))
+            .with_context(|| ctx("the stabilizers".into()))?;
+        if let Some(loader) = loader {
+            loader
+                .load_state(&saved.state.sub("loader"))
+                .with_context(|| ctx("the data loader".into()))?;
+        }
+        *rng = saved.rng.restore().with_context(|| ctx("the generator".into()))?;
+        Ok(())
+    }
+
     /// Runs `f` with the stabilizers' evaluation parameters (an EMA of the generator's weights) in
     /// place of the trained ones, and puts the trained ones back afterwards, also when `f` fails.
     fn with_evaluation_params<T>(&mut self, f: impl FnOnce(&mut Self) -> anyhow::Result<T>) -> anyhow::Result<T> {
@@ -291,14 +511,58 @@ impl Run {
         result
     }
 
-    /// [`Run::evaluate_with_trained_params`] with the stabilizers' evaluation parameters.
+    /// [`Run::evaluate_with_trained_params`] with the stabilizers' evaluation parameters, plus the
+    /// `sample_diversity` metric ([`Run::sample_diversity`] of `diversity` samples; 0: none) unless
+    /// a metric already reports one.
     fn evaluate(
         &mut self,
         batches: usize,
         batch_size: usize,
         seed: u64,
+        diversity: usize,
     ) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
-        self.with_evaluation_params(|run| run.evaluate_with_trained_params(batches, batch_size, seed))
+        self.with_evaluation_params(|run| {
+            let (eval, mut metrics) = run.evaluate_with_trained_params(batches, batch_size, seed)?;
+            if diversity > 0 && !metrics.contains_key("sample_diversity") {
+                if let Some(d) = run.sample_diversity(diversity, seed)? {
+                    metrics.insert("sample_diversity".into(), d);
+                }
+            }
+            Ok((eval, metrics))
+        })
+    }
+
+    /// The mean pairwise distance of `n` samples drawn from a fixed seed, divided by the same
+    /// statistic of the first `n` test points (1: as spread as the data, near 0: collapsed). `None`
+    /// when the model does not sample, samples are not shaped like the data, or the test points
+    /// all coincide.
+    fn sample_diversity(&mut self, n: usize, seed: u64) -> anyhow::Result<Option<f64>> {
+        let n = n.min(self.data.len(Split::Test));
+        if n < 2 {
+            return Ok(None);
+        }
+        let mut rng = Rng::seed_from_u64(eval_seed(seed) ^ 0xD1E5);
+        let mut ctx = EvalContext {
+            device: &self.device,
+            rng: &mut rng,
+        };
+        let Some(samples) = self.model.sample(n, &mut ctx).context("sampling failed")? else {
+            return Ok(None);
+        };
+        let (_, cols) = *samples.shape();
+        let idx: Vec<usize> = (0..n).collect();
+        let real = self.data.batch(Split::Test, &idx, &self.device)?;
+        let (_, real_cols) = *real.inputs.shape();
+        if cols != real_cols {
+            return Ok(None);
+        }
+        let reference = health::mean_pairwise_distance(&real.inputs.as_vec(), cols);
+        if reference <= 0.0 || !reference.is_finite() {
+            return Ok(None);
+        }
+        Ok(Some(
+            health::mean_pairwise_distance(&samples.as_vec(), cols) / reference,
+        ))
     }
 
     /// [`Run::write_samples_with_trained_params`] with the stabilizers' evaluation parameters.
@@ -362,7 +626,13 @@ impl Run {
     /// plot); for models that reconstruct, the first `count` test samples beside their
     /// reconstructions. Sampling and reconstruction draw from their own seeded generators: the same
     /// latent codes every time, and the training stream is never disturbed.
-    fn write_samples_with_trained_params(&mut self, dir: &Path, step: u64, count: usize, seed: u64) -> anyhow::Result<()> {
+    fn write_samples_with_trained_params(
+        &mut self,
+        dir: &Path,
+        step: u64,
+        count: usize,
+        seed: u64,
+    ) -> anyhow::Result<()> {
         if count == 0 {
             return Ok(());
         }
@@ -420,7 +690,7 @@ fn short_losses(report: &StepReport) -> String {
 
 /// Builds `pipeline`, creates `dir` with `pipeline.resolved.json`, trains, and returns the summary,
 /// also written to `<dir>/summary.json` (with `status = "failed"` if the run stopped on an error
-/// after it started).
+/// after it started, `interrupted` if [`request_stop`] was called).
 pub fn train(
     pipeline: &Pipeline,
     name: &str,
@@ -428,26 +698,109 @@ pub fn train(
     plugins: &[LoadedPlugin],
     opts: &RunOptions,
 ) -> anyhow::Result<Summary> {
+    train_from(pipeline, name, dir, plugins, opts, None)
+}
+
+/// The summary's view of the run so far, for a checkpoint.
+fn record(summary: &Summary, wall_time_s: f64, epochs: u64, last: &Option<Evaluation>) -> RunRecord {
+    RunRecord {
+        initial_eval: summary.initial_eval.clone(),
+        initial_metrics: summary.initial_metrics.clone(),
+        wall_time_s,
+        epochs,
+        last_evaluation: last.clone(),
+    }
+}
+
+/// [`train`], continuing from `resume` (a checkpoint folder and its state) when given: the run
+/// folder's `metrics.jsonl` is kept up to the checkpoint's step and appended to.
+pub fn train_from(
+    pipeline: &Pipeline,
+    name: &str,
+    dir: &Path,
+    plugins: &[LoadedPlugin],
+    opts: &RunOptions,
+    resume: Option<(&Path, &TrainingState)>,
+) -> anyhow::Result<Summary> {
     let seed = opts.seed.unwrap_or(pipeline.seed);
     let steps = opts.steps.unwrap_or(pipeline.training.steps);
     let cfg = &pipeline.training;
+    cfg.checkpoint.validate()?;
+    let mut monitor = Monitor::new(cfg.health.clone())?;
     set_threads(opts.threads.or(cfg.threads));
+    let hash = checkpoint::pipeline_hash(pipeline)?;
 
     let mut rng = Rng::seed_from_u64(seed);
     let mut run = build(pipeline, seed, &mut rng)?;
     let mut loader = DataLoader::new(Split::Train, run.data.len(Split::Train), cfg.batch_size, seed)?;
+    let mut saved_record = RunRecord::default();
+    let start_step = match resume {
+        None => 0,
+        Some((origin, saved)) => {
+            if saved.pipeline_hash != hash {
+                return Err(anyhow!(
+                    "the checkpoint {} was written by another pipeline (hash {}, this one {hash}); \
+                     was pipeline.resolved.json edited?",
+                    origin.display(),
+                    saved.pipeline_hash
+                ));
+            }
+            if saved.step >= steps {
+                return Err(nash_core::Error::config(
+                    "training.steps",
+                    format!(
+                        "the checkpoint {} is at step {}, and the run has {steps} steps; pass --steps with a larger total",
+                        origin.display(),
+                        saved.step
+                    ),
+                )
+                .into());
+            }
+            run.restore(saved, &mut rng, Some(&mut loader), origin)?;
+            saved_record = saved.record.clone();
+            tracing::info!("resuming from {} (step {})", origin.display(), saved.step);
+            saved.step
+        }
+    };
 
     // The run folder is only created once everything is built, so a pipeline that does not fit
     // leaves nothing behind.
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the run folder {}", dir.display()))?;
-    if dir.join("summary.json").exists() {
+    if resume.is_none() && dir.join("summary.json").exists() {
         tracing::warn!(
             "run folder {} holds an earlier run; its files are replaced",
             dir.display()
         );
     }
-    write_json(&dir.join("pipeline.resolved.json"), pipeline).context("cannot write the resolved pipeline")?;
-    let mut log = JsonLines::create(dir.join("metrics.jsonl"))?;
+    let old_checkpoints = dir.join(checkpoint::CHECKPOINTS_DIR);
+    if resume.is_none() && old_checkpoints.exists() {
+        // Checkpoints of another run would be mistaken for this one's by `resume`.
+        tracing::warn!(
+            "removing the earlier run's checkpoints in {}",
+            old_checkpoints.display()
+        );
+        std::fs::remove_dir_all(&old_checkpoints)
+            .with_context(|| format!("cannot remove {}", old_checkpoints.display()))?;
+    }
+    // Through text, so that f32 fields read as written (`0.1`, not their f64 widening).
+    let mut resolved: Value = serde_json::from_str(&serde_json::to_string(pipeline)?)?;
+    if let Some(t) = resolved.get_mut("training").and_then(Value::as_object_mut) {
+        t.insert("steps".into(), json!(steps));
+    }
+    write_json(&dir.join("pipeline.resolved.json"), &resolved).context("cannot write the resolved pipeline")?;
+    let mut log = match resume {
+        None => JsonLines::create(dir.join("metrics.jsonl"))?,
+        Some(_) => JsonLines::resume(dir.join("metrics.jsonl"), start_step)?,
+    };
+    let mut health_log = match resume {
+        None => JsonLines::create(dir.join(HEALTH_FILE))?,
+        Some(_) => JsonLines::resume(dir.join(HEALTH_FILE), start_step)?,
+    };
+    if let Some(e) = &saved_record.last_evaluation {
+        // The best values the mode-collapse rule compares with (events of the past are logged).
+        monitor.observe_eval(0, &saved_record.initial_metrics);
+        monitor.observe_eval(e.step, &e.metrics);
+    }
 
     let mut summary = Summary {
         name: name.to_string(),
@@ -456,15 +809,15 @@ pub fn train(
         run_dir: dir.to_path_buf(),
         seed,
         family: run.model.family().to_string(),
-        steps: 0,
-        epochs: 0,
+        steps: start_step,
+        epochs: loader.epoch(),
         wall_time_s: 0.0,
         steps_per_s: 0.0,
         final_losses: BTreeMap::new(),
         final_diagnostics: BTreeMap::new(),
         final_eval: BTreeMap::new(),
-        initial_eval: BTreeMap::new(),
-        initial_metrics: BTreeMap::new(),
+        initial_eval: saved_record.initial_eval.clone(),
+        initial_metrics: saved_record.initial_metrics.clone(),
         final_metrics: BTreeMap::new(),
         plugins: plugins
             .iter()
@@ -474,7 +827,14 @@ pub fn train(
                 path: p.path.clone(),
             })
             .collect(),
+        health: match resume {
+            Some(_) => earlier_health(&dir.join(HEALTH_FILE)),
+            None => HealthSummary::default(),
+        },
     };
+    let can_roll_back = Detector::ALL
+        .iter()
+        .any(|d| cfg.health.policy.action(*d) == Action::Rollback);
     tracing::info!(
         "training {name}: {steps} steps, batch {}, seed {seed}, run folder {}",
         cfg.batch_size,
@@ -482,27 +842,43 @@ pub fn train(
     );
 
     let start = Instant::now();
+    let earlier_wall = saved_record.wall_time_s;
+    let mut last_eval = saved_record.last_evaluation.clone();
     let mut eval_time = 0.0f64;
+    let mut interrupted = false;
     let result = (|| -> anyhow::Result<()> {
-        if cfg.eval_every > 0 {
+        if cfg.eval_every > 0 && start_step == 0 {
             // The baseline every later evaluation is compared with. Evaluation draws from its own
             // seeded generator, so it never changes the training run.
             let t = Instant::now();
-            let (eval, metrics) = run.evaluate(cfg.eval_batches, cfg.batch_size, seed)?;
+            let (eval, metrics) = run.evaluate(cfg.eval_batches, cfg.batch_size, seed, cfg.health.diversity_samples)?;
             log.write(&json!({"step": 0, "split": "test", "eval": eval, "metrics": metrics}))?;
+            monitor.observe_eval(0, &metrics);
             tracing::info!("step 0: eval {eval:?} metrics {metrics:?}");
             summary.initial_eval = eval;
             summary.initial_metrics = metrics;
             eval_time += t.elapsed().as_secs_f64();
         }
-        if cfg.sample_every > 0 {
+        if cfg.sample_every > 0 && start_step == 0 {
             // The pictures of the untrained model, the first frame of the series.
             let t = Instant::now();
             run.write_samples(&dir.join("samples"), 0, cfg.sample_count, seed)?;
             eval_time += t.elapsed().as_secs_f64();
         }
         let progress = Progress::new(steps, opts.progress);
-        for step in 0..steps {
+        progress.set_position(start_step);
+        let mut checkpointed = None;
+        // What a rollback restores, and how many rollbacks' learning-rate factors it holds.
+        let mut snapshot: Option<(TrainingState, u32)> = None;
+        if can_roll_back {
+            let rec = record(&summary, earlier_wall, loader.epoch(), &last_eval);
+            snapshot = Some((
+                run.capture(start_step, &rng, &loader, &hash, rec),
+                summary.health.rollbacks,
+            ));
+        }
+        let mut step = start_step;
+        while step < steps {
             let batch = loader.next_batch(run.data.as_ref(), &run.device)?;
             let mut ctx = TrainContext {
                 step,
@@ -511,95 +887,222 @@ pub fn train(
                 optimizers: &mut run.optimizers,
                 stabilizers: &mut run.stabilizers,
             };
-            let mut report = run
-                .model
-                .train_step(&batch, &mut ctx)
-                .with_context(|| format!("training step {step} failed"))?;
-            run.stabilizers
-                .end_step(
+            // A step that refuses a non-finite value is handed to the health policy like a step
+            // that reports one.
+            let report = match run.model.train_step(&batch, &mut ctx) {
+                Ok(mut report) => match run.stabilizers.end_step(
                     &mut report,
                     &mut HookContext {
                         step,
                         device: &run.device,
                         rng: &mut rng,
                     },
-                )
-                .with_context(|| format!("a stabilizer failed at the end of step {step}"))?;
-            if let Some((what, value)) = report.first_non_finite() {
-                return Err(anyhow!(nash_core::Error::NonFinite {
-                    what: format!("`{what}` (= {value}) at step {step}"),
-                })
-                .context(format!(
-                    "training diverged at step {step}: `{what}` became {value}; lower the learning rate, \
-                     or add a stabilizer (gradient clipping, a gradient penalty)"
-                )));
-            }
+                ) {
+                    Ok(()) => report,
+                    Err(e) => non_finite_report(&e).ok_or_else(|| {
+                        anyhow::Error::from(e).context(TrainingFailed::new(format!(
+                            "a stabilizer failed at the end of step {step}"
+                        )))
+                    })?,
+                },
+                Err(e) => non_finite_report(&e).ok_or_else(|| {
+                    anyhow::Error::from(e).context(TrainingFailed::new(format!("training step {step} failed")))
+                })?,
+            };
             let done = step + 1;
-            summary.steps = done;
-            summary.epochs = loader.epoch();
-            if cfg.log_every > 0 && done.is_multiple_of(cfg.log_every) {
-                let lr: BTreeMap<&str, f64> = run
-                    .optimizers
-                    .iter()
-                    .map(|(g, o)| (g.as_str(), o.learning_rate()))
-                    .collect();
-                log.write(&json!({
-                    "step": done,
-                    "epoch": loader.epoch(),
-                    "losses": report.losses,
-                    "diagnostics": report.diagnostics,
-                    "lr": lr,
-                    "elapsed_s": start.elapsed().as_secs_f64(),
-                }))?;
-                if !progress.is_visible() {
-                    tracing::info!("step {done}/{steps}  {}", short_losses(&report));
+            let mut events = monitor.observe_step(done, &report);
+            let go_on = decide(&events, &summary.health, &cfg.health).is_none_or(|a| a == Action::Warn);
+            if go_on {
+                summary.steps = done;
+                summary.epochs = loader.epoch();
+                if cfg.log_every > 0 && done.is_multiple_of(cfg.log_every) {
+                    let lr: BTreeMap<&str, f64> = run
+                        .optimizers
+                        .iter()
+                        .map(|(g, o)| (g.as_str(), o.learning_rate()))
+                        .collect();
+                    log.write(&json!({
+                        "step": done,
+                        "epoch": loader.epoch(),
+                        "losses": report.losses,
+                        "diagnostics": report.diagnostics,
+                        "lr": lr,
+                        "elapsed_s": earlier_wall + start.elapsed().as_secs_f64(),
+                    }))?;
+                    if !progress.is_visible() {
+                        tracing::info!("step {done}/{steps}  {}", short_losses(&report));
+                    }
                 }
             }
-            progress.set_position(done);
-            progress.set_message(short_losses(&report));
-            summary.final_losses = report.losses;
-            summary.final_diagnostics = report.diagnostics;
-
             let last = done == steps;
-            if !last && cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) {
-                let t = Instant::now();
-                let (eval, metrics) = run.evaluate(cfg.eval_batches, cfg.batch_size, seed)?;
-                log.write(&json!({"step": done, "split": "test", "eval": eval, "metrics": metrics}))?;
-                tracing::info!("step {done}: eval {eval:?} metrics {metrics:?}");
-                eval_time += t.elapsed().as_secs_f64();
+            if go_on {
+                progress.set_position(done);
+                progress.set_message(short_losses(&report));
+                summary.final_losses = report.losses;
+                summary.final_diagnostics = report.diagnostics;
+                if !last && cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every) {
+                    let t = Instant::now();
+                    let (eval, metrics) =
+                        run.evaluate(cfg.eval_batches, cfg.batch_size, seed, cfg.health.diversity_samples)?;
+                    log.write(&json!({"step": done, "split": "test", "eval": eval, "metrics": metrics}))?;
+                    tracing::info!("step {done}: eval {eval:?} metrics {metrics:?}");
+                    events.extend(monitor.observe_eval(done, &metrics));
+                    last_eval = Some(Evaluation {
+                        step: done,
+                        eval,
+                        metrics,
+                    });
+                    eval_time += t.elapsed().as_secs_f64();
+                }
+            }
+            let decision = decide(&events, &summary.health, &cfg.health);
+            let restore_to = snapshot.as_ref().map_or(start_step, |(s, _)| s.step);
+            let outcomes = outcomes(&events, decision, &summary.health, &cfg.health, restore_to);
+            for (e, outcome) in events.iter().zip(&outcomes) {
+                tracing::warn!(
+                    "health: {} at step {}: {} ({outcome})",
+                    e.detector.name(),
+                    e.step,
+                    e.message
+                );
+                health_log.write(&health_json(e, outcome))?;
+                *summary.health.events.entry(e.detector.name().to_string()).or_default() += 1;
+                if decision != Some(Action::Rollback) {
+                    log.write(&json!({"step": e.step, "split": "health", "health": health_json(e, outcome)}))?;
+                }
+            }
+            match decision {
+                Some(Action::Stop) => {
+                    let (e, why) = events
+                        .iter()
+                        .zip(&outcomes)
+                        .find(|(e, _)| e.action != Action::Warn)
+                        .expect("a stop comes from an event");
+                    summary.health.stopped_by = Some(e.detector.name().to_string());
+                    return Err(stop_error(e, why));
+                }
+                Some(Action::Rollback) => {
+                    let (saved, baked) = snapshot
+                        .as_ref()
+                        .expect("a snapshot is kept whenever a policy is `rollback`");
+                    run.restore(saved, &mut rng, Some(&mut loader), Path::new("<health snapshot>"))
+                        .context("cannot roll back to the last healthy snapshot")?;
+                    summary.health.rollbacks += 1;
+                    // The optimizer state restored holds the learning-rate scale of its time.
+                    let factor = cfg.health.lr_factor.powi((summary.health.rollbacks - baked) as i32);
+                    for opt in run.optimizers.values_mut() {
+                        opt.scale_learning_rate(factor);
+                    }
+                    monitor.reset();
+                    last_eval = saved.record.last_evaluation.clone();
+                    summary.steps = saved.step;
+                    summary.epochs = loader.epoch();
+                    // The metrics after the snapshot belong to the abandoned trajectory.
+                    log = JsonLines::resume(dir.join("metrics.jsonl"), saved.step)?;
+                    for (e, outcome) in events.iter().zip(&outcomes) {
+                        log.write(&json!({"step": saved.step, "split": "health", "health": health_json(e, outcome)}))?;
+                    }
+                    progress.set_position(saved.step);
+                    step = saved.step;
+                    continue;
+                }
+                _ => {}
             }
             if !last && cfg.sample_every > 0 && done.is_multiple_of(cfg.sample_every) {
                 let t = Instant::now();
                 run.write_samples(&dir.join("samples"), done, cfg.sample_count, seed)?;
                 eval_time += t.elapsed().as_secs_f64();
             }
+            if can_roll_back && done.is_multiple_of(cfg.health.snapshot_every) && monitor.calm() {
+                let rec = record(
+                    &summary,
+                    earlier_wall + start.elapsed().as_secs_f64(),
+                    loader.epoch(),
+                    &last_eval,
+                );
+                snapshot = Some((run.capture(done, &rng, &loader, &hash, rec), summary.health.rollbacks));
+            }
+            let every = cfg.checkpoint.every;
+            let stop = stop_requested();
+            if !last && (stop || (every > 0 && done.is_multiple_of(every))) {
+                let rec = record(
+                    &summary,
+                    earlier_wall + start.elapsed().as_secs_f64(),
+                    loader.epoch(),
+                    &last_eval,
+                );
+                let state = run.capture(done, &rng, &loader, &hash, rec);
+                let path = checkpoint::write_checkpoint(dir, &state, &cfg.checkpoint)?;
+                tracing::info!("checkpoint {}", path.display());
+                checkpointed = Some(done);
+            }
+            if stop && !last {
+                interrupted = true;
+                tracing::warn!("interrupted after step {done}; checkpoint {:?} written", checkpointed);
+                return Ok(());
+            }
+            step = done;
         }
         drop(progress);
         let train_time = start.elapsed().as_secs_f64() - eval_time;
         summary.steps_per_s = if train_time > 0.0 {
-            summary.steps as f64 / train_time
+            (summary.steps - start_step) as f64 / train_time
         } else {
             0.0
         };
-        let (eval, metrics) = run.evaluate(cfg.eval_batches, cfg.batch_size, seed)?;
+        let (eval, metrics) = run.evaluate(cfg.eval_batches, cfg.batch_size, seed, cfg.health.diversity_samples)?;
         log.write(&json!({"step": summary.steps, "split": "test", "eval": eval, "metrics": metrics}))?;
-        summary.final_eval = eval;
-        summary.final_metrics = metrics;
+        for e in monitor.observe_eval(summary.steps, &metrics) {
+            // Nothing is left to roll back or stop: the final evaluation's events are logged only.
+            let outcome = "none (final evaluation)";
+            tracing::warn!(
+                "health: {} at step {}: {} ({outcome})",
+                e.detector.name(),
+                e.step,
+                e.message
+            );
+            health_log.write(&health_json(&e, outcome))?;
+            *summary.health.events.entry(e.detector.name().to_string()).or_default() += 1;
+            log.write(&json!({"step": e.step, "split": "health", "health": health_json(&e, outcome)}))?;
+        }
+        summary.final_eval = eval.clone();
+        summary.final_metrics = metrics.clone();
+        last_eval = Some(Evaluation {
+            step: summary.steps,
+            eval,
+            metrics,
+        });
         if cfg.sample_count > 0 {
             run.write_samples(&dir.join("samples"), summary.steps, cfg.sample_count, seed)?;
         }
+        let rec = record(
+            &summary,
+            earlier_wall + start.elapsed().as_secs_f64(),
+            loader.epoch(),
+            &last_eval,
+        );
+        let state = run.capture(summary.steps, &rng, &loader, &hash, rec);
+        checkpoint::write_checkpoint(dir, &state, &cfg.checkpoint).context("cannot write the final checkpoint")?;
         Ok(())
     })();
-    summary.wall_time_s = start.elapsed().as_secs_f64();
+    summary.wall_time_s = earlier_wall + start.elapsed().as_secs_f64();
     summary.epochs = loader.epoch();
+    if interrupted {
+        summary.status = "interrupted".into();
+    }
     if let Err(e) = &result {
         summary.status = "failed".into();
         summary.error = Some(format!("{e:#}"));
     }
     write_json(&dir.join("summary.json"), &summary)?;
+    drop((log, health_log));
+    if let Err(e) = crate::report::finish_run_outputs(dir) {
+        tracing::warn!("cannot write the run report of {}: {e:#}", dir.display());
+    }
     result?;
     tracing::info!(
-        "done: {} steps in {:.1}s ({:.1} steps/s); eval {:?}; metrics {:?}; run folder {}",
+        "{}: {} steps in {:.1}s ({:.1} steps/s); eval {:?}; metrics {:?}; run folder {}",
+        if interrupted { "interrupted" } else { "done" },
         summary.steps,
         summary.wall_time_s,
         summary.steps_per_s,
@@ -608,6 +1111,250 @@ pub fn train(
         dir.display()
     );
     Ok(summary)
+}
+
+/// The health log of a run folder.
+pub const HEALTH_FILE: &str = "health.jsonl";
+
+/// The report of a step that failed with [`nash_core::Error::NonFinite`] (`what` is
+/// "`key` = value" or "key = value"): the key with its value (NaN when it cannot be read).
+fn non_finite_report(e: &nash_core::Error) -> Option<StepReport> {
+    let nash_core::Error::NonFinite { what } = e else {
+        return None;
+    };
+    let (key, value) = match what.split_once(" = ") {
+        Some((k, v)) => (k, v.trim().parse::<f64>().unwrap_or(f64::NAN)),
+        None => (what.as_str(), f64::NAN),
+    };
+    let mut report = StepReport::default();
+    report.loss(
+        key.trim().trim_matches('`'),
+        if value.is_finite() { f64::NAN } else { value },
+    );
+    Some(report)
+}
+
+/// The strongest action `events` call for: `rollback` becomes `stop` once `max_rollbacks` are used.
+fn decide(events: &[health::Event], done: &HealthSummary, cfg: &health::HealthConfig) -> Option<Action> {
+    let strongest = events.iter().map(|e| e.action).max()?;
+    Some(match strongest {
+        Action::Rollback if done.rollbacks >= cfg.max_rollbacks => Action::Stop,
+        a => a,
+    })
+}
+
+/// What was done about each event, in words, for the logs.
+fn outcomes(
+    events: &[health::Event],
+    decision: Option<Action>,
+    done: &HealthSummary,
+    cfg: &health::HealthConfig,
+    restore_to: u64,
+) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match (e.action, decision) {
+            (Action::Warn, _) => "warn".to_string(),
+            (Action::Rollback, Some(Action::Rollback)) => format!(
+                "rollback {} of {} to step {restore_to}, learning rates x{}",
+                done.rollbacks + 1,
+                cfg.max_rollbacks,
+                if cfg.lr_factor >= 1e-3 {
+                    cfg.lr_factor.to_string()
+                } else {
+                    format!("{:e}", cfg.lr_factor)
+                }
+            ),
+            (Action::Rollback, _) if done.rollbacks >= cfg.max_rollbacks => {
+                format!("stop (all {} rollbacks used)", cfg.max_rollbacks)
+            }
+            _ => "stop".to_string(),
+        })
+        .collect()
+}
+
+/// A `health.jsonl` line.
+fn health_json(e: &health::Event, outcome: &str) -> Value {
+    json!({
+        "step": e.step,
+        "kind": e.detector.name(),
+        "severity": e.detector.severity(),
+        "key": e.key,
+        "message": e.message,
+        "action": outcome,
+    })
+}
+
+/// The error of a run the monitor stopped because of `e`.
+fn stop_error(e: &health::Event, outcome: &str) -> anyhow::Error {
+    if e.detector == Detector::NonFinite {
+        return anyhow!(nash_core::Error::NonFinite {
+            what: format!("`{}` at step {}", e.key, e.step),
+        })
+        .context(TrainingFailed::new(format!(
+            "training diverged at step {}: {}; lower the learning rate, or add a stabilizer (gradient clipping, \
+             a gradient penalty), or set [training.health] policy = \"rollback\" ({outcome})",
+            e.step, e.message
+        )));
+    }
+    anyhow!(TrainingFailed::new(format!(
+        "training stopped by the health monitor at step {} ({}): {} ({outcome}; see [training.health])",
+        e.step,
+        e.detector.name(),
+        e.message
+    )))
+}
+
+/// The health section of a run resumed from its folder: the events `health.jsonl` kept.
+fn earlier_health(path: &Path) -> HealthSummary {
+    let mut summary = HealthSummary::default();
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    for line in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
+        if let Some(kind) = line["kind"].as_str() {
+            *summary.events.entry(kind.to_string()).or_default() += 1;
+        }
+        if line["action"].as_str().is_some_and(|a| a.starts_with("rollback")) {
+            summary.rollbacks += 1;
+        }
+    }
+    summary
+}
+
+/// Reads the resolved pipeline of `run_dir` and loads its plugins (and `extra_plugins`).
+fn prepare_run(run_dir: &Path, extra_plugins: &[PathBuf], opts: &RunOptions) -> anyhow::Result<crate::Prepared> {
+    let path = run_dir.join("pipeline.resolved.json");
+    let source = crate::PipelineSource::from_file(&path).with_context(|| {
+        format!(
+            "{} is not a run folder: cannot read {}",
+            run_dir.display(),
+            path.display()
+        )
+    })?;
+    crate::prepare(source, &[], extra_plugins, opts)
+}
+
+/// `nash resume`: continues the run in `run_dir` from its newest complete checkpoint, with the
+/// run's resolved pipeline, to `opts.steps` steps in all (else the pipeline's `training.steps`).
+pub fn resume(run_dir: &Path, extra_plugins: &[PathBuf], opts: &RunOptions) -> anyhow::Result<Summary> {
+    let (origin, saved) = checkpoint::load_latest(run_dir)?;
+    let prepared = prepare_run(run_dir, extra_plugins, opts)?;
+    let mut opts = opts.clone();
+    opts.seed = None;
+    let name = prepared.name.clone();
+    train_from(
+        &prepared.pipeline,
+        &name,
+        run_dir,
+        &prepared.plugins.plugins,
+        &opts,
+        Some((&origin, &saved)),
+    )
+}
+
+/// A run rebuilt from a checkpoint, for `sample` and `eval`: the trained parameters and the
+/// stabilizers' state (whose evaluation parameters, an EMA, are used).
+fn restored(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<(Run, crate::Prepared, TrainingState, PathBuf)> {
+    let (run_dir, origin, saved) = checkpoint::resolve(path)?;
+    let prepared = prepare_run(&run_dir, extra_plugins, &RunOptions::default())?;
+    let hash = checkpoint::pipeline_hash(&prepared.pipeline)?;
+    if hash != saved.pipeline_hash {
+        tracing::warn!(
+            "{} was written by another pipeline than {}/pipeline.resolved.json",
+            origin.display(),
+            run_dir.display()
+        );
+    }
+    let seed = prepared.pipeline.seed;
+    let mut rng = Rng::seed_from_u64(seed);
+    let mut run = build(&prepared.pipeline, seed, &mut rng)?;
+    run.restore(&saved, &mut rng, None, &origin)?;
+    Ok((run, prepared, saved, origin))
+}
+
+/// `nash sample`: draws `count` samples (from `seed`) of the model in the checkpoint (or the
+/// newest one of a run folder) and writes them to `out`: a `.npy` array `[count, ...sample shape]`
+/// or a `.png` picture (a grid of images, or a scatter plot of 2-D points).
+pub fn sample(path: &Path, count: usize, seed: u64, out: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<()> {
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ext != "png" && ext != "npy" {
+        return Err(anyhow!("--out {}: the file must end in .png or .npy", out.display()));
+    }
+    if count == 0 {
+        return Err(anyhow!("--count must be at least 1"));
+    }
+    let (mut run, _, saved, _) = restored(path, extra_plugins)?;
+    let values = run.with_evaluation_params(|run| {
+        let mut rng = Rng::seed_from_u64(seed);
+        let mut ctx = EvalContext {
+            device: &run.device,
+            rng: &mut rng,
+        };
+        let family = run.model.family().to_string();
+        let samples = run
+            .model
+            .sample(count, &mut ctx)
+            .context("sampling failed")?
+            .ok_or_else(|| anyhow!("the {family} model does not generate samples"))?;
+        let (_, cols) = *samples.shape();
+        Ok((samples.as_vec(), cols))
+    })?;
+    let (values, cols) = values;
+    if ext == "npy" {
+        let info = run.data.info();
+        let mut shape = vec![count];
+        if info.sample_shape.numel() == cols {
+            match info.sample_shape {
+                nash_core::tensor::FeatureShape::Image {
+                    channels,
+                    height,
+                    width,
+                } => shape.extend([channels, height, width]),
+                nash_core::tensor::FeatureShape::Flat(n) => shape.push(n),
+            }
+        } else {
+            shape.push(cols);
+        }
+        return checkpoint::write_npy(out, &shape, &values);
+    }
+    let tmp = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(format!(".nash-sample-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let written = run.pictures.write_samples(&tmp, saved.step, &values, cols);
+    let result = match written {
+        Ok(Some(p)) => std::fs::rename(&p, out).with_context(|| format!("cannot write {}", out.display())),
+        Ok(None) => Err(anyhow!(
+            "samples of shape {:?} cannot be drawn as a picture; use --out FILE.npy",
+            run.data.info().sample_shape
+        )),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// `nash eval`: the pipeline's held-out evaluation and metrics on the checkpoint (or the newest
+/// one of a run folder), with the stabilizers' evaluation parameters.
+pub fn evaluate(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<Evaluation> {
+    let (mut run, prepared, saved, _) = restored(path, extra_plugins)?;
+    let cfg = &prepared.pipeline.training;
+    let (eval, metrics) = run.evaluate(
+        cfg.eval_batches,
+        cfg.batch_size,
+        prepared.pipeline.seed,
+        cfg.health.diversity_samples,
+    )?;
+    Ok(Evaluation {
+        step: saved.step,
+        eval,
+        metrics,
+    })
 }
 
 #[cfg(test)]
@@ -803,9 +1550,14 @@ mod tests {
 
     /// A pipeline training the mean model on `data`, with `training` lines appended.
     fn pipeline_on(data: &str, extra: &str, training: &str) -> Pipeline {
+        pipeline_with_lr(data, extra, training, 0.5)
+    }
+
+    /// [`pipeline_on`] with SGD at learning rate `lr`.
+    fn pipeline_with_lr(data: &str, extra: &str, training: &str, lr: f64) -> Pipeline {
         let text = format!(
             "seed = 3\ndata = {{ type = \"{data}\" }}\nmodel = {{ type = \"test_mean\" {extra} }}\n\
-             [optimizers.model]\ntype = \"sgd\"\nlr = 0.5\n\
+             [optimizers.model]\ntype = \"sgd\"\nlr = {lr:e}\n\
              [training]\nsteps = 40\nbatch_size = 16\nlog_every = 10\neval_every = 20\neval_batches = 2\nsample_count = 3\n\
              {training}"
         );
@@ -939,19 +1691,195 @@ mod tests {
     }
 
     #[test]
+    fn resume_continues_exactly_and_refuses_mismatches() {
+        let p = pipeline_on("test_two_points", "", "checkpoint = { every = 20 }\n");
+        let (full, half) = (temp_dir("resume-full"), temp_dir("resume-half"));
+        let whole = train(&p, "t", &full, &[], &RunOptions::default()).unwrap();
+        let opts = RunOptions {
+            steps: Some(20),
+            ..Default::default()
+        };
+        train(&p, "t", &half, &[], &opts).unwrap();
+        let (origin, saved) = checkpoint::load_latest(&half).unwrap();
+        assert_eq!(saved.step, 20);
+        let resumed = train_from(&p, "t", &half, &[], &RunOptions::default(), Some((&origin, &saved))).unwrap();
+        assert_eq!(resumed.final_losses, whole.final_losses);
+        assert_eq!(resumed.final_eval, whole.final_eval);
+        assert_eq!(resumed.initial_eval, whole.initial_eval);
+        let a = checkpoint::load_checkpoint(&full.join("checkpoints/step-00000040")).unwrap();
+        let b = checkpoint::load_checkpoint(&half.join("checkpoints/step-00000040")).unwrap();
+        assert_eq!((a.params, a.state, a.rng), (b.params, b.state, b.rng));
+        // The metrics of both runs are the same lines.
+        let strip = |dir: &Path| -> Vec<Value> {
+            lines(dir)
+                .into_iter()
+                .map(|mut l| {
+                    l.as_object_mut().unwrap().remove("elapsed_s");
+                    l
+                })
+                .collect()
+        };
+        assert_eq!(strip(&full), strip(&half));
+
+        // Nothing left to train, and a checkpoint of another pipeline.
+        let (origin, saved) = checkpoint::load_latest(&half).unwrap();
+        let msg = format!(
+            "{:#}",
+            train_from(&p, "t", &half, &[], &RunOptions::default(), Some((&origin, &saved))).unwrap_err()
+        );
+        assert!(msg.contains("training.steps") && msg.contains("--steps"), "{msg}");
+        let other = pipeline_on("test_two_points", ", nan_at = 1000", "");
+        let msg = format!(
+            "{:#}",
+            train_from(&other, "t", &half, &[], &RunOptions::default(), Some((&origin, &saved))).unwrap_err()
+        );
+        assert!(msg.contains("another pipeline"), "{msg}");
+        let _ = std::fs::remove_dir_all(&full);
+        let _ = std::fs::remove_dir_all(&half);
+    }
+
+    #[test]
     fn non_finite_loss_stops_with_its_name() {
         let dir = temp_dir("nan");
         let e = train(&pipeline(", nan_at = 5"), "t", &dir, &[], &RunOptions::default()).unwrap_err();
         let msg = format!("{e:#}");
+        // The model's step 5 (counted from 0) is the sixth: step 6 in the logs.
         assert!(
-            msg.contains("diverged at step 5") && msg.contains("`loss/mse`"),
+            msg.contains("diverged at step 6") && msg.contains("`loss/mse`"),
             "{msg}"
         );
+        assert_eq!(crate::validate::exit_code(&e), crate::validate::exit::TRAINING);
         let summary: Summary =
             serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
         assert_eq!((summary.status.as_str(), summary.steps), ("failed", 5));
         assert!(summary.error.unwrap().contains("loss/mse"));
+        assert_eq!(summary.health.events["non_finite"], 1);
+        assert_eq!(summary.health.stopped_by.as_deref(), Some("non_finite"));
+        let health = std::fs::read_to_string(dir.join(HEALTH_FILE)).unwrap();
+        let event: Value = serde_json::from_str(health.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            (event["step"].as_u64(), event["kind"].as_str()),
+            (Some(6), Some("non_finite"))
+        );
+        assert_eq!(
+            (event["key"].as_str(), event["action"].as_str()),
+            (Some("loss/mse"), Some("stop"))
+        );
+        // The report was written for the failed run too, with the event in its health log.
+        let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
+        assert!(
+            html.contains("`loss/mse` became NaN at step 6"),
+            "health log missing from the report"
+        );
+        assert!(dir.join("metrics.csv").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rollback_restores_the_snapshot_lowers_the_learning_rate_and_stops_when_used_up() {
+        // NaN from the model's step 25 on: every retry fails again, so all rollbacks are used.
+        let dir = temp_dir("rollback");
+        let p = pipeline_on(
+            "test_two_points",
+            ", nan_at = 25",
+            "[training.health]\npolicy = { non_finite = \"rollback\" }\nsnapshot_every = 10\nmax_rollbacks = 2\nlr_factor = 0.25\n",
+        );
+        let e = train(&p, "t", &dir, &[], &RunOptions::default()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("all 2 rollbacks used") && msg.contains("loss/mse"),
+            "{msg}"
+        );
+        assert_eq!(crate::validate::exit_code(&e), crate::validate::exit::TRAINING);
+        let summary: Summary =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+        assert_eq!((summary.health.rollbacks, summary.health.events["non_finite"]), (2, 3));
+        let events: Vec<Value> = std::fs::read_to_string(dir.join(HEALTH_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let actions: Vec<&str> = events.iter().map(|e| e["action"].as_str().unwrap()).collect();
+        assert_eq!(
+            actions,
+            [
+                "rollback 1 of 2 to step 20, learning rates x0.25",
+                "rollback 2 of 2 to step 20, learning rates x0.25",
+                "stop (all 2 rollbacks used)"
+            ]
+        );
+        // metrics.jsonl holds the surviving trajectory: the lines of steps after 20 were dropped at
+        // each rollback (the retries fail before their first log line, at step 30).
+        let logged = lines(&dir);
+        let steps: Vec<u64> = logged.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+        assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+        let health_lines: Vec<&Value> = logged.iter().filter(|l| l["split"] == "health").collect();
+        assert_eq!(health_lines.len(), 3);
+        let lr_after: Vec<f64> = logged
+            .iter()
+            .filter(|l| l.get("lr").is_some())
+            .map(|l| l["lr"]["model"].as_f64().unwrap())
+            .collect();
+        assert_eq!(
+            lr_after,
+            [0.5, 0.5],
+            "steps 10 and 20; the retried steps stop before step 30"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // An absurd learning rate: the first step overflows f32 to infinity, the run rolls back to
+        // step 0 with the learning rate x1e-30 (= 1), and then converges.
+        let dir = temp_dir("rollback-lr");
+        let p = pipeline_with_lr(
+            "test_two_points",
+            "",
+            "[training.health]\npolicy = \"rollback\"\nlr_factor = 1e-30\n",
+            1e30,
+        );
+        let summary = train(&p, "t", &dir, &[], &RunOptions::default()).unwrap();
+        assert_eq!(
+            (summary.status.as_str(), summary.steps, summary.health.rollbacks),
+            ("completed", 40, 1)
+        );
+        // lr 1 jumps to each batch's mean: near the optimum 0.25, within the batches' spread.
+        assert!(
+            (summary.final_eval["loss/mse"] - 0.25).abs() < 0.01,
+            "{:?}",
+            summary.final_eval
+        );
+        let logged = lines(&dir);
+        let lr = logged[2]["lr"]["model"].as_f64().unwrap();
+        assert!((lr - 1.0).abs() < 1e-6, "{lr}");
+        assert_eq!(logged[1]["health"]["key"], "loss/mse");
+        assert_eq!(logged[1]["step"], 0, "logged at the step rolled back to");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A healthy run under policy rollback: no events, snapshots every 10 steps, the same
+        // result as without it.
+        let plain = train(&pipeline(""), "t", &temp_dir("rb-plain"), &[], &RunOptions::default()).unwrap();
+        let p = pipeline_on(
+            "test_two_points",
+            "",
+            "[training.health]\npolicy = \"rollback\"\nsnapshot_every = 10\n",
+        );
+        let watched = train(&p, "t", &temp_dir("rb-watched"), &[], &RunOptions::default()).unwrap();
+        assert_eq!(watched.final_losses, plain.final_losses);
+        assert_eq!(watched.health, HealthSummary::default());
+        let _ = std::fs::remove_dir_all(temp_dir("rb-plain"));
+        let _ = std::fs::remove_dir_all(temp_dir("rb-watched"));
+    }
+
+    #[test]
+    fn training_failures_map_to_exit_code_6_by_type_not_wording() {
+        let e = anyhow!(TrainingFailed::new("something unusual"))
+            .context("while doing x")
+            .context("outer");
+        assert_eq!(crate::validate::exit_code(&e), crate::validate::exit::TRAINING);
+        let e = Err::<(), _>(nash_core::Error::shape("linear", "3", "4"))
+            .with_context(|| TrainingFailed::new("step 3 went wrong"))
+            .context("more")
+            .unwrap_err();
+        assert_eq!(crate::validate::exit_code(&e), crate::validate::exit::TRAINING);
     }
 
     #[test]

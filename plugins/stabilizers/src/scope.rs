@@ -145,7 +145,10 @@ mod tests {
         crate::register(&mut registry).unwrap();
         let tags = registry.tags(nash_core::registry::Kind::Stabilizer);
         for (a, b, why) in CONFLICTS {
-            assert!(tags.contains(a) && tags.contains(b), "{a} / {b} not both registered: {tags:?}");
+            assert!(
+                tags.contains(a) && tags.contains(b),
+                "{a} / {b} not both registered: {tags:?}"
+            );
             assert!(why.contains("use one") || why.contains("keep one") || why.contains("use one pattern"));
         }
     }

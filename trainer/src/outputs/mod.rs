@@ -13,7 +13,10 @@
 //!   the axes are fixed from the data so the frames of a run compare.
 //!
 //! Values map from the data's `value_range` to 0..255, clamped ([`grid::to_byte`]).
+//!
+//! [`curves`] draws the line plots of `metrics.jsonl` into `<run>/curves/`.
 
+pub mod curves;
 pub mod grid;
 pub mod scatter;
 
