@@ -18,6 +18,7 @@ pub mod outputs;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+mod run;
 pub mod scaffold;
 pub mod train;
 pub mod validate;

@@ -1,35 +1,32 @@
-//! The training driver: builds everything a pipeline describes, runs the steps, evaluates, and
-//! writes the run folder (`metrics.jsonl`, `samples/` with JSON rows and pictures, `summary.json`,
+//! The training driver: builds everything a pipeline describes ([`crate::run`]), runs the steps,
+//! evaluates, and writes the run folder (`metrics.jsonl`, `samples/` with JSON rows and pictures, `summary.json`,
 //! `health.jsonl`, and at the end of every run `metrics.csv`, `curves/` and `index.html`). Every step
 //! and evaluation goes through the training-health monitor ([`crate::health`]), whose policy may
 //! roll the run back to an in-memory snapshot or stop it ([`TrainingFailed`], exit code 6).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
-use nash_core::data::{DataLoader, DataSource, Split};
+use nash_core::data::{DataLoader, Split};
 use nash_core::dfdx::shapes::HasShape;
-use nash_core::layers::BuildContext;
-use nash_core::metric::Metric;
-use nash_core::model::{EvalContext, Model, StepReport, TrainContext};
-use nash_core::optim::Optimizer;
+use nash_core::model::{EvalContext, StepReport, TrainContext};
 use nash_core::rand::SeedableRng;
 use nash_core::serde_json::{self, json, Value};
-use nash_core::stabilizer::{HookContext, StabilizerStack};
-use nash_core::tensor::{Device, Rng};
+use nash_core::stabilizer::HookContext;
+use nash_core::tensor::Rng;
 use nash_core::tracing;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, Evaluation, NamedTensor, RngState, RunRecord, TrainingState};
+use crate::checkpoint::{self, Evaluation, RunRecord, TrainingState};
 use crate::health::{self, Action, Detector, Monitor};
 use crate::loader::LoadedPlugin;
-use crate::outputs::Pictures;
 use crate::pipeline::Pipeline;
 use crate::progress::Progress;
+use crate::run::{build, Run};
 
 /// Settings from the command line that take precedence over the pipeline.
 #[derive(Clone, Debug, Default)]
@@ -257,426 +254,9 @@ impl JsonLines {
     }
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Everything built from the pipeline.
-struct Run {
-    device: Device,
-    data: Box<dyn DataSource>,
-    model: Box<dyn Model>,
-    optimizers: BTreeMap<String, Box<dyn Optimizer>>,
-    stabilizers: StabilizerStack,
-    metrics: Vec<Box<dyn Metric>>,
-    pictures: Pictures,
-}
-
-fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
-    let device = Device::seed_from_u64(seed);
-    let data = pipeline
-        .data
-        .build(seed)
-        .context("cannot build the data source (`data`)")?;
-    tracing::info!("data: {}", data.describe());
-    let info = data.info();
-    let mut model = pipeline
-        .model
-        .build(&info, &mut BuildContext { device: &device, rng })
-        .context("cannot build the model (`model`)")?;
-    tracing::info!("model ({}):\n{}", model.family(), model.describe());
-
-    let expected: BTreeSet<String> = model.param_groups().into_iter().collect();
-    let given: BTreeSet<String> = pipeline.optimizers.keys().cloned().collect();
-    if expected != given {
-        let list = |s: &BTreeSet<String>| {
-            if s.is_empty() {
-                "none".to_string()
-            } else {
-                s.iter().map(|g| format!("`{g}`")).collect::<Vec<_>>().join(", ")
-            }
-        };
-        let missing: BTreeSet<String> = expected.difference(&given).cloned().collect();
-        let extra: BTreeSet<String> = given.difference(&expected).cloned().collect();
-        let mut msg = format!(
-            "the {} model has parameter groups {} but the pipeline configures optimizers for {}",
-            model.family(),
-            list(&expected),
-            list(&given)
-        );
-        if !missing.is_empty() {
-            msg += &format!("; add [optimizers.<group>] for {}", list(&missing));
-        }
-        if !extra.is_empty() {
-            msg += &format!("; remove {}", list(&extra));
-        }
-        return Err(nash_core::Error::config("optimizers", msg).into());
-    }
-    let optimizers = pipeline
-        .optimizers
-        .iter()
-        .map(|(group, cfg)| {
-            let opt = cfg
-                .build()
-                .with_context(|| format!("cannot build the optimizer `optimizers.{group}`"))?;
-            Ok((group.clone(), opt))
-        })
-        .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
-
-    let stabilizers = pipeline
-        .stabilizers
-        .iter()
-        .enumerate()
-        .map(|(i, cfg)| {
-            cfg.build()
-                .with_context(|| format!("cannot build the stabilizer `stabilizers[{i}]`"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut stabilizers = StabilizerStack::new(stabilizers)?;
-    stabilizers
-        .validate(model.as_ref())
-        .context("a stabilizer does not fit the model")?;
-    stabilizers
-        .setup(
-            model.as_mut(),
-            &mut HookContext {
-                step: 0,
-                device: &device,
-                rng,
-            },
-        )
-        .context("a stabilizer could not be set up for the model")?;
-    if !stabilizers.is_empty() {
-        let names: Vec<&str> = stabilizers.iter().map(|s| s.name()).collect();
-        tracing::info!("stabilizers: {}", names.join(", "));
-    }
-    let metrics = pipeline
-        .metrics
-        .iter()
-        .enumerate()
-        .map(|(i, cfg)| {
-            cfg.build()
-                .with_context(|| format!("cannot build the metric `metrics[{i}]`"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let pictures = Pictures::new(data.as_ref(), &device)?;
-    Ok(Run {
-        device,
-        data,
-        model,
-        optimizers,
-        stabilizers,
-        metrics,
-        pictures,
-    })
-}
-
-/// Seed of the generator each evaluation starts from: the same latent codes every time, and
-/// evaluations never disturb the training stream.
-fn eval_seed(seed: u64) -> u64 {
-    seed ^ 0x5EED_E7A1_0000_0001
-}
-
-/// Overwrites the parameters of `model` named in `values` and returns their previous values.
-fn swap_params(model: &mut dyn Model, values: Vec<(String, Vec<f32>)>) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
-    let mut by_name: BTreeMap<String, &mut nash_core::tensor::Param> = model.named_params_mut().into_iter().collect();
-    let mut previous = Vec::with_capacity(values.len());
-    for (name, v) in values {
-        let param = by_name.get_mut(&name).ok_or_else(|| {
-            anyhow!("a stabilizer's evaluation parameters name `{name}`, which the model does not have")
-        })?;
-        previous.push((name.clone(), param.to_vec()));
-        param
-            .set(&v)
-            .with_context(|| format!("cannot use a stabilizer's evaluation values for `{name}`"))?;
-    }
-    Ok(previous)
-}
-
-impl Run {
-    /// Everything needed to continue exactly after `step`: parameters, optimizer, stabilizer and
-    /// model state, the training generator and the loader's position. The health monitor's
-    /// rollback keeps one of these in memory; checkpoints write it with
-    /// [`checkpoint::write_checkpoint`].
-    pub(crate) fn capture(
-        &self,
-        step: u64,
-        rng: &Rng,
-        loader: &DataLoader,
-        pipeline_hash: &str,
-        record: RunRecord,
-    ) -> TrainingState {
-        let params = self
-            .model
-            .named_params()
-            .into_iter()
-            .map(|(name, p)| NamedTensor {
-                name,
-                shape: p.shape.clone(),
-                values: p.to_vec(),
-            })
-            .collect();
-        let mut state = nash_core::state::StateDict::default();
-        for (group, opt) in &self.optimizers {
-            state.extend_prefixed(&format!("optimizers.{group}"), opt.state());
-        }
-        state.extend_prefixed("stabilizers", self.stabilizers.state());
-        state.extend_prefixed("model", self.model.extra_state());
-        state.extend_prefixed("loader", loader.state());
-        TrainingState {
-            step,
-            params,
-            state,
-            rng: RngState::capture(rng),
-            pipeline_hash: pipeline_hash.to_string(),
-            nash_version: env!("CARGO_PKG_VERSION").to_string(),
-            record,
-        }
-    }
-
-    /// Puts `saved` back (the reverse of [`Run::capture`]); `origin` names the checkpoint in errors.
-    /// Parameter names and shapes must match the model exactly.
-    pub(crate) fn restore(
-        &mut self,
-        saved: &TrainingState,
-        rng: &mut Rng,
-        loader: Option<&mut DataLoader>,
-        origin: &Path,
-    ) -> anyhow::Result<()> {
-        let file = origin.join(checkpoint::PARAMS_FILE);
-        let mut by_name: BTreeMap<String, &mut nash_core::tensor::Param> =
-            self.model.named_params_mut().into_iter().collect();
-        for t in &saved.params {
-            let Some(p) = by_name.remove(&t.name) else {
-                let known: Vec<&String> = by_name.keys().collect();
-                return Err(anyhow!(
-                    "{}: parameter `{}` is not a parameter of this model (expected names like {:?}); \
-                     the checkpoint belongs to another pipeline",
-                    file.display(),
-                    t.name,
-                    known.iter().take(4).collect::<Vec<_>>()
-                ));
-            };
-            if p.shape != t.shape {
-                return Err(anyhow!(
-                    "{}: parameter `{}` has shape {:?}, the model expects {:?}",
-                    file.display(),
-                    t.name,
-                    t.shape,
-                    p.shape
-                ));
-            }
-            p.set(&t.values)
-                .with_context(|| format!("{}: parameter `{}`", file.display(), t.name))?;
-        }
-        if let Some(missing) = by_name.keys().next() {
-            return Err(anyhow!(
-                "{}: the model's parameter `{missing}` is missing ({} missing in all)",
-                file.display(),
-                by_name.len()
-            ));
-        }
-        let state_file = origin.join(checkpoint::STATE_FILE);
-        let ctx = |what: String| format!("{}: cannot restore {what}", state_file.display());
-        self.model
-            .load_extra_state(&saved.state.sub("model"))
-            .with_context(|| ctx("the model's state".into()))?;
-        for (group, opt) in self.optimizers.iter_mut() {
-            opt.load_state(&saved.state.sub(&format!("optimizers.{group}")))
-                .with_context(|| ctx(format!("the optimizer `{group}`")))?;
-        }
-        self.stabilizers
-            .load_state(&saved.state.sub("stabilizers"))
-            .with_context(|| ctx("the stabilizers".into()))?;
-        if let Some(loader) = loader {
-            loader
-                .load_state(&saved.state.sub("loader"))
-                .with_context(|| ctx("the data loader".into()))?;
-        }
-        *rng = saved.rng.restore().with_context(|| ctx("the generator".into()))?;
-        Ok(())
-    }
-
-    /// Runs `f` with the stabilizers' evaluation parameters (an EMA of the generator's weights) in
-    /// place of the trained ones, and puts the trained ones back afterwards, also when `f` fails.
-    fn with_evaluation_params<T>(&mut self, f: impl FnOnce(&mut Self) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let stand_ins = self.stabilizers.evaluation_params();
-        if stand_ins.is_empty() {
-            return f(self);
-        }
-        let trained = swap_params(self.model.as_mut(), stand_ins)?;
-        let result = f(self);
-        swap_params(self.model.as_mut(), trained)?;
-        result
-    }
-
-    /// [`Run::evaluate_with_trained_params`] with the stabilizers' evaluation parameters, plus the
-    /// `sample_diversity` metric ([`Run::sample_diversity`] of `diversity` samples; 0: none) unless
-    /// a metric already reports one.
-    fn evaluate(
-        &mut self,
-        batches: usize,
-        batch_size: usize,
-        seed: u64,
-        diversity: usize,
-    ) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
-        self.with_evaluation_params(|run| {
-            let (eval, mut metrics) = run.evaluate_with_trained_params(batches, batch_size, seed)?;
-            if diversity > 0 && !metrics.contains_key("sample_diversity") {
-                if let Some(d) = run.sample_diversity(diversity, seed)? {
-                    metrics.insert("sample_diversity".into(), d);
-                }
-            }
-            Ok((eval, metrics))
-        })
-    }
-
-    /// The mean pairwise distance of `n` samples drawn from a fixed seed, divided by the same
-    /// statistic of the first `n` test points (1: as spread as the data, near 0: collapsed). `None`
-    /// when the model does not sample, samples are not shaped like the data, or the test points
-    /// all coincide.
-    fn sample_diversity(&mut self, n: usize, seed: u64) -> anyhow::Result<Option<f64>> {
-        let n = n.min(self.data.len(Split::Test));
-        if n < 2 {
-            return Ok(None);
-        }
-        let mut rng = Rng::seed_from_u64(eval_seed(seed) ^ 0xD1E5);
-        let mut ctx = EvalContext {
-            device: &self.device,
-            rng: &mut rng,
-        };
-        let Some(samples) = self.model.sample(n, &mut ctx).context("sampling failed")? else {
-            return Ok(None);
-        };
-        let (_, cols) = *samples.shape();
-        let idx: Vec<usize> = (0..n).collect();
-        let real = self.data.batch(Split::Test, &idx, &self.device)?;
-        let (_, real_cols) = *real.inputs.shape();
-        if cols != real_cols {
-            return Ok(None);
-        }
-        let reference = health::mean_pairwise_distance(&real.inputs.as_vec(), cols);
-        if reference <= 0.0 || !reference.is_finite() {
-            return Ok(None);
-        }
-        Ok(Some(
-            health::mean_pairwise_distance(&samples.as_vec(), cols) / reference,
-        ))
-    }
-
-    /// [`Run::write_samples_with_trained_params`] with the stabilizers' evaluation parameters.
-    fn write_samples(&mut self, dir: &Path, step: u64, count: usize, seed: u64) -> anyhow::Result<()> {
-        self.with_evaluation_params(|run| run.write_samples_with_trained_params(dir, step, count, seed))
-    }
-
-    /// Held-out losses averaged (weighted by batch size) over the first `batches` test batches,
-    /// then every metric.
-    fn evaluate_with_trained_params(
-        &mut self,
-        batches: usize,
-        batch_size: usize,
-        seed: u64,
-    ) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
-        let mut rng = Rng::seed_from_u64(eval_seed(seed));
-        let n = self.data.len(Split::Test);
-        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-        let mut seen = 0usize;
-        for b in 0..batches {
-            let start = b * batch_size;
-            if start >= n {
-                break;
-            }
-            let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
-            let batch = self.data.batch(Split::Test, &idx, &self.device)?;
-            let mut ctx = EvalContext {
-                device: &self.device,
-                rng: &mut rng,
-            };
-            let losses = self.model.evaluate(&batch, &mut ctx).context("evaluation failed")?;
-            for (k, v) in losses {
-                *sums.entry(k).or_default() += v * idx.len() as f64;
-            }
-            seen += idx.len();
-        }
-        let eval = sums.into_iter().map(|(k, v)| (k, v / seen.max(1) as f64)).collect();
-        let mut metrics = BTreeMap::new();
-        for metric in &mut self.metrics {
-            let mut ctx = EvalContext {
-                device: &self.device,
-                rng: &mut rng,
-            };
-            let values = metric
-                .evaluate(self.model.as_mut(), self.data.as_ref(), &mut ctx)
-                .with_context(|| format!("metric `{}` failed", metric.name()))?;
-            for (k, v) in values {
-                let key = if metrics.contains_key(&k) {
-                    format!("{}/{k}", metric.name())
-                } else {
-                    k
-                };
-                metrics.insert(key, v);
-            }
-        }
-        Ok((eval, metrics))
-    }
-
-    /// Writes the outputs of `step` into `dir` (see [`crate::outputs`]): for generative models
-    /// `count` samples as JSON rows (`step-XXXXXXXX.json`) and as a picture (a grid or a scatter
-    /// plot); for models that reconstruct, the first `count` test samples beside their
-    /// reconstructions. Sampling and reconstruction draw from their own seeded generators: the same
-    /// latent codes every time, and the training stream is never disturbed.
-    fn write_samples_with_trained_params(
-        &mut self,
-        dir: &Path,
-        step: u64,
-        count: usize,
-        seed: u64,
-    ) -> anyhow::Result<()> {
-        if count == 0 {
-            return Ok(());
-        }
-        let mut rng = Rng::seed_from_u64(eval_seed(seed) ^ 0x5A3B);
-        let mut ctx = EvalContext {
-            device: &self.device,
-            rng: &mut rng,
-        };
-        if let Some(samples) = self.model.sample(count, &mut ctx).context("sampling failed")? {
-            let (rows, cols) = *samples.shape();
-            let values = samples.as_vec();
-            let rows: Vec<&[f32]> = (0..rows).map(|r| &values[r * cols..(r + 1) * cols]).collect();
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            write_json(
-                &dir.join(format!("step-{step:08}.json")),
-                &json!({"step": step, "shape": self.data.info().sample_shape, "samples": rows}),
-            )?;
-            self.pictures
-                .write_samples(dir, step, &values, cols)
-                .context("cannot draw the samples")?;
-        }
-        let n = count.min(self.data.len(Split::Test));
-        if n == 0 || !matches!(self.pictures.view(), crate::outputs::SampleView::Images(_)) {
-            return Ok(());
-        }
-        let idx: Vec<usize> = (0..n).collect();
-        let batch = self.data.batch(Split::Test, &idx, &self.device)?;
-        let mut rng = Rng::seed_from_u64(eval_seed(seed) ^ 0x4EC0);
-        let mut ctx = EvalContext {
-            device: &self.device,
-            rng: &mut rng,
-        };
-        if let Some(recon) = self
-            .model
-            .reconstruct(&batch, &mut ctx)
-            .context("reconstruction failed")?
-        {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            self.pictures
-                .write_reconstructions(dir, step, &batch.inputs.as_vec(), &recon.as_vec())
-                .context("cannot draw the reconstructions")?;
-        }
-        Ok(())
-    }
 }
 
 fn short_losses(report: &StepReport) -> String {
@@ -1361,9 +941,11 @@ pub fn evaluate(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<Evalua
 mod tests {
     use super::*;
     use crate::pipeline::{Format, PipelineDoc, PipelineSource};
-    use nash_core::data::{Batch, DataInfo, DataSourceConfig};
-    use nash_core::model::ModelConfig;
+    use nash_core::data::{Batch, DataInfo, DataSource, DataSourceConfig};
+    use nash_core::layers::BuildContext;
+    use nash_core::model::{Model, ModelConfig};
     use nash_core::registry::Registry;
+    use nash_core::tensor::Device;
     use nash_core::tensor::{matrix_from_vec, FeatureShape, Grads, Param, ParamRole, Parameterized};
     use nash_core::{Error, Result};
 
