@@ -11,7 +11,8 @@
 # the width, 4,000 steps); --base pacgan uses PacGAN's exact setup (pacgan_{ring,grid}.toml; the paper
 # trains 400,000 steps: pass --steps). Runs go to DIR/<data>-<variant>-s<seed> (default runs/stability);
 # a finished run is reused, so an interrupted benchmark resumes where it stopped. Variants (default all):
-# gan, wgan_gp, r1, spectral_norm, pacgan, instance_noise, unrolled, best. Needs a release build
+# gan, wgan_gp, r1, spectral_norm, pacgan, instance_noise, unrolled, and the combinations pacgan_r1
+# (packing + R1) and sn_r1 (spectral norm + R1). Needs a release build
 # (`cargo build --release`).
 set -euo pipefail
 
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
         *) variants+=("$1"); shift ;;
     esac
 done
-[ ${#variants[@]} -gt 0 ] || variants=(gan wgan_gp r1 spectral_norm pacgan instance_noise unrolled best)
+[ ${#variants[@]} -gt 0 ] || variants=(gan wgan_gp r1 spectral_norm pacgan instance_noise unrolled pacgan_r1 sn_r1)
 [ -x "$nash" ] || { echo "no release build at $nash: run \`cargo build --release\` first" >&2; exit 1; }
 
 # The --set overrides that turn the baseline pipeline into variant $1 on data set $2, one per line.
@@ -58,9 +59,10 @@ overrides() {
         pacgan) echo "model.discriminator.layers[0].samples=$pack" ;;
         instance_noise) echo 'stabilizers=[{type="instance_noise", sigma=0.1, anneal_steps=4000}]' ;;
         unrolled) echo 'stabilizers=[{type="unrolled", steps=5}]' ;;
-        best)
+        pacgan_r1)
             echo "model.discriminator.layers[0].samples=$pack"
             echo 'stabilizers=[{type="r1", gamma=1.0}]' ;;
+        sn_r1) echo 'stabilizers=[{type="spectral_norm", layers="discriminator.*"}, {type="r1", gamma=1.0}]' ;;
         *) echo "unknown variant $1" >&2; return 2 ;;
     esac
 }

@@ -12,7 +12,7 @@ use nash_core::state::StateDict;
 use nash_core::tensor::{grad_to_vec, set_grad, Grads, Param};
 use serde::{Deserialize, Serialize};
 
-use crate::scope::{check_group, conflict, scoped_name};
+use crate::scope::{check_group, conflict, require_group_name, require_positive, scoped_name};
 
 /// Registers this module's types.
 pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
@@ -228,18 +228,8 @@ impl Default for HistoricalAveragingConfig {
 #[typetag::serde(name = "historical_averaging")]
 impl StabilizerConfig for HistoricalAveragingConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        if !(self.lambda.is_finite() && self.lambda > 0.0) {
-            return Err(Error::config(
-                "stabilizers.historical_averaging.lambda",
-                format!("must be a finite number > 0, got {}", self.lambda),
-            ));
-        }
-        if self.group.as_deref() == Some("") {
-            return Err(Error::config(
-                "stabilizers.historical_averaging.group",
-                "must name a parameter group, or be left out for every group",
-            ));
-        }
+        require_positive("stabilizers.historical_averaging.lambda", self.lambda)?;
+        require_group_name("stabilizers.historical_averaging.group", self.group.as_deref())?;
         Ok(Box::new(HistoricalAveraging {
             name: scoped_name("historical_averaging", self.group.as_deref()),
             config: self.clone(),

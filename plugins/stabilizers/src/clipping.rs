@@ -8,7 +8,7 @@ use nash_core::stabilizer::{HookContext, Stabilizer, StabilizerConfig};
 use nash_core::tensor::{grad_to_vec, set_grad, Grads, Param, ParamRole};
 use serde::{Deserialize, Serialize};
 
-use crate::scope::{check_group, conflict, scoped_name};
+use crate::scope::{check_group, conflict, require_group_name, require_positive, scoped_name};
 
 /// WGAN weight clipping (Arjovsky et al. 2017): after every optimizer update of `group`, clamp each
 /// trainable parameter of that group whose role is in `roles` to [-clip, clip]. The reference code
@@ -44,12 +44,7 @@ impl StabilizerConfig for WeightClippingConfig {
                 "must name a parameter group",
             ));
         }
-        if !(self.clip.is_finite() && self.clip > 0.0) {
-            return Err(Error::config(
-                "stabilizers.weight_clipping.clip",
-                format!("must be a finite number > 0, got {}", self.clip),
-            ));
-        }
+        require_positive("stabilizers.weight_clipping.clip", self.clip)?;
         if self.roles.is_empty() {
             return Err(Error::config(
                 "stabilizers.weight_clipping.roles",
@@ -192,18 +187,8 @@ impl Default for GradientNormClippingConfig {
 #[typetag::serde(name = "gradient_norm_clipping")]
 impl StabilizerConfig for GradientNormClippingConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        if !(self.max_norm.is_finite() && self.max_norm > 0.0) {
-            return Err(Error::config(
-                "stabilizers.gradient_norm_clipping.max_norm",
-                format!("must be a finite number > 0, got {}", self.max_norm),
-            ));
-        }
-        if self.group.as_deref() == Some("") {
-            return Err(Error::config(
-                "stabilizers.gradient_norm_clipping.group",
-                "must name a parameter group, or be left out for every group",
-            ));
-        }
+        require_positive("stabilizers.gradient_norm_clipping.max_norm", self.max_norm)?;
+        require_group_name("stabilizers.gradient_norm_clipping.group", self.group.as_deref())?;
         Ok(Box::new(GradientNormClipping {
             name: scoped_name("gradient_norm_clipping", self.group.as_deref()),
             config: self.clone(),

@@ -11,7 +11,7 @@ use nash_core::stabilizer::{HookContext, LossSite, Stabilizer, StabilizerConfig}
 use nash_core::tensor::{Activation, FeatureShape, Matrix, Rng, Scalar};
 use serde::{Deserialize, Serialize};
 
-use crate::scope::conflict;
+use crate::scope::{conflict, require_positive};
 
 use crate::augment::{apply, AugmentPolicy, AugmentSpec, Augmentation};
 
@@ -84,12 +84,7 @@ impl StabilizerConfig for ConsistencyConfig {
                 ),
             ));
         }
-        if !(self.sigma.is_finite() && self.sigma > 0.0) {
-            return Err(Error::config(
-                "stabilizers.consistency.sigma",
-                format!("must be a finite number > 0, got {}", self.sigma),
-            ));
-        }
+        require_positive("stabilizers.consistency.sigma", self.sigma)?;
         Ok(Box::new(Consistency { config: self.clone() }))
     }
 }

@@ -10,7 +10,7 @@ use nash_core::state::StateDict;
 use nash_core::tensor::{Activation, Matrix, Scalar, Tape};
 use serde::{Deserialize, Serialize};
 
-use crate::scope::conflict;
+use crate::scope::{conflict, require_positive};
 
 /// Registers this module's types.
 pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
@@ -53,12 +53,7 @@ impl Default for LeCamConfig {
 #[typetag::serde(name = "lecam")]
 impl StabilizerConfig for LeCamConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        if !(self.lambda.is_finite() && self.lambda > 0.0) {
-            return Err(Error::config(
-                "stabilizers.lecam.lambda",
-                format!("must be a finite number > 0, got {}", self.lambda),
-            ));
-        }
+        require_positive("stabilizers.lecam.lambda", self.lambda)?;
         if !(0.0..1.0).contains(&self.decay) {
             return Err(Error::config(
                 "stabilizers.lecam.decay",

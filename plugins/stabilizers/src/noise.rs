@@ -9,6 +9,8 @@ use nash_core::stabilizer::{HookContext, InputRole, Stabilizer, StabilizerConfig
 use nash_core::tensor::Activation;
 use serde::{Deserialize, Serialize};
 
+use crate::scope::require_positive;
+
 /// Registers this module's types.
 pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
     registry.stabilizer::<InstanceNoiseConfig>(
@@ -74,12 +76,7 @@ impl InstanceNoiseConfig {
 #[typetag::serde(name = "instance_noise")]
 impl StabilizerConfig for InstanceNoiseConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        if !(self.sigma.is_finite() && self.sigma > 0.0) {
-            return Err(Error::config(
-                "stabilizers.instance_noise.sigma",
-                format!("must be a finite number > 0, got {}", self.sigma),
-            ));
-        }
+        require_positive("stabilizers.instance_noise.sigma", self.sigma)?;
         if !(self.final_sigma.is_finite() && self.final_sigma >= 0.0) {
             return Err(Error::config(
                 "stabilizers.instance_noise.final_sigma",

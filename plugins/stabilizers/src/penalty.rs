@@ -21,7 +21,7 @@ use nash_core::stabilizer::{HookContext, LossSite, Stabilizer, StabilizerConfig}
 use nash_core::tensor::{Activation, Matrix, Scalar};
 use serde::{Deserialize, Serialize};
 
-use crate::scope::{check_group, conflict};
+use crate::scope::{check_group, conflict, require_positive};
 
 /// Registers this module's types.
 pub fn register(registry: &mut Registry) -> Result<()> {
@@ -73,7 +73,7 @@ impl Default for WganGpConfig {
 #[typetag::serde(name = "wgan_gp")]
 impl StabilizerConfig for WganGpConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        positive("stabilizers.wgan_gp.lambda", self.lambda)?;
+        require_positive("stabilizers.wgan_gp.lambda", self.lambda)?;
         if !(self.target.is_finite() && self.target >= 0.0) {
             return Err(Error::config(
                 "stabilizers.wgan_gp.target",
@@ -145,7 +145,7 @@ impl StabilizerConfig for R2Config {
 }
 
 fn build_zero_centered(kind: &'static str, points: Points, gamma: f64, every: u64) -> Result<Box<dyn Stabilizer>> {
-    positive(&format!("stabilizers.{kind}.gamma"), gamma)?;
+    require_positive(&format!("stabilizers.{kind}.gamma"), gamma)?;
     if every == 0 {
         return Err(Error::config(
             format!("stabilizers.{kind}.every"),
@@ -184,8 +184,8 @@ impl Default for DraganConfig {
 #[typetag::serde(name = "dragan")]
 impl StabilizerConfig for DraganConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        positive("stabilizers.dragan.lambda", self.lambda)?;
-        positive("stabilizers.dragan.c", self.c)?;
+        require_positive("stabilizers.dragan.lambda", self.lambda)?;
+        require_positive("stabilizers.dragan.c", self.c)?;
         Ok(Box::new(GradientPenalty::new(
             "dragan",
             "dragan",
@@ -197,14 +197,6 @@ impl StabilizerConfig for DraganConfig {
             self.lambda as f32,
             1,
         )))
-    }
-}
-
-fn positive(path: &str, v: f64) -> Result<()> {
-    if v.is_finite() && v > 0.0 {
-        Ok(())
-    } else {
-        Err(Error::config(path, format!("must be a finite number > 0, got {v}")))
     }
 }
 

@@ -10,7 +10,7 @@ use nash_core::stabilizer::{HookContext, Stabilizer, StabilizerConfig};
 use nash_core::tensor::{grad_to_vec, set_grad, Grads, Param, ParamRole};
 use serde::{Deserialize, Serialize};
 
-use crate::scope::{check_group, scoped_name};
+use crate::scope::{check_group, require_group_name, require_positive, scoped_name};
 
 /// Registers this module's types.
 pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
@@ -61,12 +61,7 @@ fn check_selection(model: &dyn Model, kind: &str, group: Option<&str>, roles: &[
 
 /// Checks the config fields every regularizer here shares.
 fn check_config(kind: &str, group: Option<&str>, roles: &[ParamRole]) -> Result<()> {
-    if group == Some("") {
-        return Err(Error::config(
-            format!("stabilizers.{kind}.group"),
-            "must name a parameter group, or be left out for every group",
-        ));
-    }
+    require_group_name(&format!("stabilizers.{kind}.group"), group)?;
     if roles.is_empty() {
         return Err(Error::config(
             format!("stabilizers.{kind}.roles"),
@@ -114,12 +109,7 @@ impl Default for L2RegularizationConfig {
 #[typetag::serde(name = "l2_regularization")]
 impl StabilizerConfig for L2RegularizationConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        if !(self.lambda.is_finite() && self.lambda > 0.0) {
-            return Err(Error::config(
-                "stabilizers.l2_regularization.lambda",
-                format!("must be a finite number > 0, got {}", self.lambda),
-            ));
-        }
+        require_positive("stabilizers.l2_regularization.lambda", self.lambda)?;
         check_config("l2_regularization", self.group.as_deref(), &self.roles)?;
         Ok(Box::new(L2Regularization {
             name: scoped_name("l2_regularization", self.group.as_deref()),

@@ -15,7 +15,7 @@ use nash_core::stabilizer::{HookContext, Stabilizer, StabilizerConfig, Targets};
 use nash_core::state::StateDict;
 use serde::{Deserialize, Serialize};
 
-use crate::scope::{check_group, conflict};
+use crate::scope::{check_group, conflict, require_positive};
 
 /// Registers this module's types.
 pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
@@ -239,18 +239,8 @@ impl Default for EquilibriumConfig {
 #[typetag::serde(name = "equilibrium")]
 impl StabilizerConfig for EquilibriumConfig {
     fn build(&self) -> Result<Box<dyn Stabilizer>> {
-        if !(self.gamma.is_finite() && self.gamma > 0.0) {
-            return Err(Error::config(
-                "stabilizers.equilibrium.gamma",
-                format!("must be a finite number > 0, got {}", self.gamma),
-            ));
-        }
-        if !(self.lambda_k.is_finite() && self.lambda_k > 0.0) {
-            return Err(Error::config(
-                "stabilizers.equilibrium.lambda_k",
-                format!("must be a finite number > 0, got {}", self.lambda_k),
-            ));
-        }
+        require_positive("stabilizers.equilibrium.gamma", self.gamma)?;
+        require_positive("stabilizers.equilibrium.lambda_k", self.lambda_k)?;
         if !(0.0..=1.0).contains(&self.initial_k) {
             return Err(Error::config(
                 "stabilizers.equilibrium.initial_k",

@@ -107,6 +107,28 @@ pub fn check_group(model: &dyn Model, group: &str, path: &str) -> Result<()> {
     }
 }
 
+/// Errors at `path` unless `value` is a finite number > 0.
+pub fn require_positive<T: Into<f64> + std::fmt::Display + Copy>(path: &str, value: T) -> Result<()> {
+    let v: f64 = value.into();
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(path, format!("must be a finite number > 0, got {value}")))
+    }
+}
+
+/// Errors at `path` if an optional group name is given but empty.
+pub fn require_group_name(path: &str, group: Option<&str>) -> Result<()> {
+    if group == Some("") {
+        Err(Error::config(
+            path,
+            "must name a parameter group, or be left out for every group",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
