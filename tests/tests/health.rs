@@ -1,6 +1,8 @@
 //! The training-health monitor through the `nash` binary, on runs made to fail: an absurd learning
 //! rate that overflows (rolled back, continued at a lower learning rate) and a discriminator that
-//! learns much faster than its generator (divergence, stopped with exit code 6). Each detector's
+//! learns much faster than its generator (divergence, stopped with exit code 6), a generator shrunk
+//! to a point by weight decay (mode collapse, stopped) and learning rates so high that the losses
+//! swing up and down (oscillation, warned about). Each detector's
 //! rules are unit-tested on synthetic series in `trainer/src/health.rs`.
 
 use std::path::{Path, PathBuf};
@@ -176,4 +178,101 @@ fn a_discriminator_that_wins_is_a_divergence_that_stops_the_run() {
     assert_eq!(s["status"], "completed");
     assert!(s["health"]["events"]["divergence"].as_u64().unwrap() >= 1, "{s}");
     assert!(s["health"]["stopped_by"].is_null());
+}
+
+/// A heavy weight decay on every generator parameter (`rate = 0.5` per update, weights and
+/// biases): whatever Adam adds, the parameters shrink towards 0 and every latent code maps to
+/// (almost) the same point, so the fixed-seed samples lose their spread.
+const SHRINK_G: &str = r#"
+[[stabilizers]]
+type = "weight_decay"
+group = "generator"
+rate = 0.5
+roles = ["weight", "bias"]
+"#;
+
+#[test]
+fn a_generator_whose_samples_collapse_to_a_point_is_a_mode_collapse_that_stops_the_run() {
+    let dir = support::scratch_dir("health-mode-collapse");
+    // Measured (seed 1): sample_diversity 0.267 at step 0, about 3e-7 at step 100 (below
+    // 0.25 x 0.267); without the decay it grows to 0.38 at step 100 and 0.65 at step 200.
+    let health = format!("policy = {{ mode_collapse = \"stop\" }}\n{SHRINK_G}");
+    let pipeline = gan(&dir, "1e-3", "1e-3", &health);
+    let run = dir.join("run");
+    let out = train(&pipeline, &run);
+    assert_eq!(out.status.code(), Some(i32::from(exit::TRAINING)), "{}", text(&out));
+    assert!(text(&out).contains("stopped by the health monitor"), "{}", text(&out));
+    let s = summary(&run);
+    assert_eq!(s["status"], "failed");
+    assert_eq!(s["health"]["stopped_by"], "mode_collapse", "{}", s["health"]);
+    // Detected at the first evaluation after the start (eval_every = 100).
+    assert_eq!(s["steps"], 100, "{s}");
+    let initial = s["initial_metrics"]["sample_diversity"].as_f64().unwrap();
+    assert!(initial > 0.1, "{s}");
+    let events = json_lines(&run.join("health.jsonl"));
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["kind"].as_str(), last["action"].as_str(), last["key"].as_str()),
+        (Some("mode_collapse"), Some("stop"), Some("sample_diversity")),
+        "{events:?}"
+    );
+    assert_eq!(last["step"], 100);
+    // The evaluation that fired shows the collapsed diversity.
+    let lines = json_lines(&run.join("metrics.jsonl"));
+    let eval = lines.iter().find(|l| l["split"] == "test" && l["step"] == 100).unwrap();
+    let collapsed = eval["metrics"]["sample_diversity"].as_f64().unwrap();
+    assert!(collapsed < 0.25 * initial.min(1.0), "{eval}");
+
+    // The same GAN without the decay keeps its spread: no mode-collapse event, and it completes.
+    let pipeline = gan(&dir, "1e-3", "1e-3", "policy = { mode_collapse = \"stop\" }");
+    let run = dir.join("run-healthy");
+    let out = train(&pipeline, &run);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = summary(&run);
+    assert_eq!(s["status"], "completed");
+    assert!(s["health"]["events"].is_object(), "{}", s["health"]);
+    assert!(s["health"]["events"].get("mode_collapse").is_none(), "{}", s["health"]);
+}
+
+/// The oscillation detector tuned to runs of a few hundred steps: a 100-step window, a faster
+/// moving average, and swings of 20 % of the loss's level.
+const OSCILLATION: &str =
+    "ema = 0.3\noscillation_window = 100\noscillation_amplitude = 0.2\noscillation_min_swing = 0.05\n\
+                           oscillation_flips = 5\npolicy = { oscillation = \"warn\" }";
+
+#[test]
+fn losses_that_swing_up_and_down_are_an_oscillation_that_is_logged_and_warned_about() {
+    let dir = support::scratch_dir("health-oscillation");
+    // Adam at lr 0.05 on both networks overshoots back and forth: measured with these thresholds,
+    // 7 to 16 reversals of a smoothed loss within 100 steps (seeds 1, 2, 3; 9 for seed 1 by step
+    // 100), against at most 1 at lr 1e-3.
+    let pipeline = gan(&dir, "0.05", "0.05", OSCILLATION);
+    let run = dir.join("run");
+    let out = train(&pipeline, &run);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = summary(&run);
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["steps"], 200);
+    let count = s["health"]["events"]["oscillation"].as_u64().unwrap_or(0);
+    assert!(count >= 1, "{}", s["health"]);
+    assert!(s["health"]["stopped_by"].is_null());
+    let events = json_lines(&run.join("health.jsonl"));
+    let osc: Vec<&Value> = events.iter().filter(|e| e["kind"] == "oscillation").collect();
+    assert_eq!(osc.len() as u64, count, "{events:?}");
+    for e in &osc {
+        assert_eq!(e["action"], "warn", "{e}");
+        assert!(e["key"].as_str().unwrap().starts_with("loss/"), "{e}");
+        assert!(e["message"].as_str().unwrap().contains("reversed direction"), "{e}");
+        // A full window is needed first.
+        assert!((100..=200).contains(&e["step"].as_u64().unwrap()), "{e}");
+    }
+
+    // A calm run (lr 1e-3) with the same thresholds has no oscillation.
+    let pipeline = gan(&dir, "1e-3", "1e-3", OSCILLATION);
+    let run = dir.join("run-calm");
+    let out = train(&pipeline, &run);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = summary(&run);
+    assert!(s["health"]["events"].is_object(), "{}", s["health"]);
+    assert!(s["health"]["events"].get("oscillation").is_none(), "{}", s["health"]);
 }

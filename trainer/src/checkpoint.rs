@@ -102,14 +102,23 @@ impl CheckpointConfig {
     }
 }
 
+/// Reads a map of values in which JSON wrote an undefined value (NaN, ±inf: a reverse KL with no mode
+/// captured, say) as `null`, back with NaN in its place.
+fn values_with_nulls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+    let values: BTreeMap<String, Option<f64>> = Deserialize::deserialize(d)?;
+    Ok(values.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
+}
+
 /// One evaluation: held-out losses and metric values at a step.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     /// The step it was made after.
     pub step: u64,
     /// Held-out losses.
+    #[serde(deserialize_with = "values_with_nulls")]
     pub eval: BTreeMap<String, f64>,
     /// Metric values.
+    #[serde(deserialize_with = "values_with_nulls")]
     pub metrics: BTreeMap<String, f64>,
 }
 
@@ -128,8 +137,10 @@ impl Evaluation {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     /// Held-out losses before the first step.
+    #[serde(deserialize_with = "values_with_nulls")]
     pub initial_eval: BTreeMap<String, f64>,
     /// Metric values before the first step.
+    #[serde(deserialize_with = "values_with_nulls")]
     pub initial_metrics: BTreeMap<String, f64>,
     /// Wall time of the training so far, in seconds.
     pub wall_time_s: f64,
@@ -751,6 +762,21 @@ mod tests {
             std::fs::read_to_string(run.join("checkpoints/latest")).unwrap(),
             "step-00000007\n"
         );
+        let _ = std::fs::remove_dir_all(&run);
+    }
+
+    /// An undefined metric (NaN: a reverse KL with no mode captured) is written as JSON `null` and
+    /// must not make the checkpoint unloadable.
+    #[test]
+    fn undefined_metric_values_load_back_as_nan() {
+        let run = scratch("nan");
+        let mut s = state(3, f64::NAN);
+        s.record.initial_metrics.insert("reverse_kl".into(), f64::INFINITY);
+        let dir = write_checkpoint(&run, &s, &CheckpointConfig::default()).unwrap();
+        let back = load_checkpoint(&dir).unwrap();
+        assert!(back.record.last_evaluation.unwrap().metrics["kl"].is_nan());
+        assert!(back.record.initial_metrics["reverse_kl"].is_nan());
+        assert_eq!(back.params, s.params);
         let _ = std::fs::remove_dir_all(&run);
     }
 
