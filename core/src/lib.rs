@@ -24,6 +24,7 @@ pub mod registry;
 pub mod stabilizer;
 pub mod state;
 pub mod tensor;
+pub mod weights;
 
 pub use error::{Error, Result};
 
@@ -33,6 +34,7 @@ pub use inventory;
 pub use rand;
 pub use rand_chacha;
 pub use rand_distr;
+pub use safetensors;
 pub use serde;
 pub use serde_json;
 pub use tracing;

@@ -1,4 +1,5 @@
-//! Metrics: measurements of a model against data (held-out reconstruction error, mode coverage).
+//! Metrics: measurements of a model against data (held-out reconstruction error, mode coverage,
+//! sample quality on a feature network).
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,12 @@ pub trait Metric {
         data: &dyn DataSource,
         ctx: &mut EvalContext<'_>,
     ) -> Result<BTreeMap<String, f64>>;
+    /// What a reader needs to interpret the values, by name: the feature network's id, the
+    /// reference split (`feature_network = "fashion_classifier@sha256:1f2e..."`). The trainer
+    /// records it beside the values (summary, `nash eval`, report). Called after `evaluate`.
+    fn provenance(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
 }
 
 /// Serializable description of a [`Metric`]; `type = "mode_coverage"` in pipeline files.

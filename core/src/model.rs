@@ -118,6 +118,14 @@ pub struct EvalContext<'a> {
     pub rng: &'a mut Rng,
 }
 
+/// What a classifier says about a batch of samples ([`Model::classify`]).
+pub struct Classification {
+    /// One feature vector per sample (the penultimate layer's activations): `[samples, features]`.
+    pub features: Matrix,
+    /// Unnormalized class scores: `[samples, classes]`.
+    pub logits: Matrix,
+}
+
 /// A trainable model: an autoencoder, a GAN, an autoencoder inside a GAN.
 pub trait Model: Parameterized {
     /// The family (`autoencoder`, `gan`), used by metrics and outputs.
@@ -138,6 +146,17 @@ pub trait Model: Parameterized {
     }
     /// Reconstructions of `batch`, for autoencoders.
     fn reconstruct(&mut self, _batch: &Batch, _ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
+        Ok(None)
+    }
+    /// Feature vectors and class logits of `inputs` (rows of samples), for classifiers: the
+    /// feature network of sample-quality metrics (FID, KID, precision and recall, classifier
+    /// score) is a model that answers this. Runs in eval mode.
+    fn classify(&mut self, _inputs: &Matrix, _ctx: &mut EvalContext<'_>) -> Result<Option<Classification>> {
+        Ok(None)
+    }
+    /// The discrete codes `batch` is quantized to, for models with a codebook (VQ-VAE): every
+    /// sample's code indices in order, samples one after another. Used by codebook metrics.
+    fn latent_codes(&mut self, _batch: &Batch, _ctx: &mut EvalContext<'_>) -> Result<Option<Vec<usize>>> {
         Ok(None)
     }
     /// State beyond parameters and optimizers (BEGAN's k_t, say), for checkpoints.
