@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use nash_core::tracing;
 
+pub mod bench;
 pub mod checkpoint;
+pub mod features;
 pub mod health;
 pub mod loader;
 pub mod outputs;

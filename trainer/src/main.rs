@@ -63,6 +63,10 @@ enum Command {
     Sample(SampleArgs),
     /// Run the pipeline's held-out evaluation and metrics on a checkpoint (or a run's newest one).
     Eval(EvalArgs),
+    /// Build or list nash's own feature networks (the classifier behind FID, KID, precision/recall).
+    Features(FeaturesArgs),
+    /// Benchmarks: `nash bench stability` trains pipelines on the 2-D ring and grid over seeds.
+    Bench(BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,9 +97,104 @@ struct SampleArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct BenchArgs {
+    #[command(subcommand)]
+    benchmark: Benchmark,
+}
+
+#[derive(Subcommand, Debug)]
+enum Benchmark {
+    /// The stability benchmark (PacGAN's 2-D protocol): each entry (a pipeline on the `ring` or
+    /// `grid` data source, with overrides) trained over seeds, as child processes `nash train`;
+    /// prints modes captured, high-quality samples and reverse KL as mean ± standard error beside
+    /// the published PacGAN rows, and writes DIR/results.json and DIR/results.md. Finished runs
+    /// are reused, so an interrupted benchmark resumes.
+    Stability(StabilityArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StabilityArgs {
+    /// Pipeline files, each an entry named after its file's stem.
+    pipelines: Vec<PathBuf>,
+    /// A suite file: `[[entry]]` tables with `name`, `pipeline` (relative to the suite) and
+    /// optionally `set = ["path=value", ...]` (examples/stability/quick.toml).
+    #[arg(long, value_name = "FILE")]
+    suite: Option<PathBuf>,
+    /// Seeds 0..N.
+    #[arg(long, value_name = "N", default_value_t = nash_trainer::bench::DEFAULT_SEEDS, conflicts_with = "seed_list")]
+    seeds: u64,
+    /// These seeds instead of 0..N: `--seed-list 0,1,2`.
+    #[arg(long, value_name = "S,S,...", value_delimiter = ',')]
+    seed_list: Option<Vec<u64>>,
+    /// Replaces every pipeline's `training.steps`.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Runs at a time (default: the number of available cores); each run uses one thread.
+    #[arg(long, value_name = "J")]
+    jobs: Option<usize>,
+    /// The benchmark folder: run folders `<data>/<entry>/seed-<s>` (logs beside them), results.json, results.md.
+    #[arg(long, value_name = "DIR", default_value = "runs/stability")]
+    out: PathBuf,
+    /// Override a value of every entry's pipeline, after the entry's own overrides.
+    #[arg(long = "set", value_name = "PATH=VALUE", value_parser = checked_override)]
+    set: Vec<String>,
+    /// Print results.json instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct EvalArgs {
     /// A checkpoint folder (`<run>/checkpoints/step-XXXXXXXX`) or a run folder.
     checkpoint: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct FeaturesArgs {
+    #[command(subcommand)]
+    action: FeaturesAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum FeaturesAction {
+    /// Train a classifier pipeline (default: the embedded examples/fashion_classifier.toml), score
+    /// it on the whole test split and cache its weights with their SHA-256 under
+    /// <cache>/features/<name>/; does nothing when a valid entry exists (unless --force).
+    Build(FeaturesBuildArgs),
+    /// List the cached feature networks and re-check their checksums (exit code 4 if one is corrupt).
+    List(FeaturesListArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FeaturesBuildArgs {
+    /// The classifier pipeline (default: the embedded examples/fashion_classifier.toml).
+    #[arg(long, value_name = "FILE")]
+    pipeline: Option<PathBuf>,
+    /// The network's name (default: the pipeline's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The cache folder (default: $NASH_CACHE_DIR, else $XDG_CACHE_HOME/nash, else ~/.cache/nash).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Override a pipeline value, as for `nash train`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<Override>,
+    /// Replaces `training.steps`.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Rebuild even if a valid entry exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct FeaturesListArgs {
+    /// The cache folder (default: $NASH_CACHE_DIR, else $XDG_CACHE_HOME/nash, else ~/.cache/nash).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -262,11 +361,161 @@ fn eval(cli: &Cli, args: &EvalArgs) -> anyhow::Result<()> {
     if args.json {
         return print_out(&(serde_json::to_string_pretty(&e)? + "\n"));
     }
-    let mut text = format!("step {}\n", e.step);
-    for (k, v) in e.eval.iter().chain(&e.metrics) {
+    let mut text = format!("step {}\n", e.evaluation.step);
+    for (k, v) in e.evaluation.eval.iter().chain(&e.evaluation.metrics) {
         let _ = writeln!(text, "  {k}: {v}");
     }
+    for (metric, entries) in &e.metric_provenance {
+        let list: Vec<String> = entries.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+        let _ = writeln!(text, "  ({metric}: {})", list.join(", "));
+    }
     print_out(&text)
+}
+
+/// An override as written, once it parses (the runs get it as written).
+fn checked_override(s: &str) -> Result<String, String> {
+    s.parse::<Override>().map(|_| s.to_string())
+}
+
+fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
+    let Benchmark::Stability(args) = &args.benchmark;
+    let mut entries = Vec::new();
+    if let Some(suite) = &args.suite {
+        entries.extend(nash_trainer::bench::read_suite(suite)?);
+    }
+    for p in &args.pipelines {
+        entries.push(nash_trainer::bench::entry_for_pipeline(p));
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let opts = nash_trainer::bench::StabilityOptions {
+        entries,
+        seeds: args.seed_list.clone().unwrap_or_else(|| (0..args.seeds).collect()),
+        steps: args.steps,
+        jobs,
+        out: args.out.clone(),
+        set: args.set.clone(),
+        extra_plugins: cli.plugins.clone(),
+    };
+    nash_trainer::train::install_signal_handler()?;
+    let results = nash_trainer::bench::run_stability(&opts)?;
+    if args.json {
+        print_out(&(serde_json::to_string_pretty(&results)? + "\n"))?;
+    } else {
+        print_out(&nash_trainer::bench::markdown(&results))?;
+    }
+    let failed = results.failures().count();
+    if nash_trainer::train::stop_requested() {
+        bail!("interrupted: {failed} run(s) did not finish; run the same command again to resume");
+    }
+    if failed > 0 {
+        return Err(nash_trainer::train::TrainingFailed::new(format!(
+            "{failed} of {} runs failed (listed above, with their logs)",
+            results.entries.len() * results.seeds.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `nash features build|list`.
+fn features(cli: &Cli, args: &FeaturesArgs) -> anyhow::Result<()> {
+    use nash_trainer::features;
+    match &args.action {
+        FeaturesAction::Build(b) => {
+            let opts = features::BuildOptions {
+                pipeline: b.pipeline.clone(),
+                name: b.name.clone(),
+                cache_dir: b.cache_dir.clone(),
+                overrides: b.set.clone(),
+                steps: b.steps,
+                force: b.force,
+                extra_plugins: cli.plugins.clone(),
+                progress: !cli.quiet,
+            };
+            if b.pipeline.is_none() {
+                tracing::info!("no pipeline given: building the embedded examples/fashion_classifier.toml");
+            }
+            nash_trainer::train::install_signal_handler()?;
+            let built = features::build(&opts)?;
+            let e = &built.entry;
+            let mut text = String::new();
+            if built.trained {
+                let _ = writeln!(text, "built feature network {} in {:.0} s", e.id, built.wall_time_s);
+            } else {
+                let _ = writeln!(
+                    text,
+                    "feature network {} is already built (checksum verified); --force rebuilds it",
+                    e.id
+                );
+            }
+            let _ = writeln!(
+                text,
+                "  test accuracy {:.4} on {} test samples, {} steps\n  {}",
+                e.test_accuracy,
+                e.test_samples,
+                e.steps,
+                built.dir.join(features::ENTRY_FILE).display()
+            );
+            print_out(&text)
+        }
+        FeaturesAction::List(l) => {
+            let cache = l.cache_dir.clone().unwrap_or_else(nash_core::weights::cache_dir);
+            let listed = features::list(&cache)?;
+            if l.json {
+                let all: Vec<serde_json::Value> = listed.iter().map(|x| x.to_json()).collect();
+                print_out(&(serde_json::to_string_pretty(&all)? + "\n"))?;
+            } else {
+                let mut text = String::new();
+                if listed.is_empty() {
+                    let _ = writeln!(
+                        text,
+                        "no feature networks in {}; `nash features build` makes one",
+                        features::features_root(&cache).display()
+                    );
+                }
+                for x in &listed {
+                    match &x.entry {
+                        Ok(e) => {
+                            let _ = writeln!(
+                                text,
+                                "{}  {}  accuracy {:.4} on {} test samples  ok\n  {}",
+                                e.name,
+                                e.id,
+                                e.test_accuracy,
+                                e.test_samples,
+                                x.dir.display()
+                            );
+                        }
+                        Err(message) => {
+                            let _ = writeln!(text, "{}  {message}\n  {}", x.name, x.dir.display());
+                        }
+                    }
+                }
+                print_out(&text)?;
+            }
+            let bad: Vec<&str> = listed
+                .iter()
+                .filter(|x| x.entry.is_err())
+                .map(|x| x.name.as_str())
+                .collect();
+            if bad.is_empty() {
+                return Ok(());
+            }
+            Err(nash_core::Error::Data {
+                path: features::features_root(&cache),
+                message: format!(
+                    "corrupt feature network(s): {}; rebuild with `nash features build --force --name <name>`",
+                    bad.join(", ")
+                ),
+            }
+            .into())
+        }
+    }
 }
 
 /// Writes `text` to stdout; a closed pipe (`nash plugins | head`) is not an error.
@@ -472,6 +721,8 @@ fn main() -> ExitCode {
         Command::Resume(args) => resume(&cli, args),
         Command::Sample(args) => sample(&cli, args),
         Command::Eval(args) => eval(&cli, args),
+        Command::Features(args) => features(&cli, args),
+        Command::Bench(args) => bench(&cli, args),
     }));
     let Ok(result) = result else {
         let message = PANIC_MESSAGE

@@ -367,6 +367,40 @@ fn summary_section(html: &mut String, lines: &[Value]) {
     }
 }
 
+/// What the metrics reported beside their values (`summary.json`'s `metric_provenance`): one row
+/// per metric and key; nothing when no metric reported any.
+fn provenance_section(html: &mut String, provenance: Option<&Value>) {
+    let Some(Value::Object(by_metric)) = provenance else {
+        return;
+    };
+    if by_metric.values().all(|v| v.as_object().is_none_or(|m| m.is_empty())) {
+        return;
+    }
+    let _ = writeln!(
+        html,
+        "<table class=\"summary\"><tr><th>Metric provenance</th><th>key</th><th>value</th></tr>"
+    );
+    for (metric, entries) in by_metric {
+        let Some(entries) = entries.as_object() else {
+            continue;
+        };
+        for (key, value) in entries {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape_html(metric),
+                escape_html(key),
+                escape_html(&text)
+            );
+        }
+    }
+    let _ = writeln!(html, "</table>");
+}
+
 /// The curves section: each figure with its title, legend (colour, name, last value) and axes.
 fn curves_section(html: &mut String, run_dir: &Path, groups: &[CurveGroup]) -> anyhow::Result<()> {
     let _ = writeln!(html, "<h2>Curves</h2>");
@@ -561,6 +595,7 @@ pub fn render_report(run_dir: &Path) -> anyhow::Result<String> {
     }
 
     summary_section(&mut html, &lines);
+    provenance_section(&mut html, get("metric_provenance"));
     curves_section(&mut html, run_dir, &curves::curve_groups(&lines))?;
     samples_section(&mut html, run_dir)?;
     health_section(&mut html, run_dir);

@@ -41,6 +41,9 @@ pub(crate) struct Run {
     pub(crate) metrics: Vec<Box<dyn Metric>>,
     /// Draws samples, scatter plots and reconstructions.
     pub(crate) pictures: Pictures,
+    /// What each metric reported with its last values ([`Metric::provenance`]), by metric name;
+    /// metrics that report none are left out.
+    pub(crate) provenance: crate::train::MetricProvenance,
 }
 
 pub(crate) fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
@@ -139,6 +142,7 @@ pub(crate) fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Re
         stabilizers,
         metrics,
         pictures,
+        provenance: BTreeMap::new(),
     })
 }
 
@@ -344,7 +348,7 @@ impl Run {
     }
 
     /// Held-out losses averaged (weighted by batch size) over the first `batches` test batches,
-    /// then every metric.
+    /// then every metric (their provenance goes to [`Run::provenance`]).
     pub(crate) fn evaluate_with_trained_params(
         &mut self,
         batches: usize,
@@ -382,6 +386,12 @@ impl Run {
             let values = metric
                 .evaluate(self.model.as_mut(), self.data.as_ref(), &mut ctx)
                 .with_context(|| format!("metric `{}` failed", metric.name()))?;
+            let provenance = metric.provenance();
+            if provenance.is_empty() {
+                self.provenance.remove(metric.name());
+            } else {
+                self.provenance.insert(metric.name().to_string(), provenance);
+            }
             for (k, v) in values {
                 let key = if metrics.contains_key(&k) {
                     format!("{}/{k}", metric.name())

@@ -95,6 +95,23 @@ pub struct Summary {
     /// What the training-health monitor found and did.
     #[serde(default)]
     pub health: HealthSummary,
+    /// What each metric of the final evaluation reported beside its values (feature network,
+    /// reference split, sample count), by metric name.
+    #[serde(default)]
+    pub metric_provenance: MetricProvenance,
+}
+
+/// Provenance of metric values: metric name → key → value ([`nash_core::metric::Metric::provenance`]).
+pub type MetricProvenance = BTreeMap<String, BTreeMap<String, String>>;
+
+/// `nash eval`'s result: the evaluation and the metrics' provenance.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CheckpointEvaluation {
+    /// The held-out losses and metric values at the checkpoint's step.
+    #[serde(flatten)]
+    pub evaluation: Evaluation,
+    /// What each metric reported beside its values, by metric name.
+    pub metric_provenance: MetricProvenance,
 }
 
 /// The summary's `health` section.
@@ -411,6 +428,7 @@ pub fn train_from(
             Some(_) => earlier_health(&dir.join(HEALTH_FILE)),
             None => HealthSummary::default(),
         },
+        metric_provenance: BTreeMap::new(),
     };
     let can_roll_back = Detector::ALL
         .iter()
@@ -647,6 +665,7 @@ pub fn train_from(
         }
         summary.final_eval = eval.clone();
         summary.final_metrics = metrics.clone();
+        summary.metric_provenance = run.provenance.clone();
         last_eval = Some(Evaluation {
             step: summary.steps,
             eval,
@@ -921,7 +940,7 @@ pub fn sample(path: &Path, count: usize, seed: u64, out: &Path, extra_plugins: &
 
 /// `nash eval`: the pipeline's held-out evaluation and metrics on the checkpoint (or the newest
 /// one of a run folder), with the stabilizers' evaluation parameters.
-pub fn evaluate(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<Evaluation> {
+pub fn evaluate(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<CheckpointEvaluation> {
     let (mut run, prepared, saved, _) = restored(path, extra_plugins)?;
     let cfg = &prepared.pipeline.training;
     let (eval, metrics) = run.evaluate(
@@ -930,10 +949,13 @@ pub fn evaluate(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<Evalua
         prepared.pipeline.seed,
         cfg.health.diversity_samples,
     )?;
-    Ok(Evaluation {
-        step: saved.step,
-        eval,
-        metrics,
+    Ok(CheckpointEvaluation {
+        evaluation: Evaluation {
+            step: saved.step,
+            eval,
+            metrics,
+        },
+        metric_provenance: run.provenance,
     })
 }
 

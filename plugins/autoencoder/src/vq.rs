@@ -842,6 +842,12 @@ impl Model for VqVae {
     fn reconstruct(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
         Ok(Some(self.reconstruct_eval(&batch.inputs, ctx.rng)?.0.detach()))
     }
+    /// The nearest codebook entry of every code vector, in eval mode, exactly as [`VqVae::quantize`]
+    /// picks it: sample after sample, each sample's `num_vectors` indices in vector order.
+    fn latent_codes(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<Option<Vec<usize>>> {
+        let z_e = self.encode(&batch.inputs, ctx)?;
+        Ok(Some(self.quantize(&z_e)?.indices))
+    }
 }
 
 #[cfg(test)]
@@ -1211,6 +1217,55 @@ mod tests {
             assert_eq!(*samples.shape(), (5, 12));
             let recon = model.reconstruct(&data, &mut ectx).unwrap().unwrap();
             assert_eq!(*recon.shape(), (32, 12));
+        }
+    }
+
+    #[test]
+    fn latent_codes_are_the_codes_evaluation_decodes() {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(3);
+        let data = low_rank_batch(&device, 10, 12, &mut rng);
+        // A flat code (3 vectors of 2) and a spatial one (a [2, 2, 2] map: 4 vectors of 2).
+        let spatial = VqVaeConfig {
+            encoder: stack(vec![linear(8), Box::new(ReshapeConfig::image(2, 2, 2))]),
+            decoder: stack(vec![Box::new(FlattenConfig::default()), linear(12)]),
+            code_dim: 2,
+            codebook_size: 8,
+            ..Default::default()
+        };
+        for cfg in [tiny_config(12, 3, 2, 8), spatial] {
+            let mut model = build(&cfg, 12).unwrap();
+            // Codebook entries spread like the encoder outputs, so that several codes are used.
+            let outputs = {
+                let mut ectx = EvalContext {
+                    device: &device,
+                    rng: &mut rng,
+                };
+                model.encode(&data.inputs, &mut ectx).unwrap()
+            };
+            let spread = model.layout().to_vectors(&outputs.as_vec());
+            model.codebook.set(&spread[..16]).unwrap();
+            let mut ectx = EvalContext {
+                device: &device,
+                rng: &mut rng,
+            };
+            let codes = model.latent_codes(&data, &mut ectx).unwrap().unwrap();
+            let vectors = model.layout().vectors();
+            assert_eq!(codes.len(), 10 * vectors);
+            assert!(codes.iter().all(|&c| c < 8), "{codes:?}");
+            // Decoding the codebook vectors of the returned codes gives the model's reconstruction.
+            let table = model.codebook.to_vec();
+            let chosen: Vec<f32> = codes.iter().flat_map(|&c| table[c * 2..c * 2 + 2].to_vec()).collect();
+            let z_q = matrix(&model.layout().from_vectors(&chosen), 10, vectors * 2);
+            let decoded = model.decode(&z_q, &mut ectx).unwrap().as_vec();
+            let recon = model.reconstruct(&data, &mut ectx).unwrap().unwrap().as_vec();
+            assert_eq!(decoded, recon);
+            // The batch's perplexity from the codes is the one evaluation reports.
+            let mut counts = vec![0usize; 8];
+            codes.iter().for_each(|&c| counts[c] += 1);
+            let eval = model.evaluate(&data, &mut ectx).unwrap();
+            assert_eq!(perplexity(&counts), eval["codebook/perplexity"]);
+            assert!(eval["codebook/used"] >= 2.0, "{eval:?}");
         }
     }
 

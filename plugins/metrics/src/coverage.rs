@@ -172,6 +172,16 @@ impl Metric for ModeCoverage {
         out.insert("num_modes".into(), counts.len() as f64);
         Ok(out)
     }
+
+    /// The reference (the data's known mixture modes, not a data split), the number of generated
+    /// samples and the high-quality threshold.
+    fn provenance(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("reference".to_string(), "the data's mixture modes".to_string()),
+            ("samples".to_string(), self.config.samples.to_string()),
+            ("threshold_sigmas".to_string(), self.config.threshold_sigmas.to_string()),
+        ])
+    }
 }
 
 #[cfg(test)]

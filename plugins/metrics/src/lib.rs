@@ -2,26 +2,60 @@
 //!
 //! - [`coverage`]: `mode_coverage`, the PacGAN mode-collapse protocol on Gaussian-mixture data
 //!   (modes captured, share of high-quality samples, reverse KL over modes).
-//! - [`reconstruction`]: `reconstruction_error`, mean squared and mean absolute error of an
-//!   autoencoder's reconstructions over a whole split.
+//! - [`classifier`]: the `classifier` model (softmax cross-entropy on labelled data), nash's own
+//!   feature network for sample-quality metrics (`nash features build` trains it).
+//! - [`reconstruction`]: `reconstruction_error`, mean squared and mean absolute error, PSNR and (for
+//!   images) SSIM of an autoencoder's reconstructions over a whole split.
+//! - [`image_similarity`]: PSNR and SSIM (Wang et al. 2004, scikit-image's Gaussian-window convention).
+//! - [`likelihood`]: `elbo`, a VAE's negative ELBO, its reconstruction and KL terms, and bits per
+//!   dimension over a whole split.
+//! - [`codebook`]: `codebook_usage`, a VQ-VAE's codebook perplexity and codes used over a whole split.
+//! - [`scores`]: the numerical core of the image sample-quality scores as pure functions on
+//!   feature matrices (FID, KID, improved precision/recall, classifier score, PSD matrix square root).
+//! - [`feature_network`]: loading a cached, checksum-verified feature network (`nash features build`).
+//! - [`sample_quality`]: `sample_quality`, FID, KID, precision/recall and classifier score of samples
+//!   on a feature network's features.
 
+pub mod classifier;
+pub mod codebook;
 pub mod coverage;
+pub mod feature_network;
+pub mod image_similarity;
+pub mod likelihood;
 pub mod reconstruction;
+pub mod sample_quality;
+pub mod scores;
 
 use nash_core::registry::Registry;
 
+pub use classifier::{Classifier, ClassifierConfig};
+pub use codebook::{CodebookUsage, CodebookUsageConfig};
 pub use coverage::{ModeCoverage, ModeCoverageConfig};
+pub use likelihood::{Elbo, ElboConfig};
 pub use reconstruction::{ReconstructionError, ReconstructionErrorConfig};
+pub use sample_quality::{SampleQuality, SampleQualityConfig};
 
 nash_core::declare_plugin!(register);
 
 /// Registers every type this plugin brings.
 pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
+    registry.model::<ClassifierConfig>(
+        "softmax classifier on labelled data; the feature network of FID, KID, precision/recall and classifier score",
+    )?;
     registry.metric::<ModeCoverageConfig>(
         "PacGAN mode coverage on mixture data: modes captured, high-quality share, reverse KL over modes",
     )?;
     registry.metric::<ReconstructionErrorConfig>(
-        "mean squared and mean absolute reconstruction error of an autoencoder over a data split",
+        "mean squared and mean absolute reconstruction error, PSNR and (images) SSIM of an autoencoder over a data split",
+    )?;
+    registry.metric::<ElboConfig>(
+        "negative ELBO (nats per sample), its reconstruction and KL terms and bits per dimension of a VAE over a data split",
+    )?;
+    registry.metric::<CodebookUsageConfig>(
+        "codebook perplexity, codes used and code assignments of a VQ-VAE over a whole data split",
+    )?;
+    registry.metric::<SampleQualityConfig>(
+        "FID, KID, precision/recall and classifier score of samples on a cached feature network (`nash features build`)",
     )?;
     Ok(())
 }
@@ -36,7 +70,13 @@ mod tests {
         super::register(&mut registry).unwrap();
         assert_eq!(
             registry.tags(Kind::Metric),
-            vec!["mode_coverage", "reconstruction_error"]
+            vec![
+                "codebook_usage",
+                "elbo",
+                "mode_coverage",
+                "reconstruction_error",
+                "sample_quality"
+            ]
         );
         let coverage = registry.find(Kind::Metric, "mode_coverage").unwrap();
         assert!(coverage.fields.iter().any(|f| f.name == "threshold_sigmas"));
