@@ -126,6 +126,31 @@ pub struct Classification {
     pub logits: Matrix,
 }
 
+impl Classification {
+    /// The predicted class of every sample: the index of the largest logit of its row (the first
+    /// of ties; a NaN logit never wins: a row of NaNs, or of no classes at all, predicts 0).
+    pub fn predicted_classes(&self) -> Vec<usize> {
+        use dfdx::prelude::HasShape;
+        let (rows, classes) = *self.logits.shape();
+        if rows == 0 || classes == 0 {
+            return vec![0; rows];
+        }
+        self.logits
+            .as_vec()
+            .chunks(classes)
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if !v.is_nan() && (v > row[best] || row[best].is_nan()) {
+                        best = i;
+                    }
+                }
+                best
+            })
+            .collect()
+    }
+}
+
 /// A trainable model: an autoencoder, a GAN, an autoencoder inside a GAN.
 pub trait Model: Parameterized {
     /// The family (`autoencoder`, `gan`), used by metrics and outputs.
@@ -180,4 +205,36 @@ pub trait ModelConfig: std::fmt::Debug {
 pub fn group_params<'a>(params: Vec<(String, &'a mut Param)>, group: &str) -> Vec<(String, &'a mut Param)> {
     let prefix = format!("{group}.");
     params.into_iter().filter(|(n, _)| n.starts_with(&prefix)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::matrix_from_vec;
+
+    #[test]
+    fn predicted_classes_are_row_argmaxes_first_of_ties_and_never_nan() {
+        let device = Device::default();
+        let nan = f32::NAN;
+        #[rustfmt::skip]
+        let logits = vec![
+            0.1, 2.0, -1.0,   // plain maximum: 1
+            3.0, 3.0, 1.0,    // tie: the first, 0
+            nan, -5.0, -7.0,  // a leading NaN loses to any number: 1
+            1.0, nan, 4.0,    // a NaN in the middle is skipped: 2
+            nan, nan, nan,    // all NaN: 0
+            -2.0, -1.0, -1.0, // tie after a smaller value: 1
+            nan, nan, -3.0,   // the only number wins: 2
+        ];
+        let classification = Classification {
+            features: matrix_from_vec(&device, vec![0.0; 7], 7, 1).unwrap(),
+            logits: matrix_from_vec(&device, logits, 7, 3).unwrap(),
+        };
+        assert_eq!(classification.predicted_classes(), vec![1, 0, 1, 2, 0, 1, 2]);
+        let empty = Classification {
+            features: matrix_from_vec(&device, vec![], 0, 1).unwrap(),
+            logits: matrix_from_vec(&device, vec![], 0, 3).unwrap(),
+        };
+        assert!(empty.predicted_classes().is_empty());
+    }
 }

@@ -5,6 +5,9 @@
 //! A weight file holds every parameter and buffer of [`Parameterized::named_params`] under its
 //! dotted name with its logical shape, in f32. [`load_params`] refuses a file whose names or
 //! shapes differ from the model's and says which.
+//!
+//! [`feature_networks`] defines the cache layout of nash's feature networks, which `nash features
+//! build` writes and the sample-quality metrics read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -156,6 +159,80 @@ pub fn load_params(path: &Path, params: Vec<(String, &mut Param)>) -> Result<BTr
     Ok(metadata)
 }
 
+/// The cache layout of nash's feature networks: the one definition shared by the producer
+/// (`nash features build` / `list`) and the consumer (the sample-quality metrics' loader).
+///
+/// ```text
+/// <cache>/features/<name>/weights.safetensors   every parameter and buffer (batch-norm running
+///                                               statistics included), metadata {"nash.feature_network": name}
+/// <cache>/features/<name>/network.json          written last: a pretty-printed [`FeatureNetworkEntry`]
+/// <cache>/features/<name>/run/                  the training run folder (metrics, checkpoints)
+/// ```
+///
+/// `<cache>` is [`cache_dir`](super::cache_dir) unless a command is told otherwise. An entry is
+/// valid when `network.json` parses with [`FORMAT`] and the SHA-256 of `weights.safetensors` equals
+/// its `weights_sha256`.
+pub mod feature_networks {
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::data::DataInfo;
+
+    /// The version of the `network.json` layout.
+    pub const FORMAT: u32 = 1;
+    /// The entry file of a cached feature network.
+    pub const ENTRY_FILE: &str = "network.json";
+    /// The weight file of a cached feature network.
+    pub const WEIGHTS_FILE: &str = "weights.safetensors";
+    /// The metadata key of the weight file whose value names the network.
+    pub const WEIGHTS_METADATA_KEY: &str = "nash.feature_network";
+    /// The sub-folder of the cache that holds one folder per feature network.
+    pub const FEATURES_DIR: &str = "features";
+
+    /// `<cache>/features`: the folder of every cached feature network.
+    pub fn features_root(cache: &Path) -> PathBuf {
+        cache.join(FEATURES_DIR)
+    }
+
+    /// `<name>@sha256:<first 12 hex digits of sha256>`: the id of network `name` whose weights hash
+    /// to `sha256`, which scores cite.
+    pub fn make_id(name: &str, sha256: &str) -> String {
+        format!("{name}@sha256:{}", &sha256[..sha256.len().min(12)])
+    }
+
+    /// `network.json`: what a cached feature network is and how good it is. The fields are written
+    /// in this order.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct FeatureNetworkEntry {
+        /// The layout version ([`FORMAT`]).
+        pub format: u32,
+        /// The network's name (its folder's name).
+        pub name: String,
+        /// [`make_id`]`(name, weights_sha256)`: what scores cite.
+        pub id: String,
+        /// The SHA-256 of `weights.safetensors`, 64 lowercase hex digits.
+        pub weights_sha256: String,
+        /// The model config as in a pipeline file (typetag JSON, `{"type": "classifier", ...}`);
+        /// deserialize it into a `Box<dyn ModelConfig>` with the plugin that provides the type loaded.
+        pub model: serde_json::Value,
+        /// The data the model was built for (sample shape, classes, value range).
+        pub data: DataInfo,
+        /// Accuracy over the whole test split.
+        pub test_accuracy: f64,
+        /// Number of test samples it was measured on.
+        pub test_samples: usize,
+        /// Training steps.
+        pub steps: u64,
+        /// The training pipeline's hash (as checkpoints record it).
+        pub pipeline_hash: String,
+        /// When it was made (UTC, RFC 3339).
+        pub created: String,
+        /// The nash version that made it.
+        pub nash_version: String,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +275,55 @@ mod tests {
         let err = load_params(&path, vec![("net.w".into(), &mut a2)]).unwrap_err();
         assert!(err.to_string().contains("not a safetensors weight file"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn feature_network_entries_keep_their_layout() {
+        use super::feature_networks::*;
+        let sha = "0123456789abcdef".repeat(4);
+        assert_eq!(make_id("f", &sha), "f@sha256:0123456789ab");
+        assert_eq!(make_id("f", "abc"), "f@sha256:abc");
+        assert_eq!(
+            features_root(Path::new("/c")).join("n").join(ENTRY_FILE),
+            Path::new("/c/features/n/network.json")
+        );
+        let entry = FeatureNetworkEntry {
+            format: FORMAT,
+            name: "n".into(),
+            id: make_id("n", &sha),
+            weights_sha256: sha.clone(),
+            model: serde_json::json!({"type": "classifier"}),
+            data: crate::data::DataInfo {
+                sample_shape: crate::tensor::FeatureShape::Flat(2),
+                num_classes: Some(3),
+                value_range: (0.0, 1.0),
+            },
+            test_accuracy: 0.5,
+            test_samples: 4,
+            steps: 7,
+            pipeline_hash: "h".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            nash_version: "0.1.0".into(),
+        };
+        // The field order of network.json is part of the layout (`nash features build` writes it
+        // pretty-printed): the keys come out in declaration order.
+        let text = serde_json::to_string(&entry).unwrap();
+        let keys = [
+            "format",
+            "name",
+            "id",
+            "weights_sha256",
+            "model",
+            "data",
+            "test_accuracy",
+            "test_samples",
+            "steps",
+            "pipeline_hash",
+            "created",
+            "nash_version",
+        ];
+        let positions: Vec<usize> = keys.iter().map(|k| text.find(&format!("\"{k}\":")).unwrap()).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert_eq!(serde_json::from_str::<FeatureNetworkEntry>(&text).unwrap(), entry);
     }
 }

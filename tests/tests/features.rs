@@ -19,6 +19,16 @@ fn nash(cache: &Path, args: &[&str]) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
+/// Runs `nash ARGS` with the cache folder given as `NASH_CACHE_DIR`, as metrics find it.
+fn nash_with_cache_env(cache: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(support::nash_binary());
+    cmd.args(args)
+        .arg("--quiet")
+        .env("NASH_CACHE_DIR", cache)
+        .env_remove("NASH_PLUGIN_PATH");
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {}\n--- stdout\n{}\n--- stderr\n{}",
@@ -119,6 +129,44 @@ fn build_caches_checksummed_weights_and_list_catches_corruption() {
     assert_eq!(all[0]["status"], "ok");
     assert_eq!(all[0]["test_samples"], 500);
 
+    // The network scores a GAN during training: `sample_quality` at every evaluation, cited by id, and
+    // the checkpoint with the lowest FID is kept; the real-vs-real floor (train split against the test
+    // split) scores far better than a GAN after 60 steps.
+    let id = entry["id"].as_str().unwrap();
+    let run = scored_gan_run(&cache, id);
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let metrics = &summary["final_metrics"];
+    for key in ["fid", "kid", "precision", "recall", "classifier_score"] {
+        assert!(metrics[key].as_f64().is_some_and(f64::is_finite), "{key}: {metrics}");
+    }
+    assert_eq!(metrics["quality_samples"].as_f64(), Some(300.0));
+    let provenance = &summary["metric_provenance"]["sample_quality"];
+    assert_eq!(provenance["feature_network"], id, "{summary}");
+    assert_eq!(provenance["reference_split"], "test");
+    let best = std::fs::read_to_string(run.join("checkpoints").join("best.json")).unwrap_or_default();
+    assert!(best.contains("step-"), "a best checkpoint by metrics.fid: {best:?}");
+    let floor = nash_with_cache_env(
+        &cache,
+        &[
+            "eval",
+            run.to_str().unwrap(),
+            "--json",
+            "--set",
+            r#"metrics=[{ type = "sample_quality", feature_network = "ring_net", samples = 300, candidates = "train", kid_subset_size = 100 }]"#,
+        ],
+    );
+    assert!(floor.status.success(), "{}", text(&floor));
+    let floor: Value = serde_json::from_slice(&floor.stdout).unwrap();
+    let (floor_fid, gan_fid) = (
+        floor["metrics"]["fid"].as_f64().unwrap(),
+        metrics["fid"].as_f64().unwrap(),
+    );
+    assert!(
+        floor_fid < gan_fid,
+        "real vs real {floor_fid} against the GAN's {gan_fid}"
+    );
+    assert_eq!(floor["metric_provenance"]["sample_quality"]["candidates"], "train");
+
     // Corrupted weights: `list` says so, names the fix and exits with 4 (data).
     let mut corrupt = bytes.clone();
     let last = corrupt.len() - 1;
@@ -132,4 +180,25 @@ fn build_caches_checksummed_weights_and_list_catches_corruption() {
         "{}",
         text(&listed)
     );
+}
+
+/// Trains examples/ring_gan.toml for 60 steps with `sample_quality` on the cached `ring_net` (in
+/// `cache`, through `NASH_CACHE_DIR`) and the best checkpoint by FID; returns the run folder.
+fn scored_gan_run(cache: &Path, id: &str) -> PathBuf {
+    let out = support::scratch_dir("features_scored_gan");
+    let metric =
+        r#"metrics=[{ type = "sample_quality", feature_network = "ring_net", samples = 300, kid_subset_size = 100 }]"#;
+    let ring_gan = support::workspace_root().join("examples/ring_gan.toml");
+    #[rustfmt::skip]
+    let args = [
+        "train", ring_gan.to_str().unwrap(), "--steps", "60", "--out", out.to_str().unwrap(),
+        "--set", metric,
+        "--set", "training.eval_every=30", "--set", "training.sample_every=0",
+        "--set", "training.checkpoint.every=30",
+        "--set", r#"training.checkpoint.best_metric="metrics.fid""#,
+        "--set", r#"training.checkpoint.best_mode="min""#,
+    ];
+    let result = nash_with_cache_env(cache, &args);
+    assert!(result.status.success(), "training scored by {id}: {}", text(&result));
+    out
 }

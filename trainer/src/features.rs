@@ -4,30 +4,28 @@
 //! test split and caches its weights with their SHA-256. [`list`] shows the cache and re-checks
 //! every checksum.
 //!
-//! Cache layout (metrics read exactly this):
-//!
-//! ```text
-//! <cache>/features/<name>/weights.safetensors   every parameter and buffer (batch-norm running
-//!                                               statistics included), metadata {"nash.feature_network": name}
-//! <cache>/features/<name>/network.json          written last: see [`FeatureNetworkEntry`]
-//! <cache>/features/<name>/run/                  the training run folder (metrics, checkpoints)
-//! ```
-//!
-//! `<cache>` is `--cache-dir`, else [`nash_core::weights::cache_dir`].
+//! The cache layout (`<cache>/features/<name>/{network.json, weights.safetensors, run/}`), the
+//! entry record and the network ids are defined once, in [`nash_core::weights::feature_networks`],
+//! which the metrics' loader reads too. `<cache>` is `--cache-dir`, else
+//! [`nash_core::weights::cache_dir`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
-use nash_core::data::{DataInfo, Split};
+use nash_core::data::Split;
 use nash_core::model::EvalContext;
 use nash_core::rand::SeedableRng;
 use nash_core::serde_json::{self, Value};
 use nash_core::tensor::Rng;
 use nash_core::tracing;
+use nash_core::weights::feature_networks::make_id;
 use nash_core::weights::{save_params, sha256_file, write_atomically};
-use serde::{Deserialize, Serialize};
+
+pub use nash_core::weights::feature_networks::{
+    features_root, FeatureNetworkEntry, ENTRY_FILE, FORMAT as ENTRY_FORMAT, WEIGHTS_FILE, WEIGHTS_METADATA_KEY,
+};
 
 use crate::pipeline::{Format, Override, PipelineSource};
 use crate::train::RunOptions;
@@ -35,15 +33,6 @@ use crate::train::RunOptions;
 /// The default feature network's pipeline, embedded so that `nash features build` works outside
 /// the repository.
 pub const FASHION_CLASSIFIER_PIPELINE: &str = include_str!("../../examples/fashion_classifier.toml");
-
-/// The version of the `network.json` layout.
-pub const ENTRY_FORMAT: u32 = 1;
-/// The entry file of a cached feature network.
-pub const ENTRY_FILE: &str = "network.json";
-/// The weight file of a cached feature network.
-pub const WEIGHTS_FILE: &str = "weights.safetensors";
-/// The metadata key of the weight file naming the network.
-pub const WEIGHTS_METADATA_KEY: &str = "nash.feature_network";
 
 /// The embedded default pipeline as a source (plugin paths relative to the current folder).
 pub fn default_pipeline_source() -> PipelineSource {
@@ -54,47 +43,6 @@ pub fn default_pipeline_source() -> PipelineSource {
         Format::Toml,
         Path::new("."),
     )
-}
-
-/// `<cache>/features`: the folder of every cached feature network.
-pub fn features_root(cache: &Path) -> PathBuf {
-    cache.join("features")
-}
-
-/// `network.json`: what a cached feature network is and how good it is.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FeatureNetworkEntry {
-    /// The layout version ([`ENTRY_FORMAT`]).
-    pub format: u32,
-    /// The network's name (its folder's name).
-    pub name: String,
-    /// `<name>@sha256:<first 12 hex digits of the weights' SHA-256>`: what scores cite.
-    pub id: String,
-    /// The SHA-256 of `weights.safetensors`, 64 hex digits.
-    pub weights_sha256: String,
-    /// The model config (typetag JSON, `{"type": "classifier", ...}`).
-    pub model: Value,
-    /// The data the model was built for (sample shape, classes, value range).
-    pub data: DataInfo,
-    /// Accuracy over the whole test split.
-    pub test_accuracy: f64,
-    /// Number of test samples it was measured on.
-    pub test_samples: usize,
-    /// Training steps.
-    pub steps: u64,
-    /// The training pipeline's hash (as checkpoints record it).
-    pub pipeline_hash: String,
-    /// When it was made (UTC, RFC 3339).
-    pub created: String,
-    /// The nash version that made it.
-    pub nash_version: String,
-}
-
-impl FeatureNetworkEntry {
-    /// The id of network `name` whose weights hash to `sha256`.
-    pub fn make_id(name: &str, sha256: &str) -> String {
-        format!("{name}@sha256:{}", &sha256[..sha256.len().min(12)])
-    }
 }
 
 /// What `nash features build` is asked to do.
@@ -286,12 +234,11 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
                 .model
                 .classify(&batch.inputs, &mut ctx)?
                 .ok_or_else(|| anyhow!("the {family} model is not a classifier (use `type = \"classifier\"`)"))?;
-            let acc = nash_core::dfdx::shapes::HasShape::shape(&out.logits).1;
-            let logits = out.logits.as_vec();
-            correct += logits
-                .chunks(acc)
+            correct += out
+                .predicted_classes()
+                .iter()
                 .zip(&labels)
-                .filter(|(row, &y)| argmax(row) == y)
+                .filter(|(predicted, label)| predicted == label)
                 .count();
         }
         let metadata = BTreeMap::from([(WEIGHTS_METADATA_KEY.to_string(), name.clone())]);
@@ -302,7 +249,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
     let entry = FeatureNetworkEntry {
         format: ENTRY_FORMAT,
         name: name.clone(),
-        id: FeatureNetworkEntry::make_id(&name, &weights_sha256),
+        id: make_id(&name, &weights_sha256),
         weights_sha256,
         model: serde_json::to_value(&pipeline.model)?,
         data: info,
@@ -321,17 +268,6 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         trained: true,
         wall_time_s: started.elapsed().as_secs_f64(),
     })
-}
-
-/// The index of the largest value (the first of ties).
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] || row[best].is_nan() {
-            best = i;
-        }
-    }
-    best
 }
 
 /// One folder of the cache, as `nash features list` shows it.
@@ -385,6 +321,7 @@ pub fn list(cache: &Path) -> anyhow::Result<Vec<Listed>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nash_core::data::DataInfo;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("nash-features-{name}-{}", std::process::id()));
@@ -400,7 +337,7 @@ mod tests {
         let entry = FeatureNetworkEntry {
             format: ENTRY_FORMAT,
             name: "net".into(),
-            id: FeatureNetworkEntry::make_id("net", &sha),
+            id: make_id("net", &sha),
             weights_sha256: sha,
             model: serde_json::json!({"type": "classifier"}),
             data: DataInfo {
@@ -426,12 +363,6 @@ mod tests {
                 .unwrap();
         assert_eq!(on_disk, FASHION_CLASSIFIER_PIPELINE);
         assert!(FASHION_CLASSIFIER_PIPELINE.contains("name = \"fashion_classifier\""));
-    }
-
-    #[test]
-    fn ids_cite_the_first_12_hex_digits() {
-        let sha = "0123456789abcdef".repeat(4);
-        assert_eq!(FeatureNetworkEntry::make_id("f", &sha), "f@sha256:0123456789ab");
     }
 
     #[test]

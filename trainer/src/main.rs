@@ -147,6 +147,10 @@ struct StabilityArgs {
 struct EvalArgs {
     /// A checkpoint folder (`<run>/checkpoints/step-XXXXXXXX`) or a run folder.
     checkpoint: PathBuf,
+    /// Override a value of the run's resolved pipeline before evaluating, as for `nash train`
+    /// (`--set 'metrics=[{ type = "sample_quality" }]'` adds metrics the run was not trained with).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<Override>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -357,7 +361,7 @@ fn sample(cli: &Cli, args: &SampleArgs) -> anyhow::Result<()> {
 }
 
 fn eval(cli: &Cli, args: &EvalArgs) -> anyhow::Result<()> {
-    let e = nash_trainer::train::evaluate(&args.checkpoint, &cli.plugins)?;
+    let e = nash_trainer::train::evaluate(&args.checkpoint, &args.set, &cli.plugins)?;
     if args.json {
         return print_out(&(serde_json::to_string_pretty(&e)? + "\n"));
     }

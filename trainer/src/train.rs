@@ -820,7 +820,12 @@ fn earlier_health(path: &Path) -> HealthSummary {
 }
 
 /// Reads the resolved pipeline of `run_dir` and loads its plugins (and `extra_plugins`).
-fn prepare_run(run_dir: &Path, extra_plugins: &[PathBuf], opts: &RunOptions) -> anyhow::Result<crate::Prepared> {
+fn prepare_run(
+    run_dir: &Path,
+    overrides: &[crate::Override],
+    extra_plugins: &[PathBuf],
+    opts: &RunOptions,
+) -> anyhow::Result<crate::Prepared> {
     let path = run_dir.join("pipeline.resolved.json");
     let source = crate::PipelineSource::from_file(&path).with_context(|| {
         format!(
@@ -829,14 +834,14 @@ fn prepare_run(run_dir: &Path, extra_plugins: &[PathBuf], opts: &RunOptions) -> 
             path.display()
         )
     })?;
-    crate::prepare(source, &[], extra_plugins, opts)
+    crate::prepare(source, overrides, extra_plugins, opts)
 }
 
 /// `nash resume`: continues the run in `run_dir` from its newest complete checkpoint, with the
 /// run's resolved pipeline, to `opts.steps` steps in all (else the pipeline's `training.steps`).
 pub fn resume(run_dir: &Path, extra_plugins: &[PathBuf], opts: &RunOptions) -> anyhow::Result<Summary> {
     let (origin, saved) = checkpoint::load_latest(run_dir)?;
-    let prepared = prepare_run(run_dir, extra_plugins, opts)?;
+    let prepared = prepare_run(run_dir, &[], extra_plugins, opts)?;
     let mut opts = opts.clone();
     opts.seed = None;
     let name = prepared.name.clone();
@@ -852,11 +857,15 @@ pub fn resume(run_dir: &Path, extra_plugins: &[PathBuf], opts: &RunOptions) -> a
 
 /// A run rebuilt from a checkpoint, for `sample` and `eval`: the trained parameters and the
 /// stabilizers' state (whose evaluation parameters, an EMA, are used).
-fn restored(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<(Run, crate::Prepared, TrainingState, PathBuf)> {
+fn restored(
+    path: &Path,
+    overrides: &[crate::Override],
+    extra_plugins: &[PathBuf],
+) -> anyhow::Result<(Run, crate::Prepared, TrainingState, PathBuf)> {
     let (run_dir, origin, saved) = checkpoint::resolve(path)?;
-    let prepared = prepare_run(&run_dir, extra_plugins, &RunOptions::default())?;
+    let prepared = prepare_run(&run_dir, overrides, extra_plugins, &RunOptions::default())?;
     let hash = checkpoint::pipeline_hash(&prepared.pipeline)?;
-    if hash != saved.pipeline_hash {
+    if overrides.is_empty() && hash != saved.pipeline_hash {
         tracing::warn!(
             "{} was written by another pipeline than {}/pipeline.resolved.json",
             origin.display(),
@@ -885,7 +894,7 @@ pub fn sample(path: &Path, count: usize, seed: u64, out: &Path, extra_plugins: &
     if count == 0 {
         return Err(anyhow!("--count must be at least 1"));
     }
-    let (mut run, _, saved, _) = restored(path, extra_plugins)?;
+    let (mut run, _, saved, _) = restored(path, &[], extra_plugins)?;
     let values = run.with_evaluation_params(|run| {
         let mut rng = Rng::seed_from_u64(seed);
         let mut ctx = EvalContext {
@@ -939,9 +948,15 @@ pub fn sample(path: &Path, count: usize, seed: u64, out: &Path, extra_plugins: &
 }
 
 /// `nash eval`: the pipeline's held-out evaluation and metrics on the checkpoint (or the newest
-/// one of a run folder), with the stabilizers' evaluation parameters.
-pub fn evaluate(path: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<CheckpointEvaluation> {
-    let (mut run, prepared, saved, _) = restored(path, extra_plugins)?;
+/// one of a run folder), with the stabilizers' evaluation parameters. `overrides` edit the run's
+/// resolved pipeline first (`metrics=[{ type = "sample_quality" }]` scores a finished run with
+/// metrics it was not trained with); they must leave the networks as the checkpoint has them.
+pub fn evaluate(
+    path: &Path,
+    overrides: &[crate::Override],
+    extra_plugins: &[PathBuf],
+) -> anyhow::Result<CheckpointEvaluation> {
+    let (mut run, prepared, saved, _) = restored(path, overrides, extra_plugins)?;
     let cfg = &prepared.pipeline.training;
     let (eval, metrics) = run.evaluate(
         cfg.eval_batches,

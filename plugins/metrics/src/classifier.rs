@@ -159,30 +159,20 @@ pub fn cross_entropy(logits: Matrix<Tape>, labels: &[usize], epsilon: f32) -> Re
     Ok(picked * (-1.0 / batch as f32))
 }
 
-/// The share of rows of `logits` whose largest entry is at the row's label.
-pub fn accuracy(logits: &Matrix, labels: &[usize]) -> f64 {
-    let (rows, cols) = *logits.shape();
+/// The share of samples whose predicted class ([`Classification::predicted_classes`]) is their
+/// label; NaN when there are no samples or no classes.
+pub fn accuracy(classification: &Classification, labels: &[usize]) -> f64 {
+    let (rows, cols) = *classification.logits.shape();
     if rows == 0 || cols == 0 {
         return f64::NAN;
     }
-    let values = logits.as_vec();
-    let correct = values
-        .chunks(cols)
+    let correct = classification
+        .predicted_classes()
+        .iter()
         .zip(labels)
-        .filter(|(row, &y)| argmax(row) == y)
+        .filter(|(predicted, label)| predicted == label)
         .count();
     correct as f64 / rows as f64
-}
-
-/// The index of the largest value (the first of ties; NaN never wins).
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] || row[best].is_nan() {
-            best = i;
-        }
-    }
-    best
 }
 
 impl Classifier {
@@ -287,15 +277,18 @@ impl Model for Classifier {
             return Err(Error::shape("classifier batch", "at least one sample", 0));
         }
         let labels = self.labels(batch, "training")?;
-        let (_, logits) = self.forward(&batch.inputs, Mode::Train, ctx.rng)?;
-        let logits_copy = logits.detach();
+        let (features, logits) = self.forward(&batch.inputs, Mode::Train, ctx.rng)?;
+        let classification = Classification {
+            features: features.detach(),
+            logits: logits.detach(),
+        };
         let mut loss = cross_entropy(logits.value, labels, self.label_smoothing)?;
         let mut report = StepReport::default();
         report.loss(
             "loss/cross_entropy",
             check_finite("loss/cross_entropy", loss.array())? as f64,
         );
-        report.diagnostic("accuracy", accuracy(&logits_copy, labels));
+        report.diagnostic("accuracy", accuracy(&classification, labels));
         let (stabilizers, mut hooks) = ctx.hooks();
         for (name, term) in stabilizers.extra_losses(&mut LossSite::Autoencoder, &mut hooks)? {
             let key = format!("loss/model/{name}");
@@ -315,8 +308,12 @@ impl Model for Classifier {
             return Err(Error::shape("classifier evaluation batch", "at least one sample", 0));
         }
         let labels = self.labels(batch, "evaluation")?;
-        let (_, logits) = self.forward(&batch.inputs, Mode::Eval, ctx.rng)?;
-        let acc = accuracy(&logits.detach(), labels);
+        let (features, logits) = self.forward(&batch.inputs, Mode::Eval, ctx.rng)?;
+        let classification = Classification {
+            features: features.detach(),
+            logits: logits.detach(),
+        };
+        let acc = accuracy(&classification, labels);
         let loss = cross_entropy(logits.value, labels, self.label_smoothing)?;
         Ok(BTreeMap::from([
             ("loss/cross_entropy".to_string(), loss.array() as f64),

@@ -24,38 +24,24 @@
 
 use std::collections::BTreeMap;
 
-use nash_core::data::{eval_batches, DataSource, Split};
+use nash_core::data::{eval_batches, DataSource};
 use nash_core::error::{Error, Result};
 use nash_core::metric::{Metric, MetricConfig};
 use nash_core::model::{EvalContext, Model};
 use serde::{Deserialize, Serialize};
 
-/// Configuration of [`CodebookUsage`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CodebookUsageConfig {
-    /// The split to measure on.
-    pub split: Split,
-    /// Samples per encoding batch.
-    pub batch_size: usize,
-}
+use crate::{require_split, SplitConfig};
 
-impl Default for CodebookUsageConfig {
-    fn default() -> Self {
-        CodebookUsageConfig {
-            split: Split::Test,
-            batch_size: 256,
-        }
-    }
-}
+/// Configuration of [`CodebookUsage`]: the split and batch size ([`SplitConfig`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CodebookUsageConfig(pub SplitConfig);
 
 #[typetag::serde(name = "codebook_usage")]
 impl MetricConfig for CodebookUsageConfig {
     fn build(&self) -> Result<Box<dyn Metric>> {
-        if self.batch_size == 0 {
-            return Err(Error::config("metrics.codebook_usage.batch_size", "must be at least 1"));
-        }
-        Ok(Box::new(CodebookUsage { config: self.clone() }))
+        self.0.check("codebook_usage")?;
+        Ok(Box::new(CodebookUsage { config: *self }))
     }
 }
 
@@ -93,15 +79,10 @@ impl Metric for CodebookUsage {
         data: &dyn DataSource,
         ctx: &mut EvalContext<'_>,
     ) -> Result<BTreeMap<String, f64>> {
-        let split = self.config.split;
-        if data.len(split) == 0 {
-            return Err(Error::unsupported(
-                "the `codebook_usage` metric",
-                format!("the {split:?} split of `{}` is empty", data.describe()),
-            ));
-        }
+        let split = self.config.0.split;
+        require_split("codebook_usage", data, split)?;
         let mut counts: BTreeMap<usize, u64> = BTreeMap::new();
-        for batch in eval_batches(data, split, self.config.batch_size, ctx.device)? {
+        for batch in eval_batches(data, split, self.config.0.batch_size, ctx.device)? {
             let codes = model.latent_codes(&batch, ctx)?.ok_or_else(|| {
                 Error::unsupported(
                     "the `codebook_usage` metric",
@@ -198,10 +179,10 @@ mod tests {
         //         # 3.7467482975009925
         let data = FakeData::plain(vec![0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 0.0], 2);
         let mut model = FeatureCodes { calls: 0 };
-        let cfg = CodebookUsageConfig {
+        let cfg = CodebookUsageConfig(SplitConfig {
             batch_size: 1,
             ..Default::default()
-        };
+        });
         let m = run(cfg, &mut model, &data).unwrap();
         assert_eq!(model.calls, 4);
         assert!(
@@ -224,10 +205,10 @@ mod tests {
         assert!(matches!(err, Error::Unsupported { .. }), "{err}");
         let text = err.to_string();
         assert!(text.contains("`fake` model") && text.contains("vq_vae"), "{text}");
-        let zero = CodebookUsageConfig {
+        let zero = CodebookUsageConfig(SplitConfig {
             batch_size: 0,
             ..Default::default()
-        };
+        });
         assert!(matches!(zero.build(), Err(Error::Config { .. })));
     }
 }

@@ -1,13 +1,9 @@
 //! The feature network of the sample-quality metrics: a classifier nash trained itself (`nash features
 //! build`), kept in nash's cache folder with a checksum, never downloaded.
 //!
-//! A cached network is a folder `<cache>/features/<name>/` holding
-//!
-//! - `network.json`: `{"format": 1, "name", "id": "<name>@sha256:<12 hex>", "weights_sha256": "<64 hex>",
-//!   "model": <the model's config, as in a pipeline file>, "data": <the data info it was trained on>,
-//!   "test_accuracy", "test_samples", "steps", "pipeline_hash", "created", "nash_version"}`;
-//! - `weights.safetensors`: its parameters ([`nash_core::weights::save_params`]), whose SHA-256 must equal
-//!   `weights_sha256`.
+//! A cached network is a folder `<cache>/features/<name>/` holding `network.json` (a
+//! [`FeatureNetworkEntry`]) and `weights.safetensors`, whose SHA-256 must equal the entry's
+//! `weights_sha256`; the layout is defined once, in [`nash_core::weights::feature_networks`].
 //!
 //! [`FeatureNetwork::load`] reads the record, verifies the checksum, rebuilds the model from its config
 //! and loads the weights; [`FeatureNetwork::features`] runs [`Model::classify`] in batches and returns
@@ -23,48 +19,22 @@ use nash_core::prelude::HasShape;
 use nash_core::rand::SeedableRng;
 use nash_core::serde_json;
 use nash_core::tensor::{matrix_from_vec, Device, Matrix, Rng};
+use nash_core::weights::feature_networks::{features_root, FeatureNetworkEntry, ENTRY_FILE, FORMAT, WEIGHTS_FILE};
 use nash_core::weights::{cache_dir, load_params, sha256_file};
-use serde::Deserialize;
 
 use crate::scores::{softmax_rows, Features};
 
 /// The feature network the sample-quality metrics use unless told otherwise.
 pub const DEFAULT_FEATURE_NETWORK: &str = "fashion_classifier";
-/// The record file of a cached feature network.
-pub const NETWORK_FILE: &str = "network.json";
-/// The weight file of a cached feature network.
-pub const WEIGHTS_FILE: &str = "weights.safetensors";
-/// The `format` of `network.json` this version reads.
-pub const NETWORK_FORMAT: u64 = 1;
 /// How long `nash features build` takes to train the default network, for the message that asks for it.
-pub const BUILD_TIME_HINT: &str = "a few minutes on a CPU";
-
-/// The fields of `network.json` the loader uses (the others are informational and ignored).
-#[derive(Debug, Deserialize)]
-pub struct NetworkRecord {
-    /// The record format, [`NETWORK_FORMAT`].
-    pub format: u64,
-    /// The network's name (its folder's name in the cache).
-    pub name: String,
-    /// `<name>@sha256:<12 hex>`, reported beside every score.
-    pub id: String,
-    /// The SHA-256 of `weights.safetensors`, 64 lowercase hex digits.
-    pub weights_sha256: String,
-    /// The model's configuration.
-    pub model: Box<dyn ModelConfig>,
-    /// The data the network was trained on: its sample shape and value range.
-    pub data: DataInfo,
-    /// Accuracy on the test split when it was built, if recorded.
-    #[serde(default)]
-    pub test_accuracy: Option<f64>,
-}
+pub const BUILD_TIME_HINT: &str = "about 8-12 minutes on 2 CPU cores";
 
 /// A loaded, checksum-verified feature network (see the module docs).
 pub struct FeatureNetwork {
     id: String,
     dir: PathBuf,
     data: DataInfo,
-    test_accuracy: Option<f64>,
+    test_accuracy: f64,
     model: Box<dyn Model>,
 }
 
@@ -99,11 +69,11 @@ impl FeatureNetwork {
         }
         let by_name = !is_path(spec);
         let dir = if by_name {
-            cache.join("features").join(spec)
+            features_root(cache).join(spec)
         } else {
             PathBuf::from(spec)
         };
-        let record_path = dir.join(NETWORK_FILE);
+        let record_path = dir.join(ENTRY_FILE);
         if !record_path.is_file() {
             return Err(Error::Other(missing_message(spec, by_name, &dir)));
         }
@@ -115,14 +85,14 @@ impl FeatureNetwork {
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| data_error(&record_path, format!("is not valid JSON ({e})")))?;
         match value.get("format").map(|f| f.as_u64()) {
-            Some(Some(NETWORK_FORMAT)) => {}
+            Some(Some(format)) if format == u64::from(FORMAT) => {}
             Some(_) => {
                 return Err(data_error(
                     &record_path,
                     format!(
-                        "has `format` {}, this nash reads format {NETWORK_FORMAT}: rebuild it with `nash features build --force`",
-                        value["format"]
-                    ),
+                    "has `format` {}, this nash reads format {FORMAT}: rebuild it with `nash features build --force`",
+                    value["format"]
+                ),
                 ))
             }
             None => {
@@ -132,7 +102,7 @@ impl FeatureNetwork {
                 ))
             }
         }
-        let record: NetworkRecord = serde_json::from_value(value).map_err(|e| {
+        let not_a_record = |e: serde_json::Error| {
             data_error(
                 &record_path,
                 format!(
@@ -140,7 +110,9 @@ impl FeatureNetwork {
                      plugin that provides it"
                 ),
             )
-        })?;
+        };
+        let record: FeatureNetworkEntry = serde_json::from_value(value).map_err(not_a_record)?;
+        let config: Box<dyn ModelConfig> = serde_json::from_value(record.model.clone()).map_err(not_a_record)?;
         if by_name && record.name != spec {
             return Err(data_error(
                 &record_path,
@@ -176,15 +148,14 @@ impl FeatureNetwork {
             return Err(data_error(
                 &weights_path,
                 format!(
-                    "corrupt feature network `{}`: the file's SHA-256 is {actual}, {NETWORK_FILE} records {expected}; \
+                    "corrupt feature network `{}`: the file's SHA-256 is {actual}, {ENTRY_FILE} records {expected}; \
                      rebuild it with `nash features build --force`",
                     record.name
                 ),
             ));
         }
         let mut rng = Rng::seed_from_u64(0);
-        let mut model = record
-            .model
+        let mut model = config
             .build(&record.data, &mut BuildContext { device, rng: &mut rng })
             .map_err(|e| data_error(&record_path, format!("its `model` cannot be built for its `data`: {e}")))?;
         load_params(&weights_path, model.named_params_mut())?;
@@ -212,8 +183,8 @@ impl FeatureNetwork {
         &self.dir
     }
 
-    /// Its accuracy on the test split when it was built, if recorded.
-    pub fn test_accuracy(&self) -> Option<f64> {
+    /// Its accuracy on the whole test split when it was built.
+    pub fn test_accuracy(&self) -> f64 {
         self.test_accuracy
     }
 
@@ -324,7 +295,7 @@ impl FeatureNetwork {
 fn missing_message(spec: &str, by_name: bool, dir: &Path) -> String {
     if !by_name {
         return format!(
-            "feature network folder {} has no {NETWORK_FILE}: give the folder `nash features build` wrote, or the \
+            "feature network folder {} has no {ENTRY_FILE}: give the folder `nash features build` wrote, or the \
              name of a cached network (`{DEFAULT_FEATURE_NETWORK}`)",
             dir.display()
         );
@@ -356,12 +327,14 @@ pub(crate) mod testing {
     use nash_core::error::{Error, Result};
     use nash_core::layers::BuildContext;
     use nash_core::model::{Classification, EvalContext, Model, ModelConfig, StepReport, TrainContext};
-    use nash_core::serde_json::{self, json};
+    use nash_core::serde_json;
     use nash_core::tensor::{Matrix, Param, ParamRole, Parameterized};
     use nash_core::weights::save_params;
     use serde::{Deserialize, Serialize};
 
-    use super::{NETWORK_FILE, WEIGHTS_FILE};
+    use nash_core::weights::feature_networks::{
+        make_id, FeatureNetworkEntry, ENTRY_FILE, FORMAT, WEIGHTS_FILE, WEIGHTS_METADATA_KEY,
+    };
 
     /// Config of [`Probe`].
     #[derive(Debug, Serialize, Deserialize)]
@@ -482,23 +455,24 @@ pub(crate) mod testing {
             .unwrap();
         init(model.as_mut());
         std::fs::create_dir_all(dir).unwrap();
-        let sha = save_params(&dir.join(WEIGHTS_FILE), &model.named_params(), &BTreeMap::new()).unwrap();
-        let id = format!("{name}@sha256:{}", &sha[..12]);
-        let record = json!({
-            "format": 1,
-            "name": name,
-            "id": id,
-            "weights_sha256": sha,
-            "model": serde_json::to_value(&config).unwrap(),
-            "data": serde_json::to_value(data).unwrap(),
-            "test_accuracy": 0.875,
-            "test_samples": 10000,
-            "steps": 100,
-            "pipeline_hash": "0123456789ab",
-            "created": "2024-01-01T00:00:00Z",
-            "nash_version": "0.1.0",
-        });
-        std::fs::write(dir.join(NETWORK_FILE), serde_json::to_string_pretty(&record).unwrap()).unwrap();
+        let metadata = BTreeMap::from([(WEIGHTS_METADATA_KEY.to_string(), name.to_string())]);
+        let sha = save_params(&dir.join(WEIGHTS_FILE), &model.named_params(), &metadata).unwrap();
+        let id = make_id(name, &sha);
+        let record = FeatureNetworkEntry {
+            format: FORMAT,
+            name: name.into(),
+            id: id.clone(),
+            weights_sha256: sha,
+            model: serde_json::to_value(&config).unwrap(),
+            data: data.clone(),
+            test_accuracy: 0.875,
+            test_samples: 10000,
+            steps: 100,
+            pipeline_hash: "0123456789ab".into(),
+            created: "2024-01-01T00:00:00Z".into(),
+            nash_version: "0.1.0".into(),
+        };
+        std::fs::write(dir.join(ENTRY_FILE), serde_json::to_string_pretty(&record).unwrap()).unwrap();
         id
     }
 }
@@ -547,7 +521,7 @@ mod tests {
         let mut net = FeatureNetwork::load_in("probe_net", &cache, &device).unwrap();
         assert_eq!(net.id(), id);
         assert_eq!(net.data_info(), &info(2, (0.0, 1.0)));
-        assert_eq!(net.test_accuracy(), Some(0.875));
+        assert_eq!(net.test_accuracy(), 0.875);
         assert_eq!(net.dir(), dir.as_path());
         // Same range: no rescaling. Rows (1, 0) and (0.5, 0.25); batches of 1 and of 2 agree.
         let (f, p) = run(&mut net, vec![1.0, 0.0, 0.5, 0.25], &info(2, (0.0, 1.0)), 1).unwrap();
@@ -635,7 +609,7 @@ mod tests {
         assert!(load().is_ok());
 
         // Weights replaced behind the record's back: the checksum refuses them.
-        let record = std::fs::read_to_string(dir.join(NETWORK_FILE)).unwrap();
+        let record = std::fs::read_to_string(dir.join(ENTRY_FILE)).unwrap();
         let other =
             nash_core::tensor::Param::from_vec(&device, vec![9.0; 4], vec![2, 2], nash_core::tensor::ParamRole::Weight)
                 .unwrap();
@@ -653,10 +627,10 @@ mod tests {
         assert!(err.contains(WEIGHTS_FILE), "{err}");
 
         // Malformed records name the file and what is wrong.
-        let write = |text: &str| std::fs::write(dir.join(NETWORK_FILE), text).unwrap();
+        let write = |text: &str| std::fs::write(dir.join(ENTRY_FILE), text).unwrap();
         write("{not json");
         let err = load().unwrap_err().to_string();
-        assert!(err.contains(NETWORK_FILE) && err.contains("not valid JSON"), "{err}");
+        assert!(err.contains(ENTRY_FILE) && err.contains("not valid JSON"), "{err}");
         write(&record.replace("\"format\": 1", "\"format\": 2"));
         let err = load().unwrap_err().to_string();
         assert!(err.contains("`format` 2") && err.contains("reads format 1"), "{err}");

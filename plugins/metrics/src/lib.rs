@@ -26,7 +26,10 @@ pub mod reconstruction;
 pub mod sample_quality;
 pub mod scores;
 
+use nash_core::data::{DataSource, Split};
+use nash_core::error::{Error, Result};
 use nash_core::registry::Registry;
+use serde::{Deserialize, Serialize};
 
 pub use classifier::{Classifier, ClassifierConfig};
 pub use codebook::{CodebookUsage, CodebookUsageConfig};
@@ -36,6 +39,57 @@ pub use reconstruction::{ReconstructionError, ReconstructionErrorConfig};
 pub use sample_quality::{SampleQuality, SampleQualityConfig};
 
 nash_core::declare_plugin!(register);
+
+/// The config of a metric measured over one whole data split in batches (`reconstruction_error`,
+/// `elbo`, `codebook_usage`): those configs wrap it transparently, so their pipeline format is
+/// exactly these two fields, both optional, and nothing else.
+///
+/// ```toml
+/// split = "test"      # or "train"
+/// batch_size = 256
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SplitConfig {
+    /// The split to measure on.
+    pub split: Split,
+    /// Samples per batch.
+    pub batch_size: usize,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig {
+            split: Split::Test,
+            batch_size: 256,
+        }
+    }
+}
+
+impl SplitConfig {
+    /// Checks the config of metric `metric` (its tag): `batch_size` must be at least 1
+    /// (`metrics.<metric>.batch_size`).
+    pub fn check(&self, metric: &str) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config(
+                format!("metrics.{metric}.batch_size"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses to measure metric `metric` (its tag) on an empty `split` of `data`.
+pub fn require_split(metric: &str, data: &dyn DataSource, split: Split) -> Result<()> {
+    if data.len(split) == 0 {
+        return Err(Error::unsupported(
+            format!("the `{metric}` metric"),
+            format!("the {split:?} split of `{}` is empty", data.describe()),
+        ));
+    }
+    Ok(())
+}
 
 /// Registers every type this plugin brings.
 pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
@@ -65,9 +119,10 @@ mod tests {
     use nash_core::registry::{Kind, Registry};
 
     #[test]
-    fn registers_both_metrics() {
+    fn registers_the_classifier_model_and_every_metric() {
         let mut registry = Registry::new();
         super::register(&mut registry).unwrap();
+        assert_eq!(registry.tags(Kind::Model), vec!["classifier"]);
         assert_eq!(
             registry.tags(Kind::Metric),
             vec![
@@ -80,6 +135,35 @@ mod tests {
         );
         let coverage = registry.find(Kind::Metric, "mode_coverage").unwrap();
         assert!(coverage.fields.iter().any(|f| f.name == "threshold_sigmas"));
+    }
+
+    #[test]
+    fn split_configs_keep_their_format_and_error_paths() {
+        use nash_core::metric::MetricConfig;
+        use nash_core::serde_json::{self, json};
+        for tag in ["reconstruction_error", "elbo", "codebook_usage"] {
+            // Both fields are optional, with the defaults test / 256, and serialize flat beside the tag.
+            let config: Box<dyn MetricConfig> = serde_json::from_value(json!({"type": tag})).unwrap();
+            assert_eq!(
+                serde_json::to_value(&config).unwrap(),
+                json!({"type": tag, "split": "test", "batch_size": 256})
+            );
+            let config: Box<dyn MetricConfig> =
+                serde_json::from_value(json!({"type": tag, "split": "train", "batch_size": 8})).unwrap();
+            assert_eq!(
+                serde_json::to_value(&config).unwrap(),
+                json!({"type": tag, "split": "train", "batch_size": 8})
+            );
+            // Unknown fields are refused, naming them.
+            let err = serde_json::from_value::<Box<dyn MetricConfig>>(json!({"type": tag, "batchsize": 8}))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("batchsize"), "{err}");
+            // A zero batch size is refused at build time with the config path.
+            let zero: Box<dyn MetricConfig> = serde_json::from_value(json!({"type": tag, "batch_size": 0})).unwrap();
+            let err = zero.build().err().unwrap().to_string();
+            assert!(err.contains(&format!("metrics.{tag}.batch_size")), "{err}");
+        }
     }
 }
 

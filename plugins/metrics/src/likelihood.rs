@@ -24,38 +24,24 @@
 
 use std::collections::BTreeMap;
 
-use nash_core::data::{eval_batches, DataSource, Split};
+use nash_core::data::{eval_batches, DataSource};
 use nash_core::error::{Error, Result};
 use nash_core::metric::{Metric, MetricConfig};
 use nash_core::model::{EvalContext, Model};
 use serde::{Deserialize, Serialize};
 
-/// Configuration of [`Elbo`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ElboConfig {
-    /// The split to measure on.
-    pub split: Split,
-    /// Samples per evaluation batch.
-    pub batch_size: usize,
-}
+use crate::{require_split, SplitConfig};
 
-impl Default for ElboConfig {
-    fn default() -> Self {
-        ElboConfig {
-            split: Split::Test,
-            batch_size: 256,
-        }
-    }
-}
+/// Configuration of [`Elbo`]: the split and batch size ([`SplitConfig`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ElboConfig(pub SplitConfig);
 
 #[typetag::serde(name = "elbo")]
 impl MetricConfig for ElboConfig {
     fn build(&self) -> Result<Box<dyn Metric>> {
-        if self.batch_size == 0 {
-            return Err(Error::config("metrics.elbo.batch_size", "must be at least 1"));
-        }
-        Ok(Box::new(Elbo { config: self.clone() }))
+        self.0.check("elbo")?;
+        Ok(Box::new(Elbo { config: *self }))
     }
 }
 
@@ -83,18 +69,13 @@ impl Metric for Elbo {
         data: &dyn DataSource,
         ctx: &mut EvalContext<'_>,
     ) -> Result<BTreeMap<String, f64>> {
-        let split = self.config.split;
-        if data.len(split) == 0 {
-            return Err(Error::unsupported(
-                "the `elbo` metric",
-                format!("the {split:?} split of `{}` is empty", data.describe()),
-            ));
-        }
+        let split = self.config.0.split;
+        require_split("elbo", data, split)?;
         // Sample-weighted sums, and how many batches reported each term.
         let mut sums = [0.0f64; 3];
         let mut reported = [0usize; 3];
         let (mut samples, mut batches) = (0usize, 0usize);
-        for batch in eval_batches(data, split, self.config.batch_size, ctx.device)? {
+        for batch in eval_batches(data, split, self.config.0.batch_size, ctx.device)? {
             let values = model.evaluate(&batch, ctx)?;
             if !values.contains_key(TERMS[0].0) {
                 return Err(Error::unsupported(
@@ -137,6 +118,7 @@ mod tests {
     use super::*;
     use crate::tests_support::{FakeData, FakeModel};
     use nash_core::data::Batch;
+    use nash_core::data::Split;
     use nash_core::model::{StepReport, TrainContext};
     use nash_core::rand::SeedableRng;
     use nash_core::tensor::{Device, Param, Parameterized, Rng};
@@ -201,10 +183,10 @@ mod tests {
         let mut model = MeanElbo {
             batch_sizes: Vec::new(),
         };
-        let cfg = ElboConfig {
+        let cfg = ElboConfig(SplitConfig {
             batch_size: 2,
             ..Default::default()
-        };
+        });
         let m = run(cfg, &mut model, &data).unwrap();
         assert_eq!(model.batch_sizes, [2, 2, 1]);
         assert!((m["negative_elbo"] - 4.0).abs() < 1e-12, "{m:?}");
@@ -213,10 +195,10 @@ mod tests {
         // 4 nats over 2 dimensions: 4 / (2 ln 2) = 2.8853900817779268 bits per dimension.
         assert!((m["bits_per_dim"] - 2.885_390_081_777_926_8).abs() < 1e-12, "{m:?}");
         // The train split (the first three samples): (1 + 2 + 3) / 3 = 2.
-        let train = ElboConfig {
+        let train = ElboConfig(SplitConfig {
             split: Split::Train,
             ..Default::default()
-        };
+        });
         let m = run(train, &mut model, &data).unwrap();
         assert!((m["negative_elbo"] - 2.0).abs() < 1e-12, "{m:?}");
     }
@@ -232,10 +214,10 @@ mod tests {
             text.contains("`fake` model") && text.contains("loss/elbo") && text.contains("vae"),
             "{text}"
         );
-        let zero = ElboConfig {
+        let zero = ElboConfig(SplitConfig {
             batch_size: 0,
             ..Default::default()
-        };
+        });
         assert!(matches!(zero.build(), Err(Error::Config { .. })));
         let empty = FakeData::plain(Vec::new(), 2);
         assert!(run(ElboConfig::default(), &mut model, &empty).is_err());

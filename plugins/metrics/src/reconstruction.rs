@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 
-use nash_core::data::{eval_batches, DataSource, Split};
+use nash_core::data::{eval_batches, DataSource};
 use nash_core::error::{Error, Result};
 use nash_core::metric::{Metric, MetricConfig};
 use nash_core::model::{EvalContext, Model};
@@ -39,35 +39,18 @@ use nash_core::prelude::HasShape;
 use nash_core::tensor::FeatureShape;
 use serde::{Deserialize, Serialize};
 
-/// Configuration of [`ReconstructionError`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReconstructionErrorConfig {
-    /// The split to measure on.
-    pub split: Split,
-    /// Samples per reconstruction batch.
-    pub batch_size: usize,
-}
+use crate::{require_split, SplitConfig};
 
-impl Default for ReconstructionErrorConfig {
-    fn default() -> Self {
-        ReconstructionErrorConfig {
-            split: Split::Test,
-            batch_size: 256,
-        }
-    }
-}
+/// Configuration of [`ReconstructionError`]: the split and batch size ([`SplitConfig`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReconstructionErrorConfig(pub SplitConfig);
 
 #[typetag::serde(name = "reconstruction_error")]
 impl MetricConfig for ReconstructionErrorConfig {
     fn build(&self) -> Result<Box<dyn Metric>> {
-        if self.batch_size == 0 {
-            return Err(Error::config(
-                "metrics.reconstruction_error.batch_size",
-                "must be at least 1",
-            ));
-        }
-        Ok(Box::new(ReconstructionError { config: self.clone() }))
+        self.0.check("reconstruction_error")?;
+        Ok(Box::new(ReconstructionError { config: *self }))
     }
 }
 
@@ -89,13 +72,8 @@ impl Metric for ReconstructionError {
         data: &dyn DataSource,
         ctx: &mut EvalContext<'_>,
     ) -> Result<BTreeMap<String, f64>> {
-        let split = self.config.split;
-        if data.len(split) == 0 {
-            return Err(Error::unsupported(
-                "the `reconstruction_error` metric",
-                format!("the {split:?} split of `{}` is empty", data.describe()),
-            ));
-        }
+        let split = self.config.0.split;
+        require_split("reconstruction_error", data, split)?;
         let info = data.info();
         // PSNR and SSIM need a data range of positive width; SSIM also an 11x11 window per channel.
         let range = (info.value_range.1 - info.value_range.0) as f64;
@@ -110,7 +88,7 @@ impl Metric for ReconstructionError {
         };
         let (mut squared, mut absolute, mut count) = (0.0f64, 0.0f64, 0usize);
         let (mut psnr_sum, mut ssim_sum, mut samples, mut channels_seen) = (0.0f64, 0.0f64, 0usize, 0usize);
-        for batch in eval_batches(data, split, self.config.batch_size, ctx.device)? {
+        for batch in eval_batches(data, split, self.config.0.batch_size, ctx.device)? {
             let recon = model.reconstruct(&batch, ctx)?.ok_or_else(|| {
                 Error::unsupported(
                     "the `reconstruction_error` metric",
@@ -175,6 +153,7 @@ impl Metric for ReconstructionError {
 mod tests {
     use super::*;
     use crate::tests_support::{FakeData, FakeModel};
+    use nash_core::data::Split;
     use nash_core::rand::SeedableRng;
     use nash_core::tensor::{Device, Rng};
 
@@ -198,10 +177,10 @@ mod tests {
         let data = FakeData::plain(test, 2);
         let mut model = FakeModel::reconstructor(|x| vec![0.0; x.len()]);
         // Batches of 2: 2 + 2 + 1 samples; every sample counts once.
-        let cfg = ReconstructionErrorConfig {
+        let cfg = ReconstructionErrorConfig(SplitConfig {
             batch_size: 2,
             ..Default::default()
-        };
+        });
         let m = run(cfg, &mut model, &data).unwrap();
         assert!((m["reconstruction_mse"] - 3.55).abs() < 1e-9, "{m:?}");
         assert!((m["reconstruction_mae"] - 1.4).abs() < 1e-9, "{m:?}");
@@ -211,10 +190,10 @@ mod tests {
         let m = run(ReconstructionErrorConfig::default(), &mut identity, &data).unwrap();
         assert_eq!(m["reconstruction_mse"], 0.0);
         let mut shift = FakeModel::reconstructor(|x| x.iter().map(|v| v + 0.5).collect());
-        let train = ReconstructionErrorConfig {
+        let train = ReconstructionErrorConfig(SplitConfig {
             split: Split::Train,
             ..Default::default()
-        };
+        });
         let m = run(train, &mut shift, &data).unwrap();
         assert!((m["reconstruction_mse"] - 0.25).abs() < 1e-9 && (m["reconstruction_mae"] - 0.5).abs() < 1e-9);
         assert_eq!(shift.reconstructed_rows, 3);
@@ -281,10 +260,10 @@ mod tests {
         // of every sample, so the means are the scikit-image values pinned in image_similarity.rs:
         // SSIM(x, y, L = 1) = 0.8581831186856289 and PSNR = 23.4587348105909 dB.
         let mut swap = FakeModel::reconstructor(|x| [&x[256..], &x[..256]].concat());
-        let cfg = ReconstructionErrorConfig {
+        let cfg = ReconstructionErrorConfig(SplitConfig {
             batch_size: 1,
             ..Default::default()
-        };
+        });
         let device = Device::default();
         let mut rng = Rng::seed_from_u64(0);
         let mut ctx = EvalContext {
@@ -315,10 +294,10 @@ mod tests {
         let mut wrong = FakeModel::reconstructor(|x| x[..1].to_vec());
         let err = run(ReconstructionErrorConfig::default(), &mut wrong, &data).unwrap_err();
         assert!(matches!(err, Error::Shape { .. }), "{err}");
-        let zero = ReconstructionErrorConfig {
+        let zero = ReconstructionErrorConfig(SplitConfig {
             batch_size: 0,
             ..Default::default()
-        };
+        });
         assert!(matches!(zero.build(), Err(Error::Config { .. })));
     }
 }
