@@ -32,3 +32,37 @@ pub trait MetricConfig: std::fmt::Debug {
     /// Builds the metric.
     fn build(&self) -> Result<Box<dyn Metric>>;
 }
+
+/// The perplexity `exp(−Σ p ln p)` of a histogram of counts (how many equally used categories it
+/// amounts to: codebook usage, mode usage); 0 for an empty histogram.
+pub fn perplexity(counts: impl IntoIterator<Item = u64>) -> f64 {
+    let counts: Vec<u64> = counts.into_iter().filter(|&c| c > 0).collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let entropy: f64 = counts
+        .iter()
+        .map(|&c| {
+            let p = c as f64 / total as f64;
+            -p * p.ln()
+        })
+        .sum();
+    entropy.exp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::perplexity;
+
+    #[test]
+    fn perplexity_counts_equally_used_categories() {
+        assert!((perplexity([5, 5, 5, 5]) - 4.0).abs() < 1e-12);
+        assert!((perplexity([0, 7, 0, 7, 7]) - 3.0).abs() < 1e-12);
+        assert!((perplexity([10, 0, 0]) - 1.0).abs() < 1e-12);
+        // exp(-(0.75 ln 0.75 + 0.25 ln 0.25)) = 1.7547654...
+        assert!((perplexity([3, 1]) - 1.754_765_4).abs() < 1e-6);
+        assert_eq!(perplexity([0, 0]), 0.0);
+        assert_eq!(perplexity([]), 0.0);
+    }
+}

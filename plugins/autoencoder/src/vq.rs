@@ -256,21 +256,9 @@ impl CodeLayout {
     }
 }
 
-/// `exp(−Σ p log p)` of the code usage `counts` (the number of equally used codes it amounts to).
+/// `exp(−Σ p ln p)` of the code usage `counts` (the number of equally used codes it amounts to).
 pub fn perplexity(counts: &[usize]) -> f64 {
-    let total: usize = counts.iter().sum();
-    if total == 0 {
-        return 0.0;
-    }
-    let entropy: f64 = counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / total as f64;
-            -p * p.ln()
-        })
-        .sum();
-    entropy.exp()
+    nash_core::metric::perplexity(counts.iter().map(|&c| c as u64))
 }
 
 /// The straight-through estimator: `z_e + sg[z_q − z_e]`, whose value is `z_q` and whose gradient

@@ -53,19 +53,7 @@ pub struct CodebookUsage {
 
 /// `exp(−Σ p ln p)` of a histogram of code counts (0 for an empty histogram).
 pub fn perplexity(counts: &BTreeMap<usize, u64>) -> f64 {
-    let total: u64 = counts.values().sum();
-    if total == 0 {
-        return 0.0;
-    }
-    let entropy: f64 = counts
-        .values()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / total as f64;
-            -p * p.ln()
-        })
-        .sum();
-    entropy.exp()
+    nash_core::metric::perplexity(counts.values().copied())
 }
 
 impl Metric for CodebookUsage {
