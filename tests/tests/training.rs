@@ -176,6 +176,11 @@ fn every_example_pipeline_runs() {
             continue;
         }
         let name = format!("example_{}", path.file_stem().unwrap().to_string_lossy());
+        if std::fs::read_to_string(&path).unwrap().contains("[[entry]]") {
+            suite_runs(&name, &path);
+            ran += 1;
+            continue;
+        }
         let (_, summary) = train(
             &name,
             &path,
@@ -193,6 +198,30 @@ fn every_example_pipeline_runs() {
         ran += 1;
     }
     assert!(ran >= 4, "expected the example pipelines, found {ran}");
+}
+
+/// A stability-benchmark suite file (examples/stability/quick.toml, ...) runs every entry for one
+/// seed and 3 steps through `nash bench stability`, and its table lists every entry.
+fn suite_runs(name: &str, suite: &Path) {
+    let out = support::scratch_dir(name);
+    let output = support::run_ok(
+        Command::new(support::nash_binary())
+            .args(["bench", "stability", "--suite"])
+            .arg(suite)
+            .args(["--seeds", "1", "--steps", "3", "--jobs", "2", "--quiet", "--out"])
+            .arg(&out)
+            .env_remove("NASH_PLUGIN_PATH"),
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    let results: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let text = std::fs::read_to_string(suite).unwrap();
+    let entries = text.matches("[[entry]]").count();
+    let runs = results.to_string().matches("\"completed\"").count();
+    assert!(
+        runs >= entries,
+        "{}: {runs} completed runs for {entries} entries\n{table}",
+        suite.display()
+    );
 }
 
 /// `nash plugins` prints every registered type with its kind, tag, plugin and fields.
