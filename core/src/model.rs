@@ -184,6 +184,26 @@ pub trait Model: Parameterized {
     fn latent_codes(&mut self, _batch: &Batch, _ctx: &mut EvalContext<'_>) -> Result<Option<Vec<usize>>> {
         Ok(None)
     }
+    /// Whether [`Model::reestimate_statistics`] can draw the inputs of `group`.
+    fn reestimates_statistics(&self, _group: &str) -> bool {
+        false
+    }
+    /// Re-estimates the running statistics (batch norm) of `group` for its current parameters
+    /// from `batches` batches of `batch_size` inputs the model draws itself (latent codes for a
+    /// generator), as [`crate::layers::sequential::Sequential::reestimate_statistics`]. The
+    /// trainer calls it while a stabilizer's evaluation parameters (an EMA of the generator)
+    /// stand in for the trained ones, whose running statistics belong to other weights.
+    /// `Ok(false)` when the model cannot draw the group's inputs (see
+    /// [`Model::reestimates_statistics`]); a group without running statistics is left as it is.
+    fn reestimate_statistics(
+        &mut self,
+        _group: &str,
+        _batches: usize,
+        _batch_size: usize,
+        _ctx: &mut EvalContext<'_>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
     /// State beyond parameters and optimizers (BEGAN's k_t, say), for checkpoints.
     fn extra_state(&self) -> StateDict {
         StateDict::default()

@@ -111,6 +111,12 @@ pub trait Stabilizer {
     fn evaluation_params(&self) -> Vec<(String, Vec<f32>)> {
         Vec::new()
     }
+    /// Parameter groups whose running statistics (batch norm) are re-estimated for the
+    /// evaluation parameters, with the number of batches to average
+    /// ([`Model::reestimate_statistics`]). Empty: the evaluation parameters' own buffers are used.
+    fn evaluation_statistics(&self) -> Vec<(String, usize)> {
+        Vec::new()
+    }
     /// The number of discriminator updates to run in this step, given the number the pipeline
     /// configured (or the previous stabilizer decided): an adaptive step ratio. Called once per
     /// step by adversarial models, before their discriminator updates.
@@ -248,6 +254,15 @@ impl StabilizerStack {
             by_name.extend(s.evaluation_params());
         }
         by_name.into_iter().collect()
+    }
+    /// Every stabilizer's [`Stabilizer::evaluation_statistics`]; for a group given by several, the
+    /// last stabilizer's number of batches.
+    pub fn evaluation_statistics(&self) -> Vec<(String, usize)> {
+        let mut by_group = std::collections::BTreeMap::new();
+        for s in &self.stabilizers {
+            by_group.extend(s.evaluation_statistics());
+        }
+        by_group.into_iter().collect()
     }
     /// The discriminator updates for this step: `configured`, passed through each stabilizer's
     /// [`Stabilizer::discriminator_steps`] in order.

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use nash_core::data::{DataLoader, DataSource, Split};
 use nash_core::dfdx::shapes::HasShape;
 use nash_core::layers::BuildContext;
@@ -16,7 +16,7 @@ use nash_core::optim::Optimizer;
 use nash_core::rand::SeedableRng;
 use nash_core::serde_json::json;
 use nash_core::stabilizer::{HookContext, StabilizerStack};
-use nash_core::tensor::{Device, Rng};
+use nash_core::tensor::{Device, ParamRole, Rng};
 use nash_core::tracing;
 
 use crate::checkpoint::{self, NamedTensor, RngState, RunRecord, TrainingState};
@@ -44,6 +44,9 @@ pub(crate) struct Run {
     /// What each metric reported with its last values ([`Metric::provenance`]), by metric name;
     /// metrics that report none are left out.
     pub(crate) provenance: crate::train::MetricProvenance,
+    /// Batch size of the batches that re-estimate running statistics for evaluation parameters
+    /// ([`nash_core::stabilizer::Stabilizer::evaluation_statistics`]): the training batch size.
+    pub(crate) statistics_batch_size: usize,
 }
 
 pub(crate) fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Result<Run> {
@@ -143,8 +146,13 @@ pub(crate) fn build(pipeline: &Pipeline, seed: u64, rng: &mut Rng) -> anyhow::Re
         metrics,
         pictures,
         provenance: BTreeMap::new(),
+        statistics_batch_size: pipeline.training.batch_size,
     })
 }
+
+/// Seed of the inputs that re-estimate running statistics for evaluation parameters: the same
+/// batches at every evaluation.
+const STATISTICS_SEED: u64 = 0x57A7_15E5_0000_0002;
 
 /// Seed of the generator each evaluation starts from: the same latent codes every time, and
 /// evaluations never disturb the training stream.
@@ -273,19 +281,64 @@ impl Run {
     }
 
     /// Runs `f` with the stabilizers' evaluation parameters (an EMA of the generator's weights) in
-    /// place of the trained ones, and puts the trained ones back afterwards, also when `f` fails.
+    /// place of the trained ones, their running statistics re-estimated where a stabilizer asks
+    /// ([`nash_core::stabilizer::Stabilizer::evaluation_statistics`]), and puts the trained values back afterwards, also
+    /// when `f` fails.
     pub(crate) fn with_evaluation_params<T>(
         &mut self,
         f: impl FnOnce(&mut Self) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
         let stand_ins = self.stabilizers.evaluation_params();
-        if stand_ins.is_empty() {
+        let reestimates = self.stabilizers.evaluation_statistics();
+        if stand_ins.is_empty() && reestimates.is_empty() {
             return f(self);
         }
-        let trained = swap_params(self.model.as_mut(), stand_ins)?;
-        let result = f(self);
+        let mut trained = swap_params(self.model.as_mut(), stand_ins)?;
+        let result = self
+            .reestimate_statistics(&reestimates, &mut trained)
+            .and_then(|()| f(self));
         swap_params(self.model.as_mut(), trained)?;
         result
+    }
+
+    /// Re-estimates the running statistics of each `(group, batches)` ([`Model::reestimate_statistics`])
+    /// from a fixed seed, first adding the live values of every buffer not yet in `trained` (the
+    /// values to put back) to it.
+    fn reestimate_statistics(
+        &mut self,
+        reestimates: &[(String, usize)],
+        trained: &mut Vec<(String, Vec<f32>)>,
+    ) -> anyhow::Result<()> {
+        if reestimates.is_empty() {
+            return Ok(());
+        }
+        let saved: BTreeSet<String> = trained.iter().map(|(n, _)| n.clone()).collect();
+        trained.extend(
+            self.model
+                .named_params()
+                .into_iter()
+                .filter(|(n, p)| p.role == ParamRole::Buffer && !saved.contains(n))
+                .map(|(n, p)| (n, p.to_vec())),
+        );
+        let mut rng = Rng::seed_from_u64(STATISTICS_SEED);
+        for (group, batches) in reestimates {
+            let drawn = self
+                .model
+                .reestimate_statistics(
+                    group,
+                    *batches,
+                    self.statistics_batch_size,
+                    &mut EvalContext {
+                        device: &self.device,
+                        rng: &mut rng,
+                    },
+                )
+                .with_context(|| format!("cannot re-estimate the running statistics of group `{group}`"))?;
+            if !drawn {
+                bail!("the model cannot draw the inputs of group `{group}` to re-estimate its running statistics");
+            }
+        }
+        Ok(())
     }
 
     /// [`Run::evaluate_with_trained_params`] with the stabilizers' evaluation parameters, plus the

@@ -58,6 +58,32 @@ pub trait Layer: Parameterized {
     fn name(&self) -> Option<&str> {
         None
     }
+    /// Switches how training-mode passes update running statistics (batch norm): `true` forgets
+    /// them and averages every following batch equally, `false` returns to the layer's
+    /// exponential update. Returns whether the layer keeps running statistics.
+    fn set_statistics_reestimation(&mut self, _on: bool) -> bool {
+        false
+    }
+}
+
+/// Re-estimates the running statistics (batch norm) of `owner`'s `network` for its current
+/// parameters, as PyTorch's `torch.optim.swa_utils.update_bn` does for averaged weights: forgets
+/// them, calls `run_batch` `batches` times (each runs the network on fresh inputs in training
+/// mode) and keeps the plain average of the batches' statistics; the exponential update returns
+/// afterwards, also when a batch fails. Parameters are not touched. Returns whether the network
+/// keeps running statistics (when it does not, nothing runs).
+pub fn reestimate_statistics<M: ?Sized>(
+    owner: &mut M,
+    network: impl Fn(&mut M) -> &mut dyn Layer,
+    batches: usize,
+    mut run_batch: impl FnMut(&mut M) -> Result<()>,
+) -> Result<bool> {
+    if !network(owner).set_statistics_reestimation(true) {
+        return Ok(false);
+    }
+    let result = (0..batches).try_for_each(|_| run_batch(owner));
+    network(owner).set_statistics_reestimation(false);
+    result.map(|()| true)
 }
 
 /// Serializable description of a layer; `type = "linear"` etc. in pipeline files.

@@ -88,6 +88,7 @@ impl LayerConfig for BatchNormConfig {
             running_mean: p(0.0, ParamRole::Buffer)?,
             running_var: p(1.0, ParamRole::Buffer)?,
             last_mode: None,
+            reestimated_batches: None,
         }))
     }
 }
@@ -104,6 +105,8 @@ pub struct BatchNorm {
     running_mean: Param,
     running_var: Param,
     last_mode: Option<Mode>,
+    /// While re-estimating ([`Layer::set_statistics_reestimation`]): the batches averaged so far.
+    reestimated_batches: Option<u32>,
 }
 
 impl BatchNorm {
@@ -201,8 +204,15 @@ impl Layer for BatchNorm {
                 let var_host = var.as_vec();
                 let std = var.try_add(self.eps)?.try_sqrt()?;
                 let xhat = centered.try_div(std.try_broadcast_like::<_, Axes2<0, 2>>(&dims)?)?;
-                // PyTorch: running stats use the unbiased variance.
-                let m = self.momentum;
+                // PyTorch: running stats use the unbiased variance. While re-estimating, the n-th
+                // batch gets weight 1/n: the running statistics are the batches' plain average.
+                let m = match &mut self.reestimated_batches {
+                    Some(seen) => {
+                        *seen += 1;
+                        1.0 / *seen as f32
+                    }
+                    None => self.momentum,
+                };
                 let unbias = n as f32 / (n as f32 - 1.0);
                 let rm: Vec<f32> = self
                     .running_mean
@@ -238,6 +248,10 @@ impl Layer for BatchNorm {
         };
         self.last_mode = Some(ctx.mode);
         Activation::new(y.try_reshape_like(&(b, c * hw))?, shape)
+    }
+    fn set_statistics_reestimation(&mut self, on: bool) -> bool {
+        self.reestimated_batches = on.then_some(0);
+        true
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
         if self.last_mode != Some(Mode::Eval) {
@@ -411,7 +425,9 @@ impl Layer for LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::activation::ReluConfig;
     use crate::layers::testing::*;
+    use crate::layers::{reestimate_statistics, Sequential, SequentialConfig};
 
     fn set_affine(layer: &mut dyn Layer, h: &mut Harness) {
         // Non-trivial scale and shift so their gradients are exercised.
@@ -528,6 +544,64 @@ mod tests {
         // A single sample cannot be normalized in training mode.
         let x = h.input(vec![1.0, 2.0], 1, FeatureShape::Flat(2));
         assert!(bn.forward(x, &mut h.fwd_ctx(Mode::Train)).is_err());
+    }
+
+    #[test]
+    fn reestimated_statistics_are_the_plain_average_of_the_batches() {
+        // Batch 1: x = [[1, 2], [3, 6], [5, 10]]: mean [3, 6], unbiased var [4, 16].
+        // Batch 2: x = [[0, 0], [2, -4]]:          mean [1, -2], unbiased var [2, 8].
+        // Re-estimated (PyTorch's momentum = None, the cumulative average): mean [2, 2], var [3, 12],
+        // whatever the statistics were before; afterwards the momentum-0.1 update returns.
+        let mut h = Harness::new(0);
+        let mut net = SequentialConfig::default()
+            .push(BatchNormConfig::new())
+            .push(ReluConfig::default())
+            .build(FeatureShape::Flat(2), &mut h.build_ctx(), "net")
+            .unwrap();
+        let stats = |net: &Sequential| {
+            let params = net.named_params();
+            let get = |n: &str| params.iter().find(|(k, _)| k == n).unwrap().1.to_vec();
+            (get("0.running_mean"), get("0.running_var"))
+        };
+        let batches = [vec![1., 2., 3., 6., 5., 10.], vec![0., 0., 2., -4.]];
+        let x = h.input(vec![9., 9., -9., 9.], 2, FeatureShape::Flat(2));
+        net.forward(x, &mut h.fwd_ctx(Mode::Train)).unwrap();
+        let mut next = 0;
+        let found = reestimate_statistics(
+            &mut net,
+            |net| net,
+            2,
+            |net| {
+                let v = batches[next].clone();
+                next += 1;
+                let x = h.input(v.clone(), v.len() / 2, FeatureShape::Flat(2));
+                net.forward(x, &mut h.fwd_ctx(Mode::Train)).map(drop)
+            },
+        )
+        .unwrap();
+        assert!(found);
+        let (rm, rv) = stats(&net);
+        assert!((rm[0] - 2.0).abs() < 1e-6 && (rm[1] - 2.0).abs() < 1e-6, "{rm:?}");
+        assert!((rv[0] - 3.0).abs() < 1e-5 && (rv[1] - 12.0).abs() < 1e-5, "{rv:?}");
+        // Back to momentum 0.1: mean [2, 2] -> 0.9 * [2, 2] + 0.1 * [1, -2].
+        let x = h.input(batches[1].clone(), 2, FeatureShape::Flat(2));
+        net.forward(x, &mut h.fwd_ctx(Mode::Train)).unwrap();
+        let (rm, _) = stats(&net);
+        assert!((rm[0] - 1.9).abs() < 1e-6 && (rm[1] - 1.6).abs() < 1e-6, "{rm:?}");
+
+        // A failing batch still ends the re-estimation; a network without statistics runs nothing.
+        let failed = reestimate_statistics(&mut net, |net| net, 3, |_| Err(Error::Other("no inputs".into())));
+        assert!(failed.is_err());
+        let x = h.input(batches[1].clone(), 2, FeatureShape::Flat(2));
+        net.forward(x, &mut h.fwd_ctx(Mode::Train)).unwrap();
+        let (rm, _) = stats(&net);
+        assert!((rm[0] - (0.9 * 1.9 + 0.1)).abs() < 1e-6, "{rm:?}");
+        let mut plain = SequentialConfig::default()
+            .push(ReluConfig::default())
+            .build(FeatureShape::Flat(2), &mut h.build_ctx(), "net")
+            .unwrap();
+        let ran = reestimate_statistics(&mut plain, |net| net, 2, |_| panic!("nothing to re-estimate")).unwrap();
+        assert!(!ran);
     }
 
     #[test]

@@ -235,6 +235,11 @@ impl Layer for Sequential {
         }
         self.input_grad_from_last(grad_output)
     }
+    fn set_statistics_reestimation(&mut self, on: bool) -> bool {
+        self.layers
+            .iter_mut()
+            .fold(false, |any, l| l.set_statistics_reestimation(on) | any)
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,9 @@ use nash_core::data::{Batch, DataInfo};
 use nash_core::dfdx::prelude::*;
 use nash_core::error::{Error, Result};
 use nash_core::layers::activation::{SigmoidConfig, TanhConfig};
-use nash_core::layers::{BuildContext, ForwardContext, LayerConfig, Mode, Sequential, SequentialConfig};
+use nash_core::layers::{
+    reestimate_statistics, BuildContext, ForwardContext, LayerConfig, Mode, Sequential, SequentialConfig,
+};
 use nash_core::model::{EvalContext, Model, ModelConfig, StepReport, TrainContext};
 use nash_core::stabilizer::{InputRole, LossSite};
 use nash_core::state::StateDict;
@@ -564,6 +566,27 @@ impl Model for Began {
     }
     fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
         Ok(Some(self.generate(n, Mode::Eval, ctx.device, ctx.rng)?.detach()))
+    }
+    fn reestimates_statistics(&self, group: &str) -> bool {
+        group == "generator"
+    }
+    fn reestimate_statistics(
+        &mut self,
+        group: &str,
+        batches: usize,
+        batch_size: usize,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<bool> {
+        if group != "generator" {
+            return Ok(false);
+        }
+        reestimate_statistics(
+            self,
+            |gan| &mut gan.generator,
+            batches,
+            |gan| gan.generate(batch_size, Mode::Train, ctx.device, ctx.rng).map(drop),
+        )?;
+        Ok(true)
     }
     fn extra_state(&self) -> StateDict {
         let mut state = StateDict::default();

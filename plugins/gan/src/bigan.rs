@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use nash_core::data::{Batch, DataInfo};
 use nash_core::dfdx::prelude::*;
 use nash_core::error::{Error, Result};
-use nash_core::layers::{BuildContext, Mode, Sequential, SequentialConfig};
+use nash_core::layers::{reestimate_statistics, BuildContext, Mode, Sequential, SequentialConfig};
 use nash_core::loss::{AdversarialObjective, AdversarialObjectiveConfig};
 use nash_core::model::{EvalContext, Model, ModelConfig, StepReport, TrainContext};
 use nash_core::stabilizer::{InputRole, LossSite, Targets};
@@ -376,6 +376,30 @@ impl Model for Bigan {
     fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         Ok(Some(self.generate(&z, Mode::Eval, ctx.rng)?.detach()))
+    }
+    fn reestimates_statistics(&self, group: &str) -> bool {
+        group == "generator"
+    }
+    fn reestimate_statistics(
+        &mut self,
+        group: &str,
+        batches: usize,
+        batch_size: usize,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<bool> {
+        if group != "generator" {
+            return Ok(false);
+        }
+        reestimate_statistics(
+            self,
+            |gan| &mut gan.generator,
+            batches,
+            |gan| {
+                let z = gan.sample_latent(batch_size, ctx.device, ctx.rng);
+                gan.generate(&z, Mode::Train, ctx.rng).map(drop)
+            },
+        )?;
+        Ok(true)
     }
     /// `G(E(x))`.
     fn reconstruct(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {

@@ -28,7 +28,9 @@ use nash_core::error::{Error, Result};
 use nash_core::layers::activation::LeakyReluConfig;
 use nash_core::layers::embedding::EmbeddingConfig;
 use nash_core::layers::linear::LinearConfig;
-use nash_core::layers::{BuildContext, ForwardContext, Layer, LayerConfig, Mode, Sequential, SequentialConfig};
+use nash_core::layers::{
+    reestimate_statistics, BuildContext, ForwardContext, Layer, LayerConfig, Mode, Sequential, SequentialConfig,
+};
 use nash_core::loss::{AdversarialObjective, AdversarialObjectiveConfig, CrossEntropy, Loss};
 use nash_core::model::{EvalContext, Model, ModelConfig, StepReport, TrainContext};
 use nash_core::rand::Rng as _;
@@ -959,6 +961,31 @@ impl Model for ConditionalGan {
         let labels: Vec<usize> = (0..n).map(|i| i % self.classes).collect();
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         Ok(Some(self.generate(&z, &labels, Mode::Eval, ctx.rng)?.detach()))
+    }
+    fn reestimates_statistics(&self, group: &str) -> bool {
+        group == "generator"
+    }
+    fn reestimate_statistics(
+        &mut self,
+        group: &str,
+        batches: usize,
+        batch_size: usize,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<bool> {
+        if group != "generator" {
+            return Ok(false);
+        }
+        reestimate_statistics(
+            self,
+            |gan| &mut gan.generator,
+            batches,
+            |gan| {
+                let labels: Vec<usize> = (0..batch_size).map(|i| i % gan.classes).collect();
+                let z = gan.sample_latent(batch_size, ctx.device, ctx.rng);
+                gan.generate(&z, &labels, Mode::Train, ctx.rng).map(drop)
+            },
+        )?;
+        Ok(true)
     }
 }
 

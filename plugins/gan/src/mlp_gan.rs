@@ -8,7 +8,9 @@ use nash_core::dfdx::prelude::*;
 use nash_core::error::{Error, Result};
 use nash_core::layers::activation::{LeakyReluConfig, TanhConfig};
 use nash_core::layers::linear::LinearConfig;
-use nash_core::layers::{BuildContext, ForwardContext, LayerConfig, Mode, Sequential, SequentialConfig};
+use nash_core::layers::{
+    reestimate_statistics, BuildContext, ForwardContext, LayerConfig, Mode, Sequential, SequentialConfig,
+};
 use nash_core::loss::{AdversarialObjective, AdversarialObjectiveConfig};
 use nash_core::model::{EvalContext, Model, ModelConfig, StepReport, TrainContext};
 use nash_core::rand::Rng as _;
@@ -478,6 +480,30 @@ impl Model for MlpGan {
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         Ok(Some(self.generate(&z, Mode::Eval, ctx.rng)?.detach()))
     }
+    fn reestimates_statistics(&self, group: &str) -> bool {
+        group == "generator"
+    }
+    fn reestimate_statistics(
+        &mut self,
+        group: &str,
+        batches: usize,
+        batch_size: usize,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<bool> {
+        if group != "generator" {
+            return Ok(false);
+        }
+        reestimate_statistics(
+            self,
+            |gan| &mut gan.generator,
+            batches,
+            |gan| {
+                let z = gan.sample_latent(batch_size, ctx.device, ctx.rng);
+                gan.generate(&z, Mode::Train, ctx.rng).map(drop)
+            },
+        )?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -891,5 +917,55 @@ mod tests {
         let std = (samples.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / samples.len() as f32).sqrt();
         assert!((mean - 2.0).abs() < 0.3, "mean {mean}");
         assert!((0.2..1.0).contains(&std), "std {std}");
+    }
+
+    #[test]
+    fn reestimated_generator_statistics_are_those_of_the_current_weights() {
+        use nash_core::layers::norm::BatchNormConfig;
+        // G: 2 -> linear 8 -> batch_norm -> relu -> linear 3. After re-estimating from one large
+        // batch, eval-mode samples of that batch's codes match training-mode (batch-statistics)
+        // samples up to the unbiased/biased variance factor n/(n-1); before, they do not.
+        let mut cfg = tiny_config(2, 3);
+        cfg.generator = SequentialConfig::default()
+            .push(LinearConfig::new(8))
+            .push(BatchNormConfig::new())
+            .push(nash_core::layers::activation::ReluConfig::default())
+            .push(LinearConfig::new(3));
+        let mut gan = build(&cfg, 3, 4).unwrap();
+        assert!(gan.reestimates_statistics("generator") && !gan.reestimates_statistics("discriminator"));
+        let device = Device::default();
+        let n = 4000;
+        let eval_samples = |gan: &mut MlpGan| {
+            let mut rng = Rng::seed_from_u64(9);
+            let mut ctx = EvalContext {
+                device: &device,
+                rng: &mut rng,
+            };
+            gan.sample(n, &mut ctx).unwrap().unwrap().as_vec()
+        };
+        let train_samples = |gan: &mut MlpGan| {
+            let mut rng = Rng::seed_from_u64(9);
+            let z = gan.sample_latent(n, &device, &mut rng);
+            gan.generate(&z, Mode::Train, &mut rng).unwrap().detach().as_vec()
+        };
+        let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let scale = train_samples(&mut gan).iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let before = max_diff(&eval_samples(&mut gan), &train_samples(&mut gan));
+        assert!(before > 0.05 * scale, "{before} vs {scale}");
+        let mut rng = Rng::seed_from_u64(9);
+        let mut ctx = EvalContext {
+            device: &device,
+            rng: &mut rng,
+        };
+        assert!(gan.reestimate_statistics("generator", 1, n, &mut ctx).unwrap());
+        assert!(!gan.reestimate_statistics("discriminator", 1, n, &mut ctx).unwrap());
+        let mut rng = Rng::seed_from_u64(9);
+        let mut ctx = EvalContext {
+            device: &device,
+            rng: &mut rng,
+        };
+        gan.reestimate_statistics("generator", 1, n, &mut ctx).unwrap();
+        let after = max_diff(&eval_samples(&mut gan), &train_samples(&mut gan));
+        assert!(after < 1e-3 * scale, "{after} vs {scale}");
     }
 }

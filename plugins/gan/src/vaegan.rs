@@ -29,7 +29,7 @@ use nash_core::data::{Batch, DataInfo};
 use nash_core::dfdx::prelude::*;
 use nash_core::error::{Error, Result};
 use nash_core::layers::linear::LinearConfig;
-use nash_core::layers::{BuildContext, ForwardContext, Mode, Sequential, SequentialConfig};
+use nash_core::layers::{reestimate_statistics, BuildContext, ForwardContext, Mode, Sequential, SequentialConfig};
 use nash_core::loss::{AdversarialObjective, AdversarialObjectiveConfig};
 use nash_core::model::{EvalContext, Model, ModelConfig, StepReport, TrainContext};
 use nash_core::rand_distr::{Distribution, StandardNormal};
@@ -532,6 +532,30 @@ impl Model for VaeGan {
     fn sample(&mut self, n: usize, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {
         let z = normal(n, self.latent_dim, ctx.device, ctx.rng);
         Ok(Some(self.decode(z.leaky_trace(), Mode::Eval, ctx.rng)?.detach()))
+    }
+    fn reestimates_statistics(&self, group: &str) -> bool {
+        group == "decoder"
+    }
+    fn reestimate_statistics(
+        &mut self,
+        group: &str,
+        batches: usize,
+        batch_size: usize,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<bool> {
+        if group != "decoder" {
+            return Ok(false);
+        }
+        reestimate_statistics(
+            self,
+            |gan| &mut gan.decoder,
+            batches,
+            |gan| {
+                let z = normal(batch_size, gan.latent_dim, ctx.device, ctx.rng);
+                gan.decode(z.leaky_trace(), Mode::Train, ctx.rng).map(drop)
+            },
+        )?;
+        Ok(true)
     }
     /// `Dec(μ(x))`.
     fn reconstruct(&mut self, batch: &Batch, ctx: &mut EvalContext<'_>) -> Result<Option<Matrix>> {

@@ -12,6 +12,9 @@ use nash_core::tensor::{Device, Param, ParamRole, Parameterized};
 pub struct TwoGroups {
     /// Name and parameter, in order.
     pub params: Vec<(String, Param)>,
+    /// Whether it says it can re-estimate the generator's running statistics
+    /// ([`Model::reestimates_statistics`]); false unless a test sets it.
+    pub reestimates_generator_statistics: bool,
 }
 
 impl TwoGroups {
@@ -32,6 +35,7 @@ impl TwoGroups {
                 ),
                 ("generator.0.weight".into(), p(vec![0.9, -0.9], ParamRole::Weight)),
             ],
+            reestimates_generator_statistics: false,
         }
     }
     /// The values of parameter `name`.
@@ -64,5 +68,8 @@ impl Model for TwoGroups {
     }
     fn evaluate(&mut self, _: &Batch, _: &mut EvalContext<'_>) -> Result<BTreeMap<String, f64>> {
         Ok(BTreeMap::new())
+    }
+    fn reestimates_statistics(&self, group: &str) -> bool {
+        self.reestimates_generator_statistics && group == "generator"
     }
 }
