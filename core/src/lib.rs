@@ -14,6 +14,7 @@
 
 pub mod data;
 pub mod error;
+pub mod kernels;
 pub mod layers;
 pub mod loss;
 pub mod metric;

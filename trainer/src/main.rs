@@ -65,7 +65,8 @@ enum Command {
     Eval(EvalArgs),
     /// Build or list nash's own feature networks (the classifier behind FID, KID, precision/recall).
     Features(FeaturesArgs),
-    /// Benchmarks: `nash bench stability` trains pipelines on the 2-D ring and grid over seeds.
+    /// Benchmarks: `nash bench stability` trains pipelines on the 2-D ring and grid over seeds;
+    /// `nash bench speed` times the reference workloads' training steps and peak memory.
     Bench(BenchArgs),
 }
 
@@ -110,6 +111,78 @@ enum Benchmark {
     /// the published PacGAN rows, and writes DIR/results.json and DIR/results.md. Finished runs
     /// are reused, so an interrupted benchmark resumes.
     Stability(StabilityArgs),
+    /// The speed benchmark (issue 7): training steps per second (min and median of several timed
+    /// runs) and peak memory of the reference workloads of examples/speed/ (the dense autoencoder,
+    /// the MLP GAN, the 28x28 DCGAN), each measurement in its own child process, beside the
+    /// single-core peak of a 1024x1024x1024 f32 matrix product; `--curve` measures steps per second
+    /// against batch size (16 to 1024) and width (0.5 to 4).
+    Speed(SpeedArgs),
+    /// One measurement of `nash bench speed`, printed as a JSON line (run by `nash bench speed`).
+    #[command(hide = true)]
+    SpeedChild(SpeedChildArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SpeedArgs {
+    /// A workload to measure (repeatable; default: all).
+    #[arg(long = "workload", value_enum)]
+    workloads: Vec<nash_trainer::bench_speed::Workload>,
+    /// Thread counts of the matrix-product pool, each measured on its own.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Batch sizes (1 to 1024).
+    #[arg(long = "batch", value_name = "B,B,...", value_delimiter = ',', default_value = "64")]
+    batches: Vec<usize>,
+    /// Multipliers of every hidden width.
+    #[arg(long = "width", value_name = "W,W,...", value_delimiter = ',', default_value = "1")]
+    widths: Vec<f64>,
+    /// Untimed steps before the timed runs.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// Steps per timed run (default: as many as last about half a second).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Timed runs per measurement.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// The cost curve: batch 16 to 1024 at width 1 and width 0.5, 1, 2, 4 at batch 64 (replaces
+    /// --batch and --width).
+    #[arg(long)]
+    curve: bool,
+    /// Print the records as a JSON array instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the records as a JSON array to this file.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct SpeedChildArgs {
+    /// The workload.
+    #[arg(long, value_enum, required_unless_present = "matmul")]
+    workload: Option<nash_trainer::bench_speed::Workload>,
+    /// Time products of two square matrices of this side instead of a workload.
+    #[arg(long, value_name = "N", conflicts_with = "workload")]
+    matmul: Option<usize>,
+    /// Threads of the matrix-product pool.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Samples per step.
+    #[arg(long, default_value_t = nash_trainer::bench_speed::DEFAULT_BATCH)]
+    batch: usize,
+    /// Multiplier of every hidden width.
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// Steps per timed run (default: calibrated).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Timed runs.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -382,7 +455,67 @@ fn checked_override(s: &str) -> Result<String, String> {
 }
 
 fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
-    let Benchmark::Stability(args) = &args.benchmark;
+    match &args.benchmark {
+        Benchmark::Stability(args) => bench_stability(cli, args),
+        Benchmark::Speed(args) => bench_speed(cli, args),
+        Benchmark::SpeedChild(args) => bench_speed_child(cli, args),
+    }
+}
+
+/// `nash bench speed`: the table (or `--json`), and `--out`.
+fn bench_speed(cli: &Cli, args: &SpeedArgs) -> anyhow::Result<()> {
+    use nash_trainer::bench_speed::{self, Workload};
+    let opts = bench_speed::SpeedOptions {
+        workloads: if args.workloads.is_empty() {
+            Workload::ALL.to_vec()
+        } else {
+            args.workloads.clone()
+        },
+        threads: args.threads.clone(),
+        batches: args.batches.clone(),
+        widths: args.widths.clone(),
+        warmup: args.warmup,
+        steps: args.steps,
+        repeats: args.repeats,
+        curve: args.curve,
+        extra_plugins: cli.plugins.clone(),
+    };
+    let records = bench_speed::run_speed(&opts)?;
+    if let Some(path) = &args.out {
+        bench_speed::write_records(path, &records)?;
+    }
+    if args.json {
+        print_out(&(serde_json::to_string_pretty(&records)? + "\n"))
+    } else {
+        print_out(&bench_speed::table(&records, args.curve))
+    }
+}
+
+/// `nash bench speed-child`: one measurement, its record as the last line of stdout.
+fn bench_speed_child(cli: &Cli, args: &SpeedChildArgs) -> anyhow::Result<()> {
+    use nash_trainer::bench_speed::{self, Measurement, Target};
+    let target = match (args.workload, args.matmul) {
+        (_, Some(size)) => Target::Matmul { size },
+        (Some(workload), None) => Target::Workload {
+            workload,
+            batch: args.batch,
+            width: args.width,
+        },
+        (None, None) => bail!("give --workload or --matmul"),
+    };
+    let m = Measurement {
+        target,
+        threads: args.threads,
+        warmup: args.warmup,
+        steps: args.steps,
+        repeats: args.repeats,
+    };
+    let record = bench_speed::measure(&m, &cli.plugins)?;
+    print_out(&(serde_json::to_string(&record)? + "\n"))
+}
+
+/// `nash bench stability`.
+fn bench_stability(cli: &Cli, args: &StabilityArgs) -> anyhow::Result<()> {
     let mut entries = Vec::new();
     if let Some(suite) = &args.suite {
         entries.extend(nash_trainer::bench::read_suite(suite)?);

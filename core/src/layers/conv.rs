@@ -151,24 +151,21 @@ pub mod kernels {
     use crate::tensor::Device;
     use dfdx::prelude::*;
 
-    /// `op(a)·op(b)` with dfdx's multithreaded matmul; `a` is stored `a_shape`, `op` transposes when asked.
+    /// `op(a)·op(b)` through [`crate::kernels::matmul`]; `a` is stored `a_shape`, `op` transposes
+    /// when asked (through strides, without a copy).
     pub fn gemm(
-        dev: &Device,
-        a: Vec<f32>,
+        a: &[f32],
         a_shape: (usize, usize),
         ta: bool,
-        b: Vec<f32>,
+        b: &[f32],
         b_shape: (usize, usize),
         tb: bool,
     ) -> Vec<f32> {
-        let a = dev.tensor_from_vec(a, a_shape);
-        let b = dev.tensor_from_vec(b, b_shape);
-        let a: Tensor<(usize, usize), f32, Device> = if ta { a.permute::<_, Axes2<1, 0>>() } else { a };
-        let b: Tensor<(usize, usize), f32, Device> = if tb { b.permute::<_, Axes2<1, 0>>() } else { b };
-        let c = a.matmul(b);
-        let mut out = vec![0.0; c.shape().num_elements()];
-        c.copy_into(&mut out);
-        out
+        let (m, k) = if ta { (a_shape.1, a_shape.0) } else { a_shape };
+        let n = if tb { b_shape.0 } else { b_shape.1 };
+        let mut c = vec![0.0; m * n];
+        crate::kernels::matmul((m, k, n), a, ta, b, tb, &mut c, false);
+        c
     }
 
     /// The values of a contiguous tensor (a plain copy, unlike the strided iterator of `as_vec`).
@@ -280,31 +277,15 @@ pub mod kernels {
     }
 
     /// Convolution: `x` `[batch, in_len]`, `w` `[c_out, c_in·k·k]` → `[batch, out_len]`.
-    pub fn conv_forward(
-        dev: &Device,
-        g: &ConvGeometry,
-        batch: usize,
-        x: &[f32],
-        w: &[f32],
-        bias: Option<&[f32]>,
-    ) -> Vec<f32> {
+    pub fn conv_forward(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         let n = batch * g.out_pixels();
         let cols = im2col(g, batch, x);
-        let ym = gemm(
-            dev,
-            w.to_vec(),
-            (g.c_out, g.patch_len()),
-            false,
-            cols,
-            (g.patch_len(), n),
-            false,
-        );
+        let ym = gemm(w, (g.c_out, g.patch_len()), false, &cols, (g.patch_len(), n), false);
         from_channel_rows(&ym, batch, g.c_out, g.out_pixels(), bias)
     }
 
     /// Gradients of [`conv_forward`]: `(dx, dw, db)` from `dy` `[batch, out_len]`.
     pub fn conv_backward(
-        dev: &Device,
         g: &ConvGeometry,
         batch: usize,
         x: &[f32],
@@ -315,8 +296,8 @@ pub mod kernels {
         let k = g.patch_len();
         let dym = to_channel_rows(dy, batch, g.c_out, g.out_pixels());
         let cols = im2col(g, batch, x);
-        let dw = gemm(dev, dym.clone(), (g.c_out, n), false, cols, (k, n), true);
-        let dcols = gemm(dev, w.to_vec(), (g.c_out, k), true, dym, (g.c_out, n), false);
+        let dw = gemm(&dym, (g.c_out, n), false, &cols, (k, n), true);
+        let dcols = gemm(w, (g.c_out, k), true, &dym, (g.c_out, n), false);
         let dx = col2im(g, batch, &dcols);
         (dx, dw, channel_sums(dy, batch, g.c_out, g.out_pixels()))
     }
@@ -324,7 +305,6 @@ pub mod kernels {
     /// Transposed convolution (the adjoint of `g`): `x` `[batch, out_len]`, `w` `[c_out, c_in·k·k]`
     /// → `[batch, in_len]`, adding `bias` (length `c_in`).
     pub fn conv_transpose_forward(
-        dev: &Device,
         g: &ConvGeometry,
         batch: usize,
         x: &[f32],
@@ -333,7 +313,7 @@ pub mod kernels {
     ) -> Vec<f32> {
         let n = batch * g.out_pixels();
         let xm = to_channel_rows(x, batch, g.c_out, g.out_pixels());
-        let dcols = gemm(dev, w.to_vec(), (g.c_out, g.patch_len()), true, xm, (g.c_out, n), false);
+        let dcols = gemm(w, (g.c_out, g.patch_len()), true, &xm, (g.c_out, n), false);
         let mut y = col2im(g, batch, &dcols);
         if let Some(bias) = bias {
             let px = g.h_in * g.w_in;
@@ -346,7 +326,6 @@ pub mod kernels {
 
     /// Gradients of [`conv_transpose_forward`]: `(dx, dw, db)` from `dy` `[batch, in_len]`.
     pub fn conv_transpose_backward(
-        dev: &Device,
         g: &ConvGeometry,
         batch: usize,
         x: &[f32],
@@ -357,8 +336,8 @@ pub mod kernels {
         let k = g.patch_len();
         let cols = im2col(g, batch, dy);
         let xm = to_channel_rows(x, batch, g.c_out, g.out_pixels());
-        let dw = gemm(dev, xm, (g.c_out, n), false, cols.clone(), (k, n), true);
-        let dxm = gemm(dev, w.to_vec(), (g.c_out, k), false, cols, (k, n), false);
+        let dw = gemm(&xm, (g.c_out, n), false, &cols, (k, n), true);
+        let dxm = gemm(w, (g.c_out, k), false, &cols, (k, n), false);
         let dx = from_channel_rows(&dxm, batch, g.c_out, g.out_pixels(), None);
         (dx, dw, channel_sums(dy, batch, g.c_in, g.h_in * g.w_in))
     }
@@ -430,9 +409,9 @@ where
     let (xv, wv) = (kernels::host(&x), kernels::host(&w));
     let bv = bias.map(|b| b.as_vec());
     let y = if transpose {
-        kernels::conv_transpose_forward(&dev, &g, batch, &xv, &wv, bv.as_deref())
+        kernels::conv_transpose_forward(&g, batch, &xv, &wv, bv.as_deref())
     } else {
-        kernels::conv_forward(&dev, &g, batch, &xv, &wv, bv.as_deref())
+        kernels::conv_forward(&g, batch, &xv, &wv, bv.as_deref())
     };
     let y = dev.tensor_from_vec(y, (batch, out_len));
     let (xg, wg, yg, bg) = (x.ghost(), w.ghost(), y.ghost(), bias.map(|b| b.ghost()));
@@ -441,9 +420,9 @@ where
         grads.try_alloc_for(&yg)?;
         let dy = kernels::host(&grads.get(&yg));
         let (dx, dw, db) = if transpose {
-            kernels::conv_transpose_backward(&dev, &g, batch, &xv, &wv, &dy)
+            kernels::conv_transpose_backward(&g, batch, &xv, &wv, &dy)
         } else {
-            kernels::conv_backward(&dev, &g, batch, &xv, &wv, &dy)
+            kernels::conv_backward(&g, batch, &xv, &wv, &dy)
         };
         accumulate!(grads, &xg, dx);
         accumulate!(grads, &wg, dw);
@@ -1051,15 +1030,14 @@ mod tests {
     fn conv_and_transpose_are_adjoint() {
         // <conv(x), y> == <x, conv_t(y)> for the same geometry and weights (no bias).
         let mut h = Harness::new(3);
-        let dev = h.dev.clone();
         let g = ConvGeometry::conv(2, 5, 4, 3, 3, 2, 1).unwrap();
         let (x, y, w) = (
             h.values(2 * g.in_len()),
             h.values(2 * g.out_len()),
             h.values(g.weight_len()),
         );
-        let cx = kernels::conv_forward(&dev, &g, 2, &x, &w, None);
-        let ty = kernels::conv_transpose_forward(&dev, &g, 2, &y, &w, None);
+        let cx = kernels::conv_forward(&g, 2, &x, &w, None);
+        let ty = kernels::conv_transpose_forward(&g, 2, &y, &w, None);
         let a: f64 = cx.iter().zip(&y).map(|(&p, &q)| p as f64 * q as f64).sum();
         let b: f64 = x.iter().zip(&ty).map(|(&p, &q)| p as f64 * q as f64).sum();
         assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{a} vs {b}");

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::init::Init;
 use super::{BuildContext, ForwardContext, Layer, LayerConfig};
 use crate::error::{Error, Result};
-use crate::tensor::{Activation, FeatureShape, Param, ParamRole, Parameterized};
+use crate::tensor::{Activation, FeatureShape, Matrix, Param, ParamRole, Parameterized, Tape};
 
 /// Config of a [`Linear`] layer: `{ type = "linear", out_features = 128 }`. The input width is
 /// the flattened size of whatever arrives (images are flattened channel-major).
@@ -159,17 +159,11 @@ impl Layer for Linear {
     }
     fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
         self.output_shape(input.shape)?;
-        let batch = input.batch_size();
-        let w = self.weight.as_matrix(self.in_features, self.out_features);
-        let y = input.value.try_matmul(w)?;
-        let y = match &self.bias {
-            Some(b) => y.try_add(
-                b.value
-                    .clone()
-                    .try_broadcast_like::<_, Axis<0>>(&(batch, self.out_features))?,
-            )?,
-            None => y,
-        };
+        let shape = (self.in_features, self.out_features);
+        #[cfg(not(feature = "cuda"))]
+        let y = affine(input.value, &self.weight, self.bias.as_ref(), shape)?;
+        #[cfg(feature = "cuda")]
+        let y = composite_affine(input.value, &self.weight, self.bias.as_ref(), shape)?;
         Activation::new(y, FeatureShape::Flat(self.out_features))
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
@@ -182,6 +176,91 @@ impl Layer for Linear {
         let g = grad_output.value.try_matmul(wt)?;
         Activation::new(g, input.shape)
     }
+}
+
+/// `x·W + b` from dfdx ops: a matmul and a broadcast add (the reference for [`affine`], and the
+/// CUDA path).
+#[cfg(any(feature = "cuda", test))]
+fn composite_affine(
+    x: Matrix<Tape>,
+    weight: &Param,
+    bias: Option<&Param>,
+    (inputs, outputs): (usize, usize),
+) -> Result<Matrix<Tape>> {
+    let batch = x.shape().0;
+    let y = x.try_matmul(weight.as_matrix(inputs, outputs))?;
+    Ok(match bias {
+        Some(b) => y.try_add(b.value.clone().try_broadcast_like::<_, Axis<0>>(&(batch, outputs))?)?,
+        None => y,
+    })
+}
+
+/// `x·W + b` (`x` `[batch, inputs]`, `W` `[inputs, outputs]`) as one tape op on the host: the
+/// output starts as the bias rows and the product is accumulated into it by
+/// [`crate::kernels::matmul`]; the backward pass adds `xᵀ·dy`, the column sums of `dy` and
+/// `dy·Wᵀ` straight into the gradient buffers of `W`, `b` and `x`. Equal to
+/// [`composite_affine`] up to rounding (tested).
+#[cfg_attr(feature = "cuda", allow(dead_code))]
+fn affine(
+    x: Matrix<Tape>,
+    weight: &Param,
+    bias: Option<&Param>,
+    (inputs, outputs): (usize, usize),
+) -> Result<Matrix<Tape>> {
+    let batch = x.shape().0;
+    // Gradients are written in logical order: operate on contiguous values.
+    let x = x.try_reshape_like(&(batch, inputs))?;
+    let (x, mut tape) = x.split_tape();
+    let mut xv = vec![0.0; batch * inputs];
+    x.copy_into(&mut xv);
+    let mut wv = vec![0.0; inputs * outputs];
+    weight.value.copy_into(&mut wv);
+    let mut y = vec![0.0; batch * outputs];
+    if let Some(b) = bias {
+        let bv = b.to_vec();
+        for row in y.chunks_exact_mut(outputs) {
+            row.copy_from_slice(&bv);
+        }
+    }
+    crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, bias.is_some());
+    let y = x.device().tensor_from_vec(y, (batch, outputs));
+    let (xg, wg, yg) = (x.ghost(), weight.value.ghost(), y.ghost());
+    let bg = bias.map(|b| b.value.ghost());
+    dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
+        let dy: Vec<f32> = grads.get_or_alloc_mut(&yg)?.to_vec();
+        let dw = grads.get_or_alloc_mut(&wg)?;
+        crate::kernels::matmul((inputs, batch, outputs), &xv, true, &dy, false, &mut dw[..], true);
+        if let Some(bg) = &bg {
+            let db = grads.get_or_alloc_mut(bg)?;
+            for row in dy.chunks_exact(outputs) {
+                for (d, v) in db.iter_mut().zip(row) {
+                    *d += v;
+                }
+            }
+        }
+        let dx = grads.get_or_alloc_mut(&xg)?;
+        crate::kernels::matmul((batch, outputs, inputs), &dy, false, &wv, true, &mut dx[..], true);
+        Ok(())
+    });
+    Ok(y.put_tape(tape))
+}
+
+/// `y[i] = z[index[i]]` (flat indices into the row-major `z`, whose values are `values`) as one
+/// tape op shaped `shape`, whose backward pass adds `dy[i]` into `dz[index[i]]`.
+fn gather(z: Matrix<Tape>, values: &[f32], index: Vec<usize>, shape: (usize, usize)) -> Matrix<Tape> {
+    let (z, mut tape) = z.split_tape();
+    let y: Vec<f32> = index.iter().map(|&i| values[i]).collect();
+    let y = z.device().tensor_from_vec(y, shape);
+    let (zg, yg) = (z.ghost(), y.ghost());
+    dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
+        let dy: Vec<f32> = grads.get_or_alloc_mut(&yg)?.to_vec();
+        let dz = grads.get_or_alloc_mut(&zg)?;
+        for (&i, g) in index.iter().zip(&dy) {
+            dz[i] += g;
+        }
+        Ok(())
+    });
+    y.put_tape(tape)
 }
 
 /// Config of a [`Maxout`] layer (a linear maxout unit, as in PacGAN's discriminator):
@@ -291,21 +370,20 @@ impl Layer for Maxout {
         let z = self.linear.forward(input, ctx)?.value;
         let (b, n) = *z.shape();
         let k = self.pieces;
-        let zv = z.as_vec();
+        let mut zv = vec![0.0; b * n];
+        z.copy_into(&mut zv);
         let mut mask = vec![0.0f32; zv.len()];
-        for (row, m) in zv.chunks(k).zip(mask.chunks_mut(k)) {
+        let mut winners = Vec::with_capacity(b * self.units);
+        for (unit, (row, m)) in zv.chunks(k).zip(mask.chunks_mut(k)).enumerate() {
             let best = row
                 .iter()
                 .enumerate()
                 .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
             m[best] = 1.0;
+            winners.push(unit * k + best);
         }
-        let mask = z.device().tensor_from_vec(mask, (b, n));
-        let y = z
-            .try_mul(mask.clone())?
-            .try_reshape_like(&(b, self.units, k))?
-            .try_sum::<(usize, usize), Axis<2>>()?;
-        self.mask = Some(mask);
+        self.mask = Some(z.device().tensor_from_vec(mask, (b, n)));
+        let y = gather(z, &zv, winners, (b, self.units));
         Activation::new(y, FeatureShape::Flat(self.units))
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
@@ -338,6 +416,43 @@ impl Layer for Maxout {
 mod tests {
     use super::*;
     use crate::layers::testing::*;
+
+    #[test]
+    fn the_affine_kernel_matches_the_composite_dfdx_path_with_gradients() {
+        // Sizes past gemm's small-matrix paths; a loss sum(y ⊙ r) gives every output its own
+        // gradient.
+        let (batch, inputs, outputs) = (37, 70, 130);
+        for with_bias in [true, false] {
+            let mut h = Harness::new(3);
+            let cfg = LinearConfig::new(outputs).with_bias(with_bias);
+            let layer = Linear::new(&cfg, inputs, &mut h.build_ctx()).unwrap();
+            let xv = h.values(batch * inputs);
+            let rv = h.values(batch * outputs);
+            let r = h.dev.tensor_from_vec(rv, (batch, outputs));
+            let run = |op: &dyn Fn(Matrix<Tape>) -> Result<Matrix<Tape>>| {
+                let x = h.dev.tensor_from_vec(xv.clone(), (batch, inputs));
+                let y = op(x.leaky_trace()).unwrap();
+                let values = y.with_empty_tape().as_vec();
+                let mut grads = (y * r.clone()).sum::<(), _>().backward();
+                let grad_of = |t: &crate::tensor::Vector, grads: &mut crate::tensor::Grads| {
+                    grads.get_or_alloc_mut(t).unwrap().to_vec()
+                };
+                let mut out = vec![values, grads.get(&x).as_vec(), grad_of(&layer.weight.value, &mut grads)];
+                if let Some(b) = &layer.bias {
+                    out.push(grad_of(&b.value, &mut grads));
+                }
+                out
+            };
+            let shape = (inputs, outputs);
+            let fused = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape));
+            let composite = run(&|x| composite_affine(x, &layer.weight, layer.bias.as_ref(), shape));
+            for (what, (a, b)) in ["y", "dx", "dW", "db"].iter().zip(fused.iter().zip(&composite)) {
+                assert_eq!(a.len(), b.len(), "{what}");
+                let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                assert_close(what, a, &b64, 1e-4, 1e-5);
+            }
+        }
+    }
 
     #[test]
     fn gradients_match_finite_differences() {

@@ -13,6 +13,9 @@ use crate::tensor::{Activation, FeatureShape, Param, ParamRole, Parameterized, T
 
 type Tensor3<T = Tape> = Tensor<(usize, usize, usize), f32, crate::tensor::Device, T>;
 
+/// A training-mode normalization's output with the batch mean and biased variance per channel.
+type Normalized = (Tensor3, Vec<f32>, Vec<f32>);
+
 fn positive_finite(path: &str, v: f64) -> Result<()> {
     if v.is_finite() && v > 0.0 {
         Ok(())
@@ -54,6 +57,13 @@ impl BatchNormConfig {
 #[typetag::serde(name = "batch_norm")]
 impl LayerConfig for BatchNormConfig {
     fn build(&self, input: FeatureShape, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Layer>> {
+        Ok(Box::new(self.build_batch_norm(input, ctx)?))
+    }
+}
+
+impl BatchNormConfig {
+    /// Builds the layer for samples of shape `input` (the typed form of [`LayerConfig::build`]).
+    pub fn build_batch_norm(&self, input: FeatureShape, ctx: &mut BuildContext<'_>) -> Result<BatchNorm> {
         positive_finite("eps", self.eps)?;
         if !(0.0..=1.0).contains(&self.momentum) {
             return Err(Error::config(
@@ -78,7 +88,7 @@ impl LayerConfig for BatchNormConfig {
         } else {
             (None, None)
         };
-        Ok(Box::new(BatchNorm {
+        Ok(BatchNorm {
             channels: c,
             spatial: hw,
             momentum: self.momentum as f32,
@@ -89,7 +99,7 @@ impl LayerConfig for BatchNormConfig {
             running_var: p(1.0, ParamRole::Buffer)?,
             last_mode: None,
             reestimated_batches: None,
-        }))
+        })
     }
 }
 
@@ -122,6 +132,110 @@ impl BatchNorm {
             _ => Ok(xhat),
         }
     }
+    /// Training-mode normalization from dfdx ops: `(y, batch mean, biased batch variance)`, `x`
+    /// being `[batch, channels, pixels]` (the reference for [`BatchNorm::normalize_batch`], and the
+    /// CUDA path).
+    #[cfg(any(feature = "cuda", test))]
+    fn composite_normalize_batch(&self, x: Tensor3) -> Result<Normalized> {
+        let dims = *x.shape();
+        let mean = x.with_empty_tape().try_mean::<(usize,), Axes2<0, 2>>()?;
+        let mean_host = mean.as_vec();
+        let centered = x.try_sub(mean.try_broadcast_like::<_, Axes2<0, 2>>(&dims)?)?;
+        let var = centered
+            .with_empty_tape()
+            .try_square()?
+            .try_mean::<(usize,), Axes2<0, 2>>()?;
+        let var_host = var.as_vec();
+        let std = var.try_add(self.eps)?.try_sqrt()?;
+        let xhat = centered.try_div(std.try_broadcast_like::<_, Axes2<0, 2>>(&dims)?)?;
+        Ok((self.affine(xhat, dims.0)?, mean_host, var_host))
+    }
+
+    /// Training-mode normalization as one tape op on the host: per channel `c` over its `n =
+    /// batch·pixels` values, `x̂ = (x − μ)/√(σ² + ε)` with the biased variance, `y = γ·x̂ + β`; the
+    /// backward pass adds `Σ dy·x̂` to `γ`, `Σ dy` to `β` and
+    /// `γ/(n·√(σ² + ε)) · (n·dy − Σ dy − x̂·Σ dy·x̂)` to `x` (the batch-statistics gradient).
+    /// Returns `(y, μ, σ²)`; equal to [`BatchNorm::composite_normalize_batch`] up to rounding (tested).
+    #[cfg_attr(feature = "cuda", allow(dead_code))]
+    fn normalize_batch(&self, x: Tensor3) -> Result<Normalized> {
+        let (batch, channels, pixels) = *x.shape();
+        let (x, mut tape) = x.split_tape();
+        let mut xhat = vec![0.0f32; batch * channels * pixels];
+        x.copy_into(&mut xhat);
+        let n = (batch * pixels) as f64;
+        let (mut mean, mut var, mut inv_std) = (vec![0.0f32; channels], vec![0.0f32; channels], vec![0.0f32; channels]);
+        let blocks =
+            move |c: usize| (0..batch).map(move |b| (b * channels + c) * pixels..(b * channels + c + 1) * pixels);
+        for c in 0..channels {
+            let sum: f64 = blocks(c).flat_map(|r| xhat[r].iter()).map(|&v| v as f64).sum();
+            let mu = sum / n;
+            let ss: f64 = blocks(c)
+                .flat_map(|r| xhat[r].iter())
+                .map(|&v| (v as f64 - mu).powi(2))
+                .sum();
+            let sigma2 = ss / n;
+            let inv = 1.0 / (sigma2 + self.eps as f64).sqrt();
+            (mean[c], var[c], inv_std[c]) = (mu as f32, sigma2 as f32, inv as f32);
+            for r in blocks(c) {
+                for v in &mut xhat[r] {
+                    *v = ((*v as f64 - mu) * inv) as f32;
+                }
+            }
+        }
+        let gamma = self.weight.as_ref().map(|w| w.to_vec());
+        let beta = self.bias.as_ref().map(|b| b.to_vec());
+        let mut y = xhat.clone();
+        if let (Some(gamma), Some(beta)) = (&gamma, &beta) {
+            for c in 0..channels {
+                for r in blocks(c) {
+                    for v in &mut y[r] {
+                        *v = gamma[c] * *v + beta[c];
+                    }
+                }
+            }
+        }
+        let y = x.device().tensor_from_vec(y, (batch, channels, pixels));
+        let (xg, yg) = (x.ghost(), y.ghost());
+        let params = self
+            .weight
+            .as_ref()
+            .zip(self.bias.as_ref())
+            .map(|(w, b)| (w.value.ghost(), b.value.ghost()));
+        dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
+            let dy: Vec<f32> = grads.get_or_alloc_mut(&yg)?.to_vec();
+            let mut sum_dy = vec![0.0f64; channels];
+            let mut sum_dy_xhat = vec![0.0f64; channels];
+            for c in 0..channels {
+                for r in blocks(c) {
+                    for (g, h) in dy[r.clone()].iter().zip(&xhat[r]) {
+                        sum_dy[c] += *g as f64;
+                        sum_dy_xhat[c] += (*g * *h) as f64;
+                    }
+                }
+            }
+            if let Some((wg, bg)) = &params {
+                for (d, s) in grads.get_or_alloc_mut(wg)?.iter_mut().zip(&sum_dy_xhat) {
+                    *d += *s as f32;
+                }
+                for (d, s) in grads.get_or_alloc_mut(bg)?.iter_mut().zip(&sum_dy) {
+                    *d += *s as f32;
+                }
+            }
+            let dx = grads.get_or_alloc_mut(&xg)?;
+            for c in 0..channels {
+                let scale = gamma.as_ref().map_or(1.0, |g| g[c] as f64) * inv_std[c] as f64 / n;
+                let (mean_dy, mean_dy_xhat) = (sum_dy[c], sum_dy_xhat[c]);
+                for r in blocks(c) {
+                    for ((d, g), h) in dx[r.clone()].iter_mut().zip(&dy[r.clone()]).zip(&xhat[r]) {
+                        *d += (scale * (n * *g as f64 - mean_dy - *h as f64 * mean_dy_xhat)) as f32;
+                    }
+                }
+            }
+            Ok(())
+        });
+        Ok((y.put_tape(tape), mean, var))
+    }
+
     /// The running statistics `(mean, var)`.
     pub fn running_stats(&self) -> (Vec<f32>, Vec<f32>) {
         (self.running_mean.to_vec(), self.running_var.to_vec())
@@ -194,16 +308,10 @@ impl Layer for BatchNorm {
                         format!("{n} value per channel"),
                     ));
                 }
-                let mean = x.with_empty_tape().try_mean::<(usize,), Axes2<0, 2>>()?;
-                let mean_host = mean.as_vec();
-                let centered = x.try_sub(mean.try_broadcast_like::<_, Axes2<0, 2>>(&dims)?)?;
-                let var = centered
-                    .with_empty_tape()
-                    .try_square()?
-                    .try_mean::<(usize,), Axes2<0, 2>>()?;
-                let var_host = var.as_vec();
-                let std = var.try_add(self.eps)?.try_sqrt()?;
-                let xhat = centered.try_div(std.try_broadcast_like::<_, Axes2<0, 2>>(&dims)?)?;
+                #[cfg(not(feature = "cuda"))]
+                let (y, mean_host, var_host) = self.normalize_batch(x)?;
+                #[cfg(feature = "cuda")]
+                let (y, mean_host, var_host) = self.composite_normalize_batch(x)?;
                 // PyTorch: running stats use the unbiased variance. While re-estimating, the n-th
                 // batch gets weight 1/n: the running statistics are the batches' plain average.
                 let m = match &mut self.reestimated_batches {
@@ -230,7 +338,7 @@ impl Layer for BatchNorm {
                     .collect();
                 self.running_mean.set(&rm)?;
                 self.running_var.set(&rv)?;
-                self.affine(xhat, b)?
+                y
             }
             Mode::Eval => {
                 let dev = x.device().clone();
@@ -544,6 +652,49 @@ mod tests {
         // A single sample cannot be normalized in training mode.
         let x = h.input(vec![1.0, 2.0], 1, FeatureShape::Flat(2));
         assert!(bn.forward(x, &mut h.fwd_ctx(Mode::Train)).is_err());
+    }
+
+    #[test]
+    fn the_batch_kernel_matches_the_composite_dfdx_path_with_gradients() {
+        for (batch, channels, pixels, affine) in [(7, 6, 1, true), (5, 3, 4, true), (4, 2, 9, false)] {
+            let mut h = Harness::new(11);
+            let cfg = BatchNormConfig {
+                affine,
+                ..Default::default()
+            };
+            let shape = if pixels == 1 {
+                FeatureShape::Flat(channels)
+            } else {
+                FeatureShape::image(channels, 1, pixels)
+            };
+            let mut bn = cfg.build_batch_norm(shape, &mut h.build_ctx()).unwrap();
+            set_affine(&mut bn, &mut h);
+            let bn = &bn;
+            let xv = h.values(batch * channels * pixels);
+            let rv = h.values(batch * channels * pixels);
+            let r = h.dev.tensor_from_vec(rv, (batch, channels, pixels));
+            let run = |op: &dyn Fn(Tensor3) -> Result<Normalized>| {
+                let x = h.dev.tensor_from_vec(xv.clone(), (batch, channels, pixels));
+                let (y, mean, var) = op(x.leaky_trace()).unwrap();
+                let values = y.with_empty_tape().as_vec();
+                let mut grads = (y * r.clone()).sum::<(), _>().backward();
+                let mut out = vec![values, mean, var, grads.get(&x).as_vec()];
+                for (_, p) in bn.named_params().iter().filter(|(_, p)| p.trainable()) {
+                    out.push(grads.get_or_alloc_mut(&p.value).unwrap().to_vec());
+                }
+                out
+            };
+            let fused = run(&|x| bn.normalize_batch(x));
+            let composite = run(&|x| bn.composite_normalize_batch(x));
+            assert_eq!(fused.len(), if affine { 6 } else { 4 });
+            for (what, (a, b)) in ["y", "mean", "var", "dx", "dgamma", "dbeta"]
+                .iter()
+                .zip(fused.iter().zip(&composite))
+            {
+                let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                assert_close(what, a, &b64, 1e-4, 1e-5);
+            }
+        }
     }
 
     #[test]

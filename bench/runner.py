@@ -1,0 +1,217 @@
+"""Runs the side-by-side speed benchmark: every measurement (nash and the Python peers) in its own pinned
+process, one at a time; collects the JSON records, writes bench/results/<timestamp>.{json,md} and prints the
+tables. Standard library only, so it runs (and reports the peers as n/a) even without bench/.venv.
+Called by bench/run.sh, which sets up the venv and builds nash first."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import compare
+
+FRAMEWORKS = ("nash", "tensorflow", "jax", "pytorch")
+WORKLOADS = ("autoencoder", "mlp_gan", "dcgan")
+#: Steps per timed run at batch 64, width 1: a run lasts about 0.5 s or more on the Python peers.
+BASE_STEPS = {"autoencoder": 1500, "mlp_gan": 150, "dcgan": 10}
+CURVE_BATCHES = (16, 32, 64, 128, 256, 512, 1024)
+CURVE_WIDTHS = (0.5, 1.0, 2.0, 4.0)
+DEFAULT_BATCH = 64
+DEFAULT_WIDTH = 1.0
+WARMUP = 10
+REPEATS = 5
+QUICK_REPEATS = 3
+CURVE_REPEATS = 3
+#: Seconds one measurement may take before it is stopped and reported as n/a.
+TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement to make."""
+
+    framework: str
+    workload: str
+    threads: int
+    batch: int
+    width: float
+    warmup: int
+    steps: int
+    repeats: int
+
+
+def _csv(allowed: tuple[str, ...] | None, cast: type = str):
+    def parse(text: str) -> list[Any]:
+        items = [cast(t.strip()) for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("needs at least one value")
+        if allowed is not None:
+            bad = [i for i in items if i not in allowed]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {bad}; valid: {', '.join(allowed)}")
+        return items
+
+    return parse
+
+
+def _threads(text: str) -> list[int]:
+    values = _csv(None, int)(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Side-by-side speed benchmark of nash and its Python peers.")
+    p.add_argument("--quick", action="store_true", help="1 thread, fewer steps and repeats (a fast check)")
+    p.add_argument("--curve", action="store_true", help="add the cost curves (batch 16..1024, width 0.5..4)")
+    p.add_argument("--threads", type=_threads, default=None, help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--workloads", type=_csv(WORKLOADS), default=list(WORKLOADS), help="comma-separated workloads")
+    p.add_argument("--dry-run", action="store_true", help="print the planned commands and exit")
+    p.add_argument("--nash", type=Path, required=True, help="the nash binary")
+    p.add_argument("--python", type=Path, required=True, help="the venv's python (may be missing: peers are n/a)")
+    p.add_argument("--results", type=Path, required=True, help="folder for <timestamp>.{json,md}")
+    ns = p.parse_args(argv)
+    if ns.threads is None:
+        ns.threads = [1] if ns.quick else [1, 2]
+    return ns
+
+
+def _steps(workload: str, batch: int, width: float, quick: bool) -> int:
+    """Steps per run, scaled down with the work per step (about linear in batch, quadratic in width)."""
+    steps = BASE_STEPS[workload] * DEFAULT_BATCH / batch / width**2
+    if quick:
+        steps /= 3
+    return max(3, round(steps))
+
+
+def plan(args: argparse.Namespace) -> list[Point]:
+    """The main table's points, then (with --curve) the cost curve's, at the first thread count."""
+    repeats = QUICK_REPEATS if args.quick else REPEATS
+    points: list[Point] = []
+    for workload in args.workloads:
+        for threads in args.threads:
+            for fw in FRAMEWORKS:
+                steps = _steps(workload, DEFAULT_BATCH, DEFAULT_WIDTH, args.quick)
+                points.append(Point(fw, workload, threads, DEFAULT_BATCH, DEFAULT_WIDTH, WARMUP, steps, repeats))
+    if args.curve:
+        threads = args.threads[0]
+        shape = [(b, DEFAULT_WIDTH) for b in CURVE_BATCHES] + [(DEFAULT_BATCH, w) for w in CURVE_WIDTHS]
+        for workload in args.workloads:
+            for batch, width in shape:
+                if (batch, width) == (DEFAULT_BATCH, DEFAULT_WIDTH):
+                    continue  # the main table's point
+                for fw in FRAMEWORKS:
+                    steps = _steps(workload, batch, width, True)
+                    warmup = min(WARMUP, steps)  # enough for the compilation at the first step
+                    points.append(Point(fw, workload, threads, batch, width, warmup, steps, CURVE_REPEATS))
+    return points
+
+
+def _command(point: Point, args: argparse.Namespace) -> list[str]:
+    cpus = ",".join(str(c) for c in range(point.threads))
+    common = [
+        "--workload", point.workload, "--threads", str(point.threads), "--batch", str(point.batch),
+        "--width", str(point.width), "--warmup", str(point.warmup), "--steps", str(point.steps),
+        "--repeats", str(point.repeats),
+    ]  # fmt: skip
+    if point.framework == "nash":
+        return ["taskset", "-c", cpus, str(args.nash), "bench", "speed", *common, "--json"]
+    peer = Path(__file__).resolve().parent / "peers" / "peer.py"
+    return ["taskset", "-c", cpus, str(args.python), str(peer), "--framework", point.framework, *common]
+
+
+def _failure(point: Point, reason: str) -> dict[str, Any]:
+    return {
+        "framework": point.framework,
+        "workload": point.workload,
+        "threads": point.threads,
+        "batch": point.batch,
+        "width": point.width,
+        "error": reason,
+    }
+
+
+def _parse_records(stdout: str) -> list[dict[str, Any]]:
+    """The whole stdout as JSON (nash's array, perhaps pretty-printed), else its last line (a peer's object)."""
+    text = stdout.strip()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = json.loads(text.splitlines()[-1])
+    records = parsed if isinstance(parsed, list) else [parsed]
+    for r in records:
+        if not isinstance(r, dict) or not {"framework", "median", "min", "peak_rss_mb"} <= r.keys():
+            raise ValueError(f"not a benchmark record: {str(r)[:200]}")
+    return records
+
+
+def _mb(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
+
+
+def run_point(point: Point, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Runs one measurement; any failure becomes a record with an `error` (shown as n/a), never an exception."""
+    if point.framework != "nash" and not args.python.exists():
+        return [_failure(point, "bench/.venv missing; run bench/setup-venv.sh")]
+    if point.framework == "nash" and not args.nash.exists():
+        return [_failure(point, f"{args.nash} missing; run cargo build --release")]
+    try:
+        proc = subprocess.run(_command(point, args), check=False, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return [_failure(point, f"timed out after {TIMEOUT_S} s")]
+    except OSError as e:
+        return [_failure(point, f"could not start: {e}")]
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        last = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+        if point.framework != "nash" and proc.returncode == 3:
+            last = f"not installed: {last}"
+        return [_failure(point, last[:300])]
+    try:
+        return _parse_records(proc.stdout)
+    except (ValueError, IndexError) as e:
+        return [_failure(point, f"unreadable output ({e})")]
+
+
+def main() -> int:
+    args = parse_args()
+    points = plan(args)
+    if args.dry_run:
+        for point in points:
+            print(" ".join(_command(point, args)))
+        return 0
+    records: list[dict[str, Any]] = []
+    started = time.time()
+    for n, point in enumerate(points, 1):
+        label = f"{point.framework} {point.workload} threads={point.threads} batch={point.batch} width={point.width}"
+        print(f"[{n}/{len(points)}] {label} ...", end="", file=sys.stderr, flush=True)
+        got = run_point(point, args)
+        records.extend(got)
+        summary = "; ".join(
+            f"n/a ({r['error']})"
+            if "error" in r
+            else f"{r['workload']} {r['median']:.1f} steps/s, {_mb(r.get('peak_rss_mb'))} MB"
+            for r in got
+        )
+        print(f" {summary}", file=sys.stderr, flush=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path = args.results / f"{stamp}.json"
+    md_path = args.results / f"{stamp}.md"
+    json_path.write_text(json.dumps(records, indent=1) + "\n")
+    report = compare.render(records, curve=args.curve)
+    md_path.write_text(report)
+    print(report)
+    print(f"records: {json_path}\nreport:  {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
