@@ -97,13 +97,19 @@ impl TrainContext<'_> {
     }
 }
 
-/// Global L2 norm of the gradients of trainable `params` present in `grads`.
+/// Global L2 norm of the gradients of trainable `params` present in `grads` (read in place on
+/// the CPU).
 pub fn grad_norm(params: &[(String, &mut Param)], grads: &mut Grads) -> f64 {
+    let squares = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
     let mut sum = 0.0f64;
     for (_, p) in params.iter() {
         if p.trainable() {
-            if let Ok(g) = crate::tensor::grad_to_vec(grads, p) {
-                sum += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            #[cfg(not(feature = "cuda"))]
+            let squared = grads.get_or_alloc_mut(&p.value).map(|g| squares(g));
+            #[cfg(feature = "cuda")]
+            let squared = crate::tensor::grad_to_vec(grads, p).map(|g| squares(&g));
+            if let Ok(s) = squared {
+                sum += s;
             }
         }
     }

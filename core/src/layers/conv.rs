@@ -276,12 +276,46 @@ pub mod kernels {
         out
     }
 
+    /// Values of the column matrix ([`im2col`]) of one chunk of samples: the kernels below go
+    /// through the batch this many columns' worth of samples at a time, so that the column
+    /// matrix stays in cache instead of spanning the whole batch.
+    const CHUNK_VALUES: usize = 1 << 18;
+
+    /// Calls `f(first, count)` for consecutive chunks of the `batch` samples, each with at most
+    /// [`CHUNK_VALUES`] column values (at least one sample).
+    fn chunks(g: &ConvGeometry, batch: usize, mut f: impl FnMut(usize, usize)) {
+        let per_sample = (g.patch_len() * g.out_pixels()).max(1);
+        let size = (CHUNK_VALUES / per_sample).max(1);
+        let mut first = 0;
+        while first < batch {
+            let count = size.min(batch - first);
+            f(first, count);
+            first += count;
+        }
+    }
+
     /// Convolution: `x` `[batch, in_len]`, `w` `[c_out, c_in·k·k]` → `[batch, out_len]`.
     pub fn conv_forward(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-        let n = batch * g.out_pixels();
-        let cols = im2col(g, batch, x);
-        let ym = gemm(w, (g.c_out, g.patch_len()), false, &cols, (g.patch_len(), n), false);
-        from_channel_rows(&ym, batch, g.c_out, g.out_pixels(), bias)
+        let mut y = vec![0.0; batch * g.out_len()];
+        chunks(g, batch, |first, count| {
+            let cols = im2col(g, count, &x[first * g.in_len()..][..count * g.in_len()]);
+            let ym = gemm(
+                w,
+                (g.c_out, g.patch_len()),
+                false,
+                &cols,
+                (g.patch_len(), count * g.out_pixels()),
+                false,
+            );
+            y[first * g.out_len()..][..count * g.out_len()].copy_from_slice(&from_channel_rows(
+                &ym,
+                count,
+                g.c_out,
+                g.out_pixels(),
+                bias,
+            ));
+        });
+        y
     }
 
     /// Gradients of [`conv_forward`]: `(dx, dw, db)` from `dy` `[batch, out_len]`.
@@ -292,13 +326,22 @@ pub mod kernels {
         w: &[f32],
         dy: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let n = batch * g.out_pixels();
         let k = g.patch_len();
-        let dym = to_channel_rows(dy, batch, g.c_out, g.out_pixels());
-        let cols = im2col(g, batch, x);
-        let dw = gemm(&dym, (g.c_out, n), false, &cols, (k, n), true);
-        let dcols = gemm(w, (g.c_out, k), true, &dym, (g.c_out, n), false);
-        let dx = col2im(g, batch, &dcols);
+        let mut dx = vec![0.0; batch * g.in_len()];
+        let mut dw = vec![0.0; g.weight_len()];
+        chunks(g, batch, |first, count| {
+            let n = count * g.out_pixels();
+            let dym = to_channel_rows(
+                &dy[first * g.out_len()..][..count * g.out_len()],
+                count,
+                g.c_out,
+                g.out_pixels(),
+            );
+            let cols = im2col(g, count, &x[first * g.in_len()..][..count * g.in_len()]);
+            crate::kernels::matmul((g.c_out, n, k), &dym, false, &cols, true, &mut dw, true);
+            let dcols = gemm(w, (g.c_out, k), true, &dym, (g.c_out, n), false);
+            dx[first * g.in_len()..][..count * g.in_len()].copy_from_slice(&col2im(g, count, &dcols));
+        });
         (dx, dw, channel_sums(dy, batch, g.c_out, g.out_pixels()))
     }
 
@@ -311,10 +354,24 @@ pub mod kernels {
         w: &[f32],
         bias: Option<&[f32]>,
     ) -> Vec<f32> {
-        let n = batch * g.out_pixels();
-        let xm = to_channel_rows(x, batch, g.c_out, g.out_pixels());
-        let dcols = gemm(w, (g.c_out, g.patch_len()), true, &xm, (g.c_out, n), false);
-        let mut y = col2im(g, batch, &dcols);
+        let mut y = vec![0.0; batch * g.in_len()];
+        chunks(g, batch, |first, count| {
+            let xm = to_channel_rows(
+                &x[first * g.out_len()..][..count * g.out_len()],
+                count,
+                g.c_out,
+                g.out_pixels(),
+            );
+            let dcols = gemm(
+                w,
+                (g.c_out, g.patch_len()),
+                true,
+                &xm,
+                (g.c_out, count * g.out_pixels()),
+                false,
+            );
+            y[first * g.in_len()..][..count * g.in_len()].copy_from_slice(&col2im(g, count, &dcols));
+        });
         if let Some(bias) = bias {
             let px = g.h_in * g.w_in;
             for (i, v) in y.iter_mut().enumerate() {
@@ -332,13 +389,28 @@ pub mod kernels {
         w: &[f32],
         dy: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let n = batch * g.out_pixels();
         let k = g.patch_len();
-        let cols = im2col(g, batch, dy);
-        let xm = to_channel_rows(x, batch, g.c_out, g.out_pixels());
-        let dw = gemm(&xm, (g.c_out, n), false, &cols, (k, n), true);
-        let dxm = gemm(w, (g.c_out, k), false, &cols, (k, n), false);
-        let dx = from_channel_rows(&dxm, batch, g.c_out, g.out_pixels(), None);
+        let mut dx = vec![0.0; batch * g.out_len()];
+        let mut dw = vec![0.0; g.weight_len()];
+        chunks(g, batch, |first, count| {
+            let n = count * g.out_pixels();
+            let cols = im2col(g, count, &dy[first * g.in_len()..][..count * g.in_len()]);
+            let xm = to_channel_rows(
+                &x[first * g.out_len()..][..count * g.out_len()],
+                count,
+                g.c_out,
+                g.out_pixels(),
+            );
+            crate::kernels::matmul((g.c_out, n, k), &xm, false, &cols, true, &mut dw, true);
+            let dxm = gemm(w, (g.c_out, k), false, &cols, (k, n), false);
+            dx[first * g.out_len()..][..count * g.out_len()].copy_from_slice(&from_channel_rows(
+                &dxm,
+                count,
+                g.c_out,
+                g.out_pixels(),
+                None,
+            ));
+        });
         (dx, dw, channel_sums(dy, batch, g.c_in, g.h_in * g.w_in))
     }
 }
@@ -1024,6 +1096,58 @@ mod tests {
         assert!(t.build(FeatureShape::image(1, 3, 3), &mut b).is_err());
         let t = ConvTranspose2dConfig::new(2, 1).with_padding(1);
         assert!(t.build(FeatureShape::image(1, 1, 1), &mut b).is_err());
+    }
+
+    #[test]
+    fn kernels_give_the_same_values_chunk_by_chunk_as_sample_by_sample() {
+        // 64 channels of 18x18 through a 4x4 kernel: 1024 x 225 column values per sample, so a
+        // batch of 3 runs as three chunks; each sample's results must equal its own batch-of-one
+        // results, and the weight gradients their sum.
+        let mut h = Harness::new(5);
+        let g = ConvGeometry::conv(64, 18, 18, 2, 4, 1, 0).unwrap();
+        let batch = 3;
+        let (x, y, w) = (
+            h.values(batch * g.in_len()),
+            h.values(batch * g.out_len()),
+            h.values(g.weight_len()),
+        );
+        let close = |what: &str, a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (p, q) in a.iter().zip(b) {
+                assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{what}: {p} vs {q}");
+            }
+        };
+        let sample = |v: &[f32], len: usize, b: usize| v[b * len..][..len].to_vec();
+        let fwd = kernels::conv_forward(&g, batch, &x, &w, None);
+        let (dx, dw, _) = kernels::conv_backward(&g, batch, &x, &w, &y);
+        let tfwd = kernels::conv_transpose_forward(&g, batch, &y, &w, None);
+        let (tdx, tdw, _) = kernels::conv_transpose_backward(&g, batch, &y, &w, &x);
+        let (mut dw_sum, mut tdw_sum) = (vec![0.0f32; w.len()], vec![0.0f32; w.len()]);
+        for b in 0..batch {
+            let (xb, yb) = (sample(&x, g.in_len(), b), sample(&y, g.out_len(), b));
+            close(
+                "conv",
+                &sample(&fwd, g.out_len(), b),
+                &kernels::conv_forward(&g, 1, &xb, &w, None),
+            );
+            let (dxb, dwb, _) = kernels::conv_backward(&g, 1, &xb, &w, &yb);
+            close("conv dx", &sample(&dx, g.in_len(), b), &dxb);
+            close(
+                "conv_t",
+                &sample(&tfwd, g.in_len(), b),
+                &kernels::conv_transpose_forward(&g, 1, &yb, &w, None),
+            );
+            let (tdxb, tdwb, _) = kernels::conv_transpose_backward(&g, 1, &yb, &w, &xb);
+            close("conv_t dx", &sample(&tdx, g.out_len(), b), &tdxb);
+            for (s, v) in dw_sum.iter_mut().zip(&dwb) {
+                *s += v;
+            }
+            for (s, v) in tdw_sum.iter_mut().zip(&tdwb) {
+                *s += v;
+            }
+        }
+        close("conv dw", &dw, &dw_sum);
+        close("conv_t dw", &tdw, &tdw_sum);
     }
 
     #[test]
