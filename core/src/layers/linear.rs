@@ -199,8 +199,8 @@ fn composite_affine(
 /// output starts as the bias rows and the product is accumulated into it by
 /// [`crate::kernels::matmul`]; the backward pass adds `xᵀ·dy`, the column sums of `dy` and
 /// `dy·Wᵀ` straight into the gradient buffers of `W`, `b` and `x`. Equal to
-/// [`composite_affine`] up to rounding (tested).
-#[cfg_attr(feature = "cuda", allow(dead_code))]
+/// [`composite_affine`] up to rounding (tested). CPU only: gradient buffers are host slices.
+#[cfg(not(feature = "cuda"))]
 fn affine(
     x: Matrix<Tape>,
     weight: &Param,
@@ -246,7 +246,8 @@ fn affine(
 }
 
 /// `y[i] = z[index[i]]` (flat indices into the row-major `z`, whose values are `values`) as one
-/// tape op shaped `shape`, whose backward pass adds `dy[i]` into `dz[index[i]]`.
+/// tape op shaped `shape`, whose backward pass adds `dy[i]` into `dz[index[i]]`. CPU only.
+#[cfg(not(feature = "cuda"))]
 fn gather(z: Matrix<Tape>, values: &[f32], index: Vec<usize>, shape: (usize, usize)) -> Matrix<Tape> {
     let (z, mut tape) = z.split_tape();
     let y: Vec<f32> = index.iter().map(|&i| values[i]).collect();
@@ -382,8 +383,17 @@ impl Layer for Maxout {
             m[best] = 1.0;
             winners.push(unit * k + best);
         }
-        self.mask = Some(z.device().tensor_from_vec(mask, (b, n)));
+        let mask = z.device().tensor_from_vec(mask, (b, n));
+        #[cfg(not(feature = "cuda"))]
         let y = gather(z, &zv, winners, (b, self.units));
+        #[cfg(feature = "cuda")]
+        let y = {
+            drop(winners);
+            z.try_mul(mask.clone())?
+                .try_reshape_like(&(b, self.units, k))?
+                .try_sum::<(usize, usize), Axis<2>>()?
+        };
+        self.mask = Some(mask);
         Activation::new(y, FeatureShape::Flat(self.units))
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
@@ -418,6 +428,7 @@ mod tests {
     use crate::layers::testing::*;
 
     #[test]
+    #[cfg(not(feature = "cuda"))]
     fn the_affine_kernel_matches_the_composite_dfdx_path_with_gradients() {
         // Sizes past gemm's small-matrix paths; a loss sum(y ⊙ r) gives every output its own
         // gradient.

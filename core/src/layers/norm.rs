@@ -156,7 +156,8 @@ impl BatchNorm {
     /// backward pass adds `Σ dy·x̂` to `γ`, `Σ dy` to `β` and
     /// `γ/(n·√(σ² + ε)) · (n·dy − Σ dy − x̂·Σ dy·x̂)` to `x` (the batch-statistics gradient).
     /// Returns `(y, μ, σ²)`; equal to [`BatchNorm::composite_normalize_batch`] up to rounding (tested).
-    #[cfg_attr(feature = "cuda", allow(dead_code))]
+    /// CPU only: gradient buffers are host slices.
+    #[cfg(not(feature = "cuda"))]
     fn normalize_batch(&self, x: Tensor3) -> Result<Normalized> {
         let (batch, channels, pixels) = *x.shape();
         let (x, mut tape) = x.split_tape();
@@ -655,6 +656,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "cuda"))]
     fn the_batch_kernel_matches_the_composite_dfdx_path_with_gradients() {
         for (batch, channels, pixels, affine) in [(7, 6, 1, true), (5, 3, 4, true), (4, 2, 9, false)] {
             let mut h = Harness::new(11);
