@@ -47,7 +47,12 @@ fn smoke_run_gives_one_record_per_workload() {
     assert_eq!(workloads, ["matmul_peak", "autoencoder", "mlp_gan"]);
     for r in &records {
         assert_eq!(r["framework"], "nash");
-        assert_eq!((r["threads"].as_u64(), r["steps"].as_u64()), (Some(1), Some(2)));
+        assert_eq!(r["threads"].as_u64(), Some(1));
+        // `--steps` sizes the workloads' runs; the product's step count is always calibrated.
+        if r["workload"] != "matmul_peak" {
+            assert_eq!(r["steps"].as_u64(), Some(2));
+        }
+        assert!(r["steps"].as_u64().is_some_and(|n| n >= 1));
         assert_eq!(r["steps_per_s"].as_array().map(Vec::len), Some(1));
         positive(r, "median");
         positive(r, "min");
