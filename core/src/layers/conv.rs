@@ -148,8 +148,6 @@ impl ConvGeometry {
 /// Inputs and outputs are row-major, samples first and channels major within a sample.
 pub mod kernels {
     use super::ConvGeometry;
-    use crate::tensor::Device;
-    use dfdx::prelude::*;
 
     /// `op(a)·op(b)` through [`crate::kernels::matmul`]; `a` is stored `a_shape`, `op` transposes
     /// when asked (through strides, without a copy).
@@ -166,13 +164,6 @@ pub mod kernels {
         let mut c = vec![0.0; m * n];
         crate::kernels::matmul((m, k, n), a, ta, b, tb, &mut c, false);
         c
-    }
-
-    /// The values of a contiguous tensor (a plain copy, unlike the strided iterator of `as_vec`).
-    pub fn host<S: Shape, T>(t: &Tensor<S, f32, Device, T>) -> Vec<f32> {
-        let mut out = vec![0.0; t.shape().num_elements()];
-        t.copy_into(&mut out);
-        out
     }
 
     /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`.
@@ -478,7 +469,7 @@ where
     let (w, wtape) = w.split_tape();
     let w = w.try_reshape_like(&(g.weight_len(),))?;
     let dev = x.device().clone();
-    let (xv, wv) = (kernels::host(&x), kernels::host(&w));
+    let (xv, wv) = (crate::kernels::host(&x), crate::kernels::host(&w));
     let bv = bias.map(|b| b.as_vec());
     let y = if transpose {
         kernels::conv_transpose_forward(&g, batch, &xv, &wv, bv.as_deref())
@@ -490,7 +481,7 @@ where
     let mut tape = xtape.merge(wtape);
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         grads.try_alloc_for(&yg)?;
-        let dy = kernels::host(&grads.get(&yg));
+        let dy = crate::kernels::host(&grads.get(&yg));
         let (dx, dw, db) = if transpose {
             kernels::conv_transpose_backward(&g, batch, &xv, &wv, &dy)
         } else {

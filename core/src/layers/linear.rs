@@ -211,10 +211,7 @@ fn affine(
     // Gradients are written in logical order: operate on contiguous values.
     let x = x.try_reshape_like(&(batch, inputs))?;
     let (x, mut tape) = x.split_tape();
-    let mut xv = vec![0.0; batch * inputs];
-    x.copy_into(&mut xv);
-    let mut wv = vec![0.0; inputs * outputs];
-    weight.value.copy_into(&mut wv);
+    let (xv, wv) = (crate::kernels::host(&x), crate::kernels::host(&weight.value));
     let mut y = vec![0.0; batch * outputs];
     if let Some(b) = bias {
         let bv = b.to_vec();
@@ -371,8 +368,7 @@ impl Layer for Maxout {
         let z = self.linear.forward(input, ctx)?.value;
         let (b, n) = *z.shape();
         let k = self.pieces;
-        let mut zv = vec![0.0; b * n];
-        z.copy_into(&mut zv);
+        let zv = crate::kernels::host(&z);
         let mut mask = vec![0.0f32; zv.len()];
         let mut winners = Vec::with_capacity(b * self.units);
         for (unit, (row, m)) in zv.chunks(k).zip(mask.chunks_mut(k)).enumerate() {
