@@ -128,6 +128,12 @@ pub trait Stabilizer {
     fn unrolled_steps(&self) -> usize {
         0
     }
+    /// How many of the `batch` generated samples of the generator's update at `step` its loss keeps:
+    /// the ones the discriminator scores highest (top-k training). `None`: this stabilizer does not
+    /// select. Models that cannot select refuse a selecting stabilizer at their first step.
+    fn generator_samples_kept(&self, _batch: usize, _step: u64) -> Option<usize> {
+        None
+    }
     /// Why this stabilizer cannot be combined with `other` (given by name), if it cannot.
     fn conflicts_with(&self, _other: &dyn Stabilizer) -> Option<String> {
         None
@@ -274,6 +280,15 @@ impl StabilizerStack {
     /// The largest [`Stabilizer::unrolled_steps`] of the stack (0: no unrolling).
     pub fn unrolled_steps(&self) -> usize {
         self.stabilizers.iter().map(|s| s.unrolled_steps()).max().unwrap_or(0)
+    }
+    /// The fewest [`Stabilizer::generator_samples_kept`] of the stack, between 1 and `batch`;
+    /// `None` when no stabilizer selects.
+    pub fn generator_samples_kept(&self, batch: usize, step: u64) -> Option<usize> {
+        self.stabilizers
+            .iter()
+            .filter_map(|s| s.generator_samples_kept(batch, step))
+            .min()
+            .map(|k| k.clamp(batch.min(1), batch))
     }
     /// Runs [`Stabilizer::transform_input`] through each, in order.
     pub fn transform_input(

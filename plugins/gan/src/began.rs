@@ -29,7 +29,7 @@ use nash_core::tensor::{
 use serde::{Deserialize, Serialize};
 
 use crate::mlp_gan::{mlp, Latent};
-use crate::step::{refuse_unrolling, schedule_discriminator_steps};
+use crate::step::{refuse_sample_selection, refuse_unrolling, schedule_discriminator_steps};
 
 /// Prefixes parameter names with `prefix.`.
 pub(crate) fn prefixed<P>(params: Vec<(String, P)>, prefix: &str) -> Vec<(String, P)> {
@@ -532,6 +532,7 @@ impl Model for Began {
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("began", batch)?;
         refuse_unrolling("began", ctx)?;
+        refuse_sample_selection("began", ctx)?;
         let mut report = StepReport::default();
         if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
             let d = self.discriminator_step(batch, ctx)?;

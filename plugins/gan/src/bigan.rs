@@ -27,7 +27,7 @@ use crate::began::{
 };
 use crate::mlp_gan::{mlp, Latent};
 use crate::objective::NonSaturatingConfig;
-use crate::step::{refuse_unrolling, schedule_discriminator_steps};
+use crate::step::{refuse_sample_selection, refuse_unrolling, schedule_discriminator_steps};
 
 /// Config of [`Bigan`], `type = "bigan"` in pipeline files. Stacks left out are MLPs sized from
 /// the data: generator latent-h-h-data (LeakyReLU(0.2), output activation from the data's range),
@@ -332,6 +332,7 @@ impl Model for Bigan {
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("bigan", batch)?;
         refuse_unrolling("bigan", ctx)?;
+        refuse_sample_selection("bigan", ctx)?;
         let mut report = StepReport::default();
         if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
             self.discriminator_step(batch, ctx, &mut report)?;

@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 use crate::mlp_gan::{Latent, MlpGanConfig};
 use crate::objective::NonSaturatingConfig;
 use crate::step::{
-    describe_stack, discriminator_loss, generator_loss_terms, mean_sigmoid, prefixed, refuse_unrolling,
-    schedule_discriminator_steps, transform_fake, transform_inputs, CriticSite, DiscriminatorStep,
+    describe_stack, discriminator_loss, generator_loss_terms, keep_best_fakes, mean_sigmoid, prefixed,
+    refuse_unrolling, schedule_discriminator_steps, transform_fake, transform_inputs, CriticSite, DiscriminatorStep,
 };
 
 /// How a class label is fed to a network.
@@ -780,7 +780,8 @@ impl ConditionalGan {
                 rng: ctx.rng,
             },
         )?;
-        let mut loss: Scalar = self.objective.generator_loss(heads.adversarial, Some(real_scores))?;
+        let kept = keep_best_fakes(heads.adversarial, ctx, report)?;
+        let mut loss: Scalar = self.objective.generator_loss(kept, Some(real_scores))?;
         report.loss("loss/generator", check_finite("loss/generator", loss.array())? as f64);
         if let Some(classes) = heads.classes {
             let ce = CrossEntropy.compute(classes, &label_matrix(&labels, &device))?;

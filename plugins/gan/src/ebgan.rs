@@ -25,7 +25,7 @@ use crate::began::{
     stack_or, AutoencoderCritic, CriticPass,
 };
 use crate::mlp_gan::{mlp, Latent};
-use crate::step::{refuse_unrolling, schedule_discriminator_steps};
+use crate::step::{refuse_sample_selection, refuse_unrolling, schedule_discriminator_steps};
 
 /// The pulling-away term of a batch of codes `[N, c]` (N >= 2), on the tape:
 /// `PT = 1/(N(N-1)) Σ_{i≠j} cos²(s_i, s_j)`. Computed as `(Σ_{ij} G_ij² - Σ_i G_ii²) / (N(N-1))`
@@ -301,6 +301,7 @@ impl Model for Ebgan {
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("ebgan", batch)?;
         refuse_unrolling("ebgan", ctx)?;
+        refuse_sample_selection("ebgan", ctx)?;
         let mut report = StepReport::default();
         if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
             self.discriminator_step(batch, ctx, &mut report)?;

@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::objective::NonSaturatingConfig;
 use crate::step::{
-    describe_stack, discriminator_loss, generator_loss_terms, mean_sigmoid, prefixed, schedule_discriminator_steps,
-    transform_fake, transform_inputs, with_unrolled_discriminator, CriticSite, DiscriminatorStep, UnrollDiscriminator,
+    describe_stack, discriminator_loss, generator_loss_terms, keep_best_fakes, mean_sigmoid, prefixed,
+    schedule_discriminator_steps, transform_fake, transform_inputs, with_unrolled_discriminator, CriticSite,
+    DiscriminatorStep, UnrollDiscriminator,
 };
 
 /// The distribution latent codes are drawn from.
@@ -363,7 +364,8 @@ impl MlpGan {
                 rng: ctx.rng,
             },
         )?;
-        let loss = self.objective.generator_loss(fake_out.value, Some(real_scores))?;
+        let kept = keep_best_fakes(fake_out.value, ctx, report)?;
+        let loss = self.objective.generator_loss(kept, Some(real_scores))?;
         report.loss("loss/generator", check_finite("loss/generator", loss.array())? as f64);
         let loss = generator_loss_terms(loss, ctx, report)?;
         // The discriminator's parameters receive gradients too, but only the generator's are

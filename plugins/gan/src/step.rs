@@ -20,6 +20,8 @@
 //! configured) and reports the count as `discriminator_steps`; [`with_unrolled_discriminator`]
 //! runs the generator's update against a discriminator unrolled `k` updates ahead (unrolled GAN)
 //! and rewinds it afterwards; [`refuse_unrolling`] is what models that cannot unroll call.
+//! [`keep_best_fakes`] keeps the fakes the discriminator scores highest for the generator's loss
+//! (top-k training); [`refuse_sample_selection`] is what models that cannot select call.
 //!
 //! This API is stable: the models `mlp_gan`, `dcgan`, `conditional_gan` and `ac_gan` use it, and
 //! other models of the plugin may.
@@ -65,6 +67,53 @@ pub fn refuse_unrolling(kind: &str, ctx: &TrainContext<'_>) -> Result<()> {
             "only {UNROLLING_MODELS} unroll the discriminator for the generator's update; remove the `unrolled` \
              stabilizer or use one of those models"
         ),
+    ))
+}
+
+/// The models whose generator loss keeps only the best-scored fakes (top-k training).
+pub const SELECTING_MODELS: &str = "mlp_gan, dcgan, conditional_gan, ac_gan";
+
+/// The rows of `scores` (the discriminator's raw outputs on the generator update's fakes,
+/// `[batch, 1]`, higher meaning more real for every objective) that the generator's loss keeps:
+/// with a selecting stabilizer (top-k training, [`StabilizerStack::generator_samples_kept`]) the
+/// `k` highest, best first, reported as the diagnostic `generator_samples_kept`; otherwise all of
+/// them, unchanged. The gradient reaches the generator through the kept rows only.
+///
+/// [`StabilizerStack::generator_samples_kept`]: nash_core::stabilizer::StabilizerStack::generator_samples_kept
+pub fn keep_best_fakes(scores: Matrix<Tape>, ctx: &TrainContext<'_>, report: &mut StepReport) -> Result<Matrix<Tape>> {
+    let (batch, columns) = *scores.shape();
+    let Some(kept) = ctx.stabilizers.generator_samples_kept(batch, ctx.step) else {
+        return Ok(scores);
+    };
+    report.diagnostic("generator_samples_kept", kept as f64);
+    if kept == batch {
+        return Ok(scores);
+    }
+    if columns != 1 {
+        return Err(Error::shape(
+            "top-k selection of the generator's fakes (discriminator outputs)",
+            "[batch, 1]",
+            format!("[{batch}, {columns}]"),
+        ));
+    }
+    let values = scores.as_vec();
+    let mut order: Vec<usize> = (0..batch).collect();
+    // Descending; a NaN score sorts first and the loss's finiteness check reports it.
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order.truncate(kept);
+    let rows = scores.device().tensor_from_vec(order, (kept,));
+    Ok(scores.gather(rows))
+}
+
+/// Refuses a selecting stabilizer (top-k training) for a model (`kind`) whose generator loss
+/// cannot keep a subset of its fakes, naming the models that can.
+pub fn refuse_sample_selection(kind: &str, ctx: &TrainContext<'_>) -> Result<()> {
+    if ctx.stabilizers.generator_samples_kept(1, ctx.step).is_none() {
+        return Ok(());
+    }
+    Err(Error::unsupported(
+        format!("selecting the generator's best fakes (top_k) with the `{kind}` model"),
+        format!("only {SELECTING_MODELS} select the fakes of the generator's loss; remove the `top_k` stabilizer or use one of those models"),
     ))
 }
 
@@ -456,6 +505,7 @@ mod schedule_tests {
         steps: Option<usize>,
         unrolled: usize,
         fake_weight: Option<f32>,
+        kept: Option<usize>,
         d_updates: Rc<Cell<usize>>,
     }
 
@@ -468,6 +518,9 @@ mod schedule_tests {
         }
         fn unrolled_steps(&self) -> usize {
             self.unrolled
+        }
+        fn generator_samples_kept(&self, _: usize, _: u64) -> Option<usize> {
+            self.kept
         }
         fn transform_targets(&mut self, targets: &mut Targets, _: &mut HookContext<'_>) -> Result<()> {
             if let Some(w) = self.fake_weight {
@@ -717,6 +770,93 @@ mod schedule_tests {
         let err = step(&mut model, fixed, &mut sgd(), 9).unwrap_err().to_string();
         assert!(
             err.contains("relativistic_average") && err.contains("equilibrium"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_generator_loss_keeps_the_best_scored_fakes_and_only_they_get_gradient() {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        let mut opts = BTreeMap::new();
+        let select = |kept: Option<usize>| {
+            StabilizerStack::new(vec![Box::new(Fixed {
+                kept,
+                ..Default::default()
+            })])
+            .unwrap()
+        };
+        let scores: Matrix = device.tensor_from_vec(vec![0.1, 3.0, -2.0, 1.0, 0.5], (5, 1));
+        let mut run = |kept: Option<usize>| {
+            let mut stabilizers = select(kept);
+            let ctx = TrainContext {
+                step: 0,
+                device: &device,
+                rng: &mut rng,
+                optimizers: &mut opts,
+                stabilizers: &mut stabilizers,
+            };
+            let mut report = StepReport::default();
+            let traced = scores.leaky_trace();
+            let out = keep_best_fakes(traced, &ctx, &mut report).unwrap();
+            let values = out.as_vec();
+            // Weight each kept row differently so the gradient shows which row went where.
+            let weights = device.tensor_from_vec((1..=values.len()).map(|w| w as f32).collect(), (values.len(), 1));
+            let grads = (out * weights).sum().backward();
+            (
+                values,
+                grads.get(&scores).as_vec(),
+                report.diagnostics.get("generator_samples_kept").copied(),
+            )
+        };
+        // Top 2, best first; the gradient reaches rows 1 and 3 only.
+        assert_eq!(run(Some(2)), (vec![3.0, 1.0], vec![0.0, 1.0, 0.0, 2.0, 0.0], Some(2.0)));
+        // Keeping all, or no selecting stabilizer, leaves the scores as they were.
+        let all = (vec![0.1, 3.0, -2.0, 1.0, 0.5], vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        let (v, g, d) = run(Some(5));
+        assert_eq!(((v, g), d), (all.clone(), Some(5.0)));
+        let (v, g, d) = run(None);
+        assert_eq!(((v, g), d), (all, None));
+    }
+
+    #[test]
+    fn top_k_trains_the_generator_and_models_that_cannot_select_refuse_it() {
+        let mut model = gan(|_| {});
+        let g_names = trainable_with_prefix(&model, "generator.");
+        let before = snapshot(&model);
+        let fixed = Fixed {
+            kept: Some(3),
+            ..Default::default()
+        };
+        let report = step(&mut model, fixed, &mut sgd(), 4).unwrap();
+        assert_eq!(report.diagnostics["generator_samples_kept"], 3.0);
+        assert!(report.losses["loss/generator"].is_finite());
+        let moved = changed(&before, &snapshot(&model));
+        assert!(g_names.iter().all(|n| moved.contains(n)), "{moved:?}");
+
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        let mut began = BeganConfig {
+            latent_dim: 3,
+            hidden_dim: 8,
+            code_dim: 2,
+            ..Default::default()
+        }
+        .build_began(
+            &info(2),
+            &mut BuildContext {
+                device: &device,
+                rng: &mut rng,
+            },
+        )
+        .unwrap();
+        let fixed = Fixed {
+            kept: Some(3),
+            ..Default::default()
+        };
+        let err = step(&mut began, fixed, &mut sgd(), 4).unwrap_err().to_string();
+        assert!(
+            err.contains("top_k") && err.contains("began") && err.contains(SELECTING_MODELS),
             "{err}"
         );
     }

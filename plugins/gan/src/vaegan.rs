@@ -42,7 +42,7 @@ use crate::began::{
 };
 use crate::mlp_gan::mlp;
 use crate::objective::NonSaturatingConfig;
-use crate::step::{refuse_unrolling, schedule_discriminator_steps};
+use crate::step::{refuse_sample_selection, refuse_unrolling, schedule_discriminator_steps};
 
 /// The closed-form KL divergence of `N(μ, diag σ²)` from `N(0, I)`, summed over latent
 /// dimensions and averaged over the batch: `1/N Σ_ij ½ (μ² + e^{log σ²} - 1 - log σ²)`.
@@ -475,6 +475,7 @@ impl Model for VaeGan {
     fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
         non_empty("vae_gan", batch)?;
         refuse_unrolling("vae_gan", ctx)?;
+        refuse_sample_selection("vae_gan", ctx)?;
         let mut report = StepReport::default();
         if schedule_discriminator_steps(1, 1, ctx, &mut report) == 1 {
             self.discriminator_step(batch, ctx, &mut report)?;

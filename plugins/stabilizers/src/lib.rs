@@ -19,6 +19,7 @@
 //! - [`lecam`]: LeCam regularization.
 //! - [`schedule`]: the update schedule — unrolled discriminator steps, an adaptive
 //!   discriminator/generator step ratio, BEGAN-style equilibrium control.
+//! - [`selection`]: which fakes the generator learns from — top-k training.
 //! - [`scope`]: what every stabilizer here shares — the `kind@group` naming convention, group
 //!   checks, and the table of techniques that cannot act on the same parameter group, with the reason.
 //!
@@ -37,6 +38,7 @@ pub mod penalty;
 pub mod regularization;
 pub mod schedule;
 pub mod scope;
+pub mod selection;
 pub mod spectral;
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -66,5 +68,6 @@ pub fn register(registry: &mut Registry) -> nash_core::Result<()> {
     consistency::register(registry)?;
     lecam::register(registry)?;
     schedule::register(registry)?;
+    selection::register(registry)?;
     Ok(())
 }
