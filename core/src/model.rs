@@ -100,7 +100,18 @@ impl TrainContext<'_> {
 /// Global L2 norm of the gradients of trainable `params` present in `grads` (read in place on
 /// the CPU).
 pub fn grad_norm(params: &[(String, &mut Param)], grads: &mut Grads) -> f64 {
-    let squares = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    let squares = |g: &[f32]| {
+        // Eight independent f64 accumulators, so that the sum vectorizes.
+        let mut lanes = [0.0f64; 8];
+        let chunks = g.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+        for chunk in chunks {
+            for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                *lane += (x as f64) * (x as f64);
+            }
+        }
+        lanes.iter().sum::<f64>() + tail
+    };
     let mut sum = 0.0f64;
     for (_, p) in params.iter() {
         if p.trainable() {
@@ -236,7 +247,7 @@ pub fn group_params<'a>(params: Vec<(String, &'a mut Param)>, group: &str) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::matrix_from_vec;
+    use crate::tensor::{matrix_from_vec, ParamRole};
 
     #[test]
     fn predicted_classes_are_row_argmaxes_first_of_ties_and_never_nan() {
@@ -262,5 +273,33 @@ mod tests {
             logits: matrix_from_vec(&device, vec![], 0, 3).unwrap(),
         };
         assert!(empty.predicted_classes().is_empty());
+    }
+
+    #[test]
+    fn the_gradient_norm_covers_every_trainable_parameter_and_every_element() {
+        let device = Device::default();
+        // 19 elements: two chunks of eight and a tail of three; a frozen parameter is left out.
+        let values: Vec<f32> = (1..=19).map(|i| i as f32 * 0.5).collect();
+        let param = |n: usize, role| Param::from_vec(&device, vec![0.0; n], vec![n], role).unwrap();
+        let (mut a, mut b, mut frozen) = (
+            param(19, ParamRole::Weight),
+            param(2, ParamRole::Bias),
+            param(4, ParamRole::Buffer),
+        );
+        let mut grads = Grads::leaky();
+        grads.get_or_alloc_mut(&a.value).unwrap().copy_from_slice(&values);
+        grads.get_or_alloc_mut(&b.value).unwrap().copy_from_slice(&[3.0, -4.0]);
+        grads
+            .get_or_alloc_mut(&frozen.value)
+            .unwrap()
+            .copy_from_slice(&[100.0; 4]);
+        let params = vec![
+            ("a".to_string(), &mut a),
+            ("b".to_string(), &mut b),
+            ("frozen".to_string(), &mut frozen),
+        ];
+        // Σ (i/2)² for i = 1..19 = 2470 / 4, plus 3² + 4².
+        let expected = (2470.0f64 / 4.0 + 25.0).sqrt();
+        assert!((grad_norm(&params, &mut grads) - expected).abs() < 1e-9);
     }
 }

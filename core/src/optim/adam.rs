@@ -248,9 +248,12 @@ fn adam_update<const L2: bool, const DECOUPLED: bool>(
     }
     match v_max {
         None => {
-            for (((x, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                let second = moments::<L2, DECOUPLED>(k, x, g, m, v);
-                *x += k.neg_step * (*m / (second.sqrt() / k.bias2_sqrt + k.eps));
+            // Indexed over slices of one length, so that the loop vectorizes.
+            let n = p.len();
+            let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+            for i in 0..n {
+                let second = moments::<L2, DECOUPLED>(k, &mut p[i], g[i], &mut m[i], &mut v[i]);
+                p[i] += k.neg_step * (m[i] / (second.sqrt() / k.bias2_sqrt + k.eps));
             }
         }
         Some(v_max) => {
