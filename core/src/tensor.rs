@@ -98,6 +98,10 @@ pub struct Activation {
     pub value: Matrix<Tape>,
     /// The logical shape of each row.
     pub shape: FeatureShape,
+    /// Whether the backward pass needs this activation's own gradient. False for data and latent
+    /// codes entering a network ([`Activation::data`]): the first layer may then skip computing
+    /// its input gradient. Every layer's output needs one.
+    pub requires_grad: bool,
 }
 
 impl Activation {
@@ -111,11 +115,24 @@ impl Activation {
                 cols,
             ));
         }
-        Ok(Activation { value, shape })
+        Ok(Activation {
+            value,
+            shape,
+            requires_grad: true,
+        })
     }
-    /// Starts a fresh tape on a constant matrix (a data batch, a latent code).
+    /// Starts a fresh tape on a constant matrix whose gradient the caller reads afterwards (an
+    /// input-gradient check).
     pub fn input(value: &Matrix, shape: FeatureShape) -> Result<Self> {
         Self::new(value.leaky_trace(), shape)
+    }
+    /// Starts a fresh tape on a constant matrix whose gradient nobody reads (a data batch, a
+    /// latent code): layers may skip computing it.
+    pub fn data(value: &Matrix, shape: FeatureShape) -> Result<Self> {
+        Ok(Activation {
+            requires_grad: false,
+            ..Self::input(value, shape)?
+        })
     }
     /// Number of samples.
     pub fn batch_size(&self) -> usize {
@@ -127,6 +144,7 @@ impl Activation {
         Activation {
             value: self.value.with_empty_tape(),
             shape: self.shape,
+            requires_grad: self.requires_grad,
         }
     }
     /// The values without the tape.

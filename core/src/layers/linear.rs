@@ -161,7 +161,13 @@ impl Layer for Linear {
         self.output_shape(input.shape)?;
         let shape = (self.in_features, self.out_features);
         #[cfg(not(feature = "cuda"))]
-        let y = affine(input.value, &self.weight, self.bias.as_ref(), shape)?;
+        let y = affine(
+            input.value,
+            &self.weight,
+            self.bias.as_ref(),
+            shape,
+            input.requires_grad,
+        )?;
         #[cfg(feature = "cuda")]
         let y = composite_affine(input.value, &self.weight, self.bias.as_ref(), shape)?;
         Activation::new(y, FeatureShape::Flat(self.out_features))
@@ -206,6 +212,7 @@ fn affine(
     weight: &Param,
     bias: Option<&Param>,
     (inputs, outputs): (usize, usize),
+    input_gradient: bool,
 ) -> Result<Matrix<Tape>> {
     let batch = x.shape().0;
     // Gradients are written in logical order: operate on contiguous values.
@@ -224,7 +231,8 @@ fn affine(
     let (xg, wg, yg) = (x.ghost(), weight.value.ghost(), y.ghost());
     let bg = bias.map(|b| b.value.ghost());
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
-        let dy: Vec<f32> = grads.get_or_alloc_mut(&yg)?.to_vec();
+        // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
         let dw = grads.get_or_alloc_mut(&wg)?;
         crate::kernels::matmul((inputs, batch, outputs), &xv, true, &dy, false, &mut dw[..], true);
         if let Some(bg) = &bg {
@@ -235,8 +243,11 @@ fn affine(
                 }
             }
         }
-        let dx = grads.get_or_alloc_mut(&xg)?;
-        crate::kernels::matmul((batch, outputs, inputs), &dy, false, &wv, true, &mut dx[..], true);
+        if input_gradient {
+            let dx = grads.get_or_alloc_mut(&xg)?;
+            crate::kernels::matmul((batch, outputs, inputs), &dy, false, &wv, true, &mut dx[..], true);
+        }
+        **grads.get_or_alloc_mut(&yg)? = dy;
         Ok(())
     });
     Ok(y.put_tape(tape))
@@ -251,11 +262,13 @@ fn gather(z: Matrix<Tape>, values: &[f32], index: Vec<usize>, shape: (usize, usi
     let y = z.device().tensor_from_vec(y, shape);
     let (zg, yg) = (z.ghost(), y.ghost());
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
-        let dy: Vec<f32> = grads.get_or_alloc_mut(&yg)?.to_vec();
+        // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
         let dz = grads.get_or_alloc_mut(&zg)?;
         for (&i, g) in index.iter().zip(&dy) {
             dz[i] += g;
         }
+        **grads.get_or_alloc_mut(&yg)? = dy;
         Ok(())
     });
     y.put_tape(tape)
@@ -444,19 +457,27 @@ mod tests {
                 let grad_of = |t: &crate::tensor::Vector, grads: &mut crate::tensor::Grads| {
                     grads.get_or_alloc_mut(t).unwrap().to_vec()
                 };
-                let mut out = vec![values, grads.get(&x).as_vec(), grad_of(&layer.weight.value, &mut grads)];
+                let dx = grads.get_or_alloc_mut(&x).unwrap().to_vec();
+                let mut out = vec![values, dx, grad_of(&layer.weight.value, &mut grads)];
                 if let Some(b) = &layer.bias {
                     out.push(grad_of(&b.value, &mut grads));
                 }
                 out
             };
             let shape = (inputs, outputs);
-            let fused = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape));
+            let fused = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape, true));
             let composite = run(&|x| composite_affine(x, &layer.weight, layer.bias.as_ref(), shape));
             for (what, (a, b)) in ["y", "dx", "dW", "db"].iter().zip(fused.iter().zip(&composite)) {
                 assert_eq!(a.len(), b.len(), "{what}");
                 let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
                 assert_close(what, a, &b64, 1e-4, 1e-5);
+            }
+            // Without the input gradient: the same values and parameter gradients, and `dx` never
+            // written (zeros once allocated).
+            let skipped = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape, false));
+            assert!(skipped[1].iter().all(|&d| d == 0.0));
+            for i in [0, 2, 3].into_iter().filter(|&i| i < fused.len()) {
+                assert_eq!(skipped[i], fused[i]);
             }
         }
     }

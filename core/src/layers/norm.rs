@@ -202,7 +202,8 @@ impl BatchNorm {
             .zip(self.bias.as_ref())
             .map(|(w, b)| (w.value.ghost(), b.value.ghost()));
         dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
-            let dy: Vec<f32> = grads.get_or_alloc_mut(&yg)?.to_vec();
+            // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
+            let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
             let mut sum_dy = vec![0.0f64; channels];
             let mut sum_dy_xhat = vec![0.0f64; channels];
             for c in 0..channels {
@@ -231,6 +232,7 @@ impl BatchNorm {
                     }
                 }
             }
+            **grads.get_or_alloc_mut(&yg)? = dy;
             Ok(())
         });
         Ok((y.put_tape(tape), mean, var))

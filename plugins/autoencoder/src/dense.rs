@@ -276,7 +276,7 @@ pub fn network_input(what: &str, x: &Matrix, shape: FeatureShape) -> Result<Acti
             cols,
         ));
     }
-    Activation::input(x, shape)
+    Activation::data(x, shape)
 }
 
 impl Autoencoder {
@@ -329,7 +329,7 @@ impl Autoencoder {
     fn forward_parts(&mut self, x: &Matrix, mode: Mode, rng: &mut Rng) -> Result<(Activation, Activation)> {
         let input = self.encoder_input(x, mode, rng)?;
         let mut fwd = ForwardContext { mode, rng };
-        let code = self.encoder.forward(Activation::input(&input, self.shape)?, &mut fwd)?;
+        let code = self.encoder.forward(Activation::data(&input, self.shape)?, &mut fwd)?;
         let code_copy = code.reuse();
         let out = self.decode_taped(code, &mut fwd)?;
         Ok((code_copy, out))

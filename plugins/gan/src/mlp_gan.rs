@@ -263,7 +263,7 @@ impl MlpGan {
     /// Runs the generator on latent codes `z` (`[n, latent_dim]`) in `mode`, on the tape.
     pub fn generate(&mut self, z: &Matrix, mode: Mode, rng: &mut Rng) -> Result<Activation> {
         let out = self.generator.forward(
-            Activation::input(z, FeatureShape::Flat(self.latent_dim))?,
+            Activation::data(z, FeatureShape::Flat(self.latent_dim))?,
             &mut ForwardContext { mode, rng },
         )?;
         Activation::new(out.value, self.data_shape)
@@ -287,7 +287,7 @@ impl MlpGan {
                 cols,
             ));
         }
-        Activation::input(x, self.data_shape)
+        Activation::data(x, self.data_shape)
     }
 
     /// One discriminator update on `batch` and fresh fakes (detached from the generator): inputs
@@ -303,7 +303,7 @@ impl MlpGan {
         // Fakes without the generator's history: this update must not reach the generator.
         let fake = self.generate(&z, Mode::Train, ctx.rng)?.detach();
         let real_in = self.data_input(&batch.inputs)?;
-        let fake_in = Activation::input(&fake, self.data_shape)?;
+        let fake_in = Activation::data(&fake, self.data_shape)?;
         let (real_in, fake_in) = transform_inputs(ctx, real_in, fake_in)?;
         let real_seen = real_in.detach();
         let fake_seen = fake_in.detach();
