@@ -51,8 +51,36 @@ impl Loss for Mse {
     }
     fn compute(&self, prediction: Matrix<Tape>, target: &Matrix) -> Result<Scalar> {
         check_same_shape("mse", &prediction, target)?;
+        #[cfg(not(feature = "cuda"))]
+        return Ok(mean_squared_error(prediction, target));
+        #[cfg(feature = "cuda")]
         Ok((prediction - target.clone()).square().mean())
     }
+}
+
+/// `mean((p - t)²)` as one tape op: one pass forward (the sum in f64), and a backward pass that
+/// adds `2·(p - t)/n` times the output's gradient into the prediction's gradient. Replaces dfdx's
+/// `sub`, `square` and `mean`, each of which allocates a full-size buffer forward and backward.
+/// CPU only: gradient buffers are host slices.
+#[cfg(not(feature = "cuda"))]
+fn mean_squared_error(prediction: Matrix<Tape>, target: &Matrix) -> Scalar {
+    let (prediction, mut tape) = prediction.split_tape();
+    let mut difference = crate::kernels::host(&prediction);
+    let n = difference.len();
+    for (d, t) in difference.iter_mut().zip(crate::kernels::host(target)) {
+        *d -= t;
+    }
+    let sum: f64 = difference.iter().map(|&d| d as f64 * d as f64).sum();
+    let loss = prediction.device().tensor((sum / n as f64) as f32);
+    let (pg, lg) = (prediction.ghost(), loss.ghost());
+    dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
+        let scale = 2.0 * grads.get_or_alloc_mut(&lg)?[0] / n as f32;
+        for (g, d) in grads.get_or_alloc_mut(&pg)?.iter_mut().zip(&difference) {
+            *g += scale * d;
+        }
+        Ok(())
+    });
+    loss.put_tape(tape)
 }
 
 /// `type = "l1"`: mean of `|prediction - target|` (PyTorch `L1Loss`; the gradient at 0 is 0).
@@ -250,6 +278,35 @@ mod tests {
     fn mean(v: impl Iterator<Item = f64>) -> f64 {
         let v: Vec<f64> = v.collect();
         v.iter().sum::<f64>() / v.len() as f64
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn the_mse_kernel_matches_the_composite_dfdx_path() {
+        let dev = Device::default();
+        let values = |seed: u32, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let (rows, cols) = (7, 33);
+        let x = matrix_from_vec(&dev, values(1, rows * cols), rows, cols).unwrap();
+        let t = matrix_from_vec(&dev, values(7, rows * cols), rows, cols).unwrap();
+        // Scaled by 3 so that the output's gradient is not 1.
+        let run = |fused: bool| {
+            let xt = x.leaky_trace();
+            let loss = if fused {
+                mean_squared_error(xt, &t)
+            } else {
+                (xt - t.clone()).square().mean()
+            } * 3.0;
+            let value = loss.array();
+            let grads = loss.backward();
+            (value, grads.get(&x).as_vec())
+        };
+        let ((fused, fused_grad), (composite, composite_grad)) = (run(true), run(false));
+        assert_close("mse value", &[fused], &[composite], 1e-6);
+        assert_close("mse gradient", &fused_grad, &composite_grad, 1e-6);
     }
 
     #[test]
