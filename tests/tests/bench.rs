@@ -2,7 +2,7 @@
 //! trains four child runs and prints the table beside the published rows; `results.json` holds both
 //! seeds of each entry; a second invocation reuses every run; a pipeline on other data is refused
 //! with an error naming it. The runs' summaries and `nash eval --json` carry the `mode_coverage`
-//! metric's provenance.
+//! metric's provenance. An interrupted run continues from its newest checkpoint.
 
 use std::path::Path;
 use std::process::Command;
@@ -149,4 +149,60 @@ fn stability_benchmark_trains_reuses_and_refuses() {
         "{err}"
     );
     assert!(!dir.join("refused").exists());
+}
+
+/// The final `mode_coverage` values of one run in a `results.json`.
+fn final_values(results: &Value) -> Vec<Value> {
+    let run = &results["entries"][0]["runs"][0];
+    ["modes_captured", "high_quality_share", "reverse_kl"]
+        .iter()
+        .map(|k| run[*k].clone())
+        .collect()
+}
+
+#[test]
+fn an_interrupted_run_continues_from_its_newest_checkpoint_to_the_same_result() {
+    let root = support::workspace_root();
+    let dir = support::scratch_dir("bench-stability-resume");
+    let suite = dir.join("suite.toml");
+    std::fs::write(
+        &suite,
+        format!(
+            "[[entry]]\nname = \"gan\"\npipeline = {ring:?}\n\
+             set = [\"training.sample_count=0\", \"training.checkpoint.every=10\", \"training.checkpoint.keep_last=5\"]\n",
+            ring = root.join("examples/stability/quick_ring.toml").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let bench = || {
+        let mut cmd = nash();
+        cmd.args(["bench", "stability", "--json", "--suite"])
+            .arg(&suite)
+            .args(["--steps", "30", "--seeds", "1", "--jobs", "1", "--out"])
+            .arg(&out);
+        support::run_ok(&mut cmd)
+    };
+    let first: Value = serde_json::from_slice(&bench().stdout).unwrap();
+    assert_eq!(first["entries"][0]["runs"][0]["status"], "completed", "{first}");
+
+    // Make the run look interrupted after step 10: no summary, no later checkpoint.
+    let run = out.join("ring/gan/seed-0");
+    std::fs::remove_file(run.join("summary.json")).unwrap();
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(run.join("checkpoints")).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name == "step-00000010" {
+            kept.push(name);
+        } else if entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path()).unwrap();
+        }
+    }
+    assert_eq!(kept, ["step-00000010"]);
+
+    let second: Value = serde_json::from_slice(&bench().stdout).unwrap();
+    assert_eq!(second["entries"][0]["runs"][0]["status"], "resumed", "{second}");
+    // Training is deterministic from a checkpoint: the resumed run ends where the whole one did.
+    assert_eq!(final_values(&second), final_values(&first));
+    assert!(run.join("checkpoints/step-00000030").is_dir());
 }

@@ -7,8 +7,11 @@
 //! (`results.md`) and in `results.json`.
 //!
 //! Entry `e` on data `d` trains seed `s` in `<out>/<d>/<e>/seed-<s>` (its output in `seed-<s>.log`
-//! beside it), so entries on the ring and the grid may share a name. The benchmark resumes: a run folder whose `summary.json` says `completed` and whose
-//! `pipeline.resolved.json` is the one this entry and seed would train is reused.
+//! beside it), so entries on the ring and the grid may share a name. The benchmark resumes: a run
+//! folder whose `summary.json` says `completed` and whose `pipeline.resolved.json` is the one this
+//! entry and seed would train is reused; an unfinished run of that same pipeline with a checkpoint
+//! (interrupted by Ctrl-C or SIGTERM, which write one, or after a `training.checkpoint.every`
+//! checkpoint) continues from its newest checkpoint with `nash resume`, its log appended to.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -248,7 +251,8 @@ pub struct RunResult {
     pub run_dir: PathBuf,
     /// The child process's output.
     pub log: PathBuf,
-    /// `completed` (trained now), `reused` (an earlier finished run) or `failed`.
+    /// `completed` (trained now), `resumed` (an interrupted run finished now), `reused` (an
+    /// earlier finished run) or `failed`.
     pub status: String,
     /// Why it failed.
     pub error: Option<String>,
@@ -505,22 +509,36 @@ fn run_child(r: &Resolved, seed: u64, expected: &Value, opts: &StabilityOptions)
         reverse_kl: f64::NAN,
         steps_per_s: f64::NAN,
     };
+    // An interrupted run of exactly this pipeline continues from its newest checkpoint.
+    let resume = read_json(&dir.join("pipeline.resolved.json")).as_ref() == Some(expected)
+        && !crate::checkpoint::list_checkpoints(&dir).is_empty();
     // A summary of an earlier, different run must not be mistaken for this one's.
     let _ = std::fs::remove_file(dir.join("summary.json"));
     let started = (|| -> anyhow::Result<std::process::ExitStatus> {
         let exe = std::env::current_exe().context("cannot find the nash executable")?;
         std::fs::create_dir_all(&r.dir).with_context(|| format!("cannot create {}", r.dir.display()))?;
-        let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(resume)
+            .truncate(!resume)
+            .open(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = Command::new(exe);
-        cmd.arg("train")
-            .arg(&r.entry.pipeline)
-            .args(["--seed", &seed.to_string(), "--threads", "1", "--quiet", "--out"])
-            .arg(&dir);
-        if let Some(steps) = opts.steps {
-            cmd.args(["--steps", &steps.to_string()]);
-        }
-        for s in &r.overrides {
-            cmd.arg("--set").arg(s);
+        if resume {
+            tracing::info!("{} {} seed {seed}: resuming {}", r.data, r.entry.name, dir.display());
+            cmd.arg("resume").arg(&dir).args(["--threads", "1", "--quiet"]);
+        } else {
+            cmd.arg("train")
+                .arg(&r.entry.pipeline)
+                .args(["--seed", &seed.to_string(), "--threads", "1", "--quiet", "--out"])
+                .arg(&dir);
+            if let Some(steps) = opts.steps {
+                cmd.args(["--steps", &steps.to_string()]);
+            }
+            for s in &r.overrides {
+                cmd.arg("--set").arg(s);
+            }
         }
         for p in &opts.extra_plugins {
             cmd.arg("--plugin").arg(p);
@@ -539,7 +557,10 @@ fn run_child(r: &Resolved, seed: u64, expected: &Value, opts: &StabilityOptions)
             failed(why)
         }
         Ok(_) => match finished_run(&dir, expected) {
-            Some(summary) => result_from(&summary, seed, dir.clone(), log.clone(), "completed"),
+            Some(summary) => {
+                let status = if resume { "resumed" } else { "completed" };
+                result_from(&summary, seed, dir.clone(), log.clone(), status)
+            }
             None => failed(
                 "the run finished, but its summary.json or pipeline.resolved.json is not the expected one".into(),
             ),

@@ -109,7 +109,8 @@ enum Benchmark {
     /// `grid` data source, with overrides) trained over seeds, as child processes `nash train`;
     /// prints modes captured, high-quality samples and reverse KL as mean ± standard error beside
     /// the published PacGAN rows, and writes DIR/results.json and DIR/results.md. Finished runs
-    /// are reused, so an interrupted benchmark resumes.
+    /// are reused and interrupted ones continue from their newest checkpoint, so an interrupted
+    /// benchmark resumes.
     Stability(StabilityArgs),
     /// The speed benchmark (issue 7): training steps per second (min and median of several timed
     /// runs) and peak memory of the reference workloads of examples/speed/ (the dense autoencoder,
