@@ -494,7 +494,7 @@ mod schedule_tests {
 
     use super::test_support::{adam, changed, optimizers, snapshot, trainable_with_prefix};
     use super::*;
-    use crate::began::BeganConfig;
+    use crate::began::{Began, BeganConfig};
     use crate::mlp_gan::{mlp, MlpGan, MlpGanConfig};
     use crate::objective::RelativisticAverageConfig;
 
@@ -555,6 +555,26 @@ mod schedule_tests {
         let device = Device::default();
         let mut rng = Rng::seed_from_u64(0);
         cfg.build_gan(
+            &info(2),
+            &mut BuildContext {
+                device: &device,
+                rng: &mut rng,
+            },
+        )
+        .unwrap()
+    }
+
+    /// A tiny BEGAN: a model with one fixed discriminator update that cannot unroll or select.
+    fn began() -> Began {
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        BeganConfig {
+            latent_dim: 3,
+            hidden_dim: 8,
+            code_dim: 2,
+            ..Default::default()
+        }
+        .build_began(
             &info(2),
             &mut BuildContext {
                 device: &device,
@@ -659,22 +679,7 @@ mod schedule_tests {
 
     #[test]
     fn single_update_models_skip_their_update_or_run_it_once() {
-        let device = Device::default();
-        let mut rng = Rng::seed_from_u64(0);
-        let mut model = BeganConfig {
-            latent_dim: 3,
-            hidden_dim: 8,
-            code_dim: 2,
-            ..Default::default()
-        }
-        .build_began(
-            &info(2),
-            &mut BuildContext {
-                device: &device,
-                rng: &mut rng,
-            },
-        )
-        .unwrap();
+        let mut model = began();
         for (steps, want) in [(0, 0), (3, 1), (1, 1)] {
             let count = Rc::new(Cell::new(0));
             let k = model.k();
@@ -834,22 +839,7 @@ mod schedule_tests {
         let moved = changed(&before, &snapshot(&model));
         assert!(g_names.iter().all(|n| moved.contains(n)), "{moved:?}");
 
-        let device = Device::default();
-        let mut rng = Rng::seed_from_u64(0);
-        let mut began = BeganConfig {
-            latent_dim: 3,
-            hidden_dim: 8,
-            code_dim: 2,
-            ..Default::default()
-        }
-        .build_began(
-            &info(2),
-            &mut BuildContext {
-                device: &device,
-                rng: &mut rng,
-            },
-        )
-        .unwrap();
+        let mut began = began();
         let fixed = Fixed {
             kept: Some(3),
             ..Default::default()
