@@ -100,7 +100,7 @@ pub(crate) fn data_input(model: &str, x: &Matrix, shape: FeatureShape) -> Result
             cols,
         ));
     }
-    Activation::input(x, shape)
+    Activation::data(x, shape)
 }
 
 /// Refuses empty batches.
@@ -125,7 +125,7 @@ pub(crate) fn run_const(
     mode: Mode,
     rng: &mut Rng,
 ) -> Result<Activation> {
-    let y = run(stack, Activation::input(x, shape)?, mode, rng)?;
+    let y = run(stack, Activation::data(x, shape)?, mode, rng)?;
     Activation::new(y.value, out)
 }
 
@@ -308,6 +308,7 @@ impl BeganConfig {
     /// Builds the model for `data` (the typed form of [`ModelConfig::build`]).
     pub fn build_began(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Began> {
         check_sizes(self.latent_dim, self.hidden_dim, Some(self.code_dim))?;
+        self.latent.check("model.latent")?;
         if !(self.gamma.is_finite() && self.gamma > 0.0 && self.gamma <= 1.0) {
             return Err(Error::config(
                 "model.gamma",
@@ -433,7 +434,7 @@ impl Began {
     fn discriminator_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<BeganDStep> {
         let real_in = data_input("began", &batch.inputs, self.data_shape)?;
         let fake = self.generate(batch.len(), Mode::Train, ctx.device, ctx.rng)?.detach();
-        let fake_in = Activation::input(&fake, self.data_shape)?;
+        let fake_in = Activation::data(&fake, self.data_shape)?;
         let (real_in, fake_in) = {
             let (stabilizers, mut hooks) = ctx.hooks();
             let r = stabilizers.transform_input(InputRole::Real, real_in, &mut hooks)?;
@@ -483,7 +484,7 @@ impl Began {
 
     /// `L(v)` in eval mode for constant samples.
     fn reconstruction_error(&mut self, x: &Matrix, rng: &mut Rng) -> Result<f64> {
-        let input = Activation::input(x, self.data_shape)?;
+        let input = Activation::data(x, self.data_shape)?;
         Ok(l1_reconstruction(self.critic.pass(input, Mode::Eval, rng)?).array() as f64)
     }
 }

@@ -70,6 +70,7 @@ impl BiganConfig {
     /// Builds the model for `data` (the typed form of [`ModelConfig::build`]).
     pub fn build_bigan(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Bigan> {
         check_sizes(self.latent_dim, self.hidden_dim, None)?;
+        self.latent.check("model.latent")?;
         let data_shape = data.sample_shape;
         let n = data_shape.numel();
         let (h, l) = (self.hidden_dim, self.latent_dim);

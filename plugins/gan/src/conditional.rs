@@ -311,6 +311,7 @@ fn build_model(
     if c.latent_dim == 0 {
         return Err(Error::config("model.latent_dim", "must be at least 1"));
     }
+    c.latent.check("model.latent")?;
     if c.discriminator_steps == 0 {
         return Err(Error::config(
             "model.discriminator_steps",
@@ -565,7 +566,7 @@ impl ConditionalGan {
                 cols,
             ));
         }
-        Activation::input(x, self.data_shape)
+        Activation::data(x, self.data_shape)
     }
 
     /// Refuses stabilizer input transforms that change the shape or merge samples: the labels
@@ -667,7 +668,7 @@ impl ConditionalGan {
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         let fake = self.generate(&z, &y_fake, Mode::Train, ctx.rng)?.detach();
         let real_in = self.data_input(&batch.inputs)?;
-        let fake_in = Activation::input(&fake, self.data_shape)?;
+        let fake_in = Activation::data(&fake, self.data_shape)?;
         let (real_in, fake_in) = transform_inputs(ctx, real_in, fake_in)?;
         self.check_transformed(&real_in, n)?;
         self.check_transformed(&fake_in, n)?;
@@ -928,7 +929,7 @@ impl Model for ConditionalGan {
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         let fake = self.generate(&z, &y_fake, Mode::Eval, ctx.rng)?.detach();
         let real_in = self.data_input(&batch.inputs)?;
-        let fake_in = Activation::input(&fake, self.data_shape)?;
+        let fake_in = Activation::data(&fake, self.data_shape)?;
         let device = ctx.device.clone();
         let mut fwd = ForwardContext {
             mode: Mode::Eval,

@@ -104,6 +104,7 @@ impl EbganConfig {
     /// Builds the model for `data` (the typed form of [`ModelConfig::build`]).
     pub fn build_ebgan(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Ebgan> {
         check_sizes(self.latent_dim, self.hidden_dim, Some(self.code_dim))?;
+        self.latent.check("model.latent")?;
         if !(self.margin.is_finite() && self.margin > 0.0) {
             return Err(Error::config(
                 "model.margin",
@@ -196,7 +197,7 @@ impl Ebgan {
     fn discriminator_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>, report: &mut StepReport) -> Result<()> {
         let real_in = data_input("ebgan", &batch.inputs, self.data_shape)?;
         let fake = self.generate(batch.len(), Mode::Train, ctx.device, ctx.rng)?.detach();
-        let fake_in = Activation::input(&fake, self.data_shape)?;
+        let fake_in = Activation::data(&fake, self.data_shape)?;
         let (real_in, fake_in) = {
             let (stabilizers, mut hooks) = ctx.hooks();
             let r = stabilizers.transform_input(InputRole::Real, real_in, &mut hooks)?;
@@ -252,7 +253,7 @@ impl Ebgan {
 
     /// Mean energy of constant samples, in eval mode.
     fn mean_energy(&mut self, x: &Matrix, rng: &mut Rng) -> Result<Vec<f32>> {
-        let input = Activation::input(x, self.data_shape)?;
+        let input = Activation::data(x, self.data_shape)?;
         Ok(energies(self.critic.pass(input, Mode::Eval, rng)?)
             .0
             .retaped::<NoneTape>()

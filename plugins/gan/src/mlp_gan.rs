@@ -26,25 +26,83 @@ use crate::step::{
 };
 
 /// The distribution latent codes are drawn from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Latent {
     /// Standard normal, `N(0, I)`.
     #[default]
     Normal,
     /// Uniform on `[-1, 1]`.
     Uniform,
+    /// A uniform mixture of `components` Gaussians `N(μ_k, std² I)` whose means are fixed, drawn once
+    /// from `N(0, I)` by `seed` (the static Gaussian-mixture prior of Ben-Yosef & Weinshall 2018,
+    /// "Gaussian Mixture Generative Adversarial Networks for Diverse Datasets"; DeLiGAN, Gurumurthy
+    /// et al. 2017, learns the same prior's parameters). A connected latent space forces a continuous
+    /// generator to put samples on the "bridges" between separated modes; well-separated components
+    /// let it map each component into one mode. In pipeline files:
+    /// `latent = { mixture = { components = 100, std = 0.1 } }`.
+    Mixture {
+        /// Number of components (at least 1), each drawn with probability `1 / components`.
+        components: usize,
+        /// Standard deviation of each component (positive).
+        std: f32,
+        /// Seed of the component means, which are part of the model: keep it when resuming.
+        #[serde(default)]
+        seed: u64,
+    },
 }
 
 impl Latent {
+    /// Checks the distribution's parameters; errors name `path` (the config path of `latent`).
+    pub fn check(&self, path: &str) -> Result<()> {
+        if let Latent::Mixture { components, std, .. } = *self {
+            if components == 0 {
+                return Err(Error::config(
+                    format!("{path}.mixture.components"),
+                    "must be at least 1",
+                ));
+            }
+            if !(std.is_finite() && std > 0.0) {
+                return Err(Error::config(
+                    format!("{path}.mixture.std"),
+                    format!("must be a positive number, got {std}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Draws an `[n, dim]` matrix of latent codes.
     pub fn sample(&self, n: usize, dim: usize, device: &Device, rng: &mut Rng) -> Matrix {
-        let values: Vec<f32> = match self {
+        let values: Vec<f32> = match *self {
             Latent::Normal => (0..n * dim).map(|_| StandardNormal.sample(rng)).collect(),
             Latent::Uniform => (0..n * dim).map(|_| rng.gen_range(-1.0f32..=1.0)).collect(),
+            Latent::Mixture { components, std, seed } => {
+                let means = mixture_means(components, dim, seed);
+                let mut values = Vec::with_capacity(n * dim);
+                for _ in 0..n {
+                    let k = rng.gen_range(0..components);
+                    let noise: Vec<f32> = (0..dim).map(|_| StandardNormal.sample(rng)).collect();
+                    values.extend(
+                        means[k * dim..(k + 1) * dim]
+                            .iter()
+                            .zip(noise)
+                            .map(|(m, e)| m + std * e),
+                    );
+                }
+                values
+            }
         };
         device.tensor_from_vec(values, (n, dim))
     }
+}
+
+/// The `[components, dim]` means of a [`Latent::Mixture`], row-major: `N(0, I)` draws of a generator
+/// seeded by `seed` alone, so the same config always has the same means.
+fn mixture_means(components: usize, dim: usize, seed: u64) -> Vec<f32> {
+    use nash_core::rand::SeedableRng as _;
+    let mut rng = Rng::seed_from_u64(seed ^ 0x6d69_7874_7572_6521);
+    (0..components * dim).map(|_| StandardNormal.sample(&mut rng)).collect()
 }
 
 /// Config of [`MlpGan`], `type = "mlp_gan"` in pipeline files. The defaults are the reference MLP
@@ -170,6 +228,7 @@ impl MlpGan {
         if latent_dim == 0 {
             return Err(Error::config("model.latent_dim", "must be at least 1"));
         }
+        latent.check("model.latent")?;
         if discriminator_steps == 0 {
             return Err(Error::config(
                 "model.discriminator_steps",
@@ -851,6 +910,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("latent_dims"), "{err}");
+    }
+
+    #[test]
+    fn mixture_latent_draws_each_fixed_component_equally_with_its_width() {
+        let (components, dim, std) = (4, 3, 0.05f32);
+        let latent = Latent::Mixture {
+            components,
+            std,
+            seed: 7,
+        };
+        let means = mixture_means(components, dim, 7);
+        assert_eq!(
+            means,
+            mixture_means(components, dim, 7),
+            "the seed alone fixes the means"
+        );
+        assert_ne!(means, mixture_means(components, dim, 8));
+        let device = Device::default();
+        let mut rng = Rng::seed_from_u64(0);
+        let n = 8000;
+        let z = latent.sample(n, dim, &device, &mut rng).as_vec();
+        let mut counts = vec![0usize; components];
+        let mut squared_offsets = 0.0f64;
+        for code in z.chunks(dim) {
+            // Components drawn from N(0, I) in 3-D are far apart next to std 0.05: the nearest
+            // mean is the component the code was drawn from.
+            let distance = |k: usize| -> f64 {
+                code.iter()
+                    .zip(&means[k * dim..(k + 1) * dim])
+                    .map(|(c, m)| f64::from(c - m).powi(2))
+                    .sum()
+            };
+            let k = (0..components)
+                .min_by(|&a, &b| distance(a).total_cmp(&distance(b)))
+                .unwrap();
+            counts[k] += 1;
+            squared_offsets += distance(k);
+        }
+        // Each component 1/4 of the draws: binomial standard deviation sqrt(8000 * 3/16) ≈ 39.
+        for count in &counts {
+            assert!(count.abs_diff(n / components) < 200, "{counts:?}");
+        }
+        let measured_std = (squared_offsets / (n * dim) as f64).sqrt();
+        assert!((measured_std - 0.05).abs() < 0.002, "{measured_std}");
+    }
+
+    #[test]
+    fn mixture_latent_parses_and_bad_parameters_name_their_path() {
+        let cfg: MlpGanConfig =
+            nash_core::serde_json::from_str(r#"{"latent": {"mixture": {"components": 10, "std": 0.1}}}"#).unwrap();
+        assert_eq!(
+            cfg.latent,
+            Latent::Mixture {
+                components: 10,
+                std: 0.1,
+                seed: 0
+            }
+        );
+        let typo = nash_core::serde_json::from_str::<MlpGanConfig>(r#"{"latent": {"mixture": {"component": 10}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("component"), "{typo}");
+        for (latent, needle) in [
+            (r#"{"components": 0, "std": 0.1}"#, "model.latent.mixture.components"),
+            (r#"{"components": 3, "std": 0.0}"#, "model.latent.mixture.std"),
+        ] {
+            let mut cfg = tiny_config(3, 2);
+            cfg.latent = nash_core::serde_json::from_str(&format!(r#"{{"mixture": {latent}}}"#)).unwrap();
+            let err = build(&cfg, 2, 0).err().unwrap().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 
     #[test]

@@ -284,16 +284,10 @@ impl VaeGan {
         let (real_in, recon_in, prior_in) = {
             let (stabilizers, mut hooks) = ctx.hooks();
             let r = stabilizers.transform_input(InputRole::Real, real_in, &mut hooks)?;
-            let t = stabilizers.transform_input(
-                InputRole::Fake,
-                Activation::input(&recon, self.data_shape)?,
-                &mut hooks,
-            )?;
-            let p = stabilizers.transform_input(
-                InputRole::Fake,
-                Activation::input(&prior, self.data_shape)?,
-                &mut hooks,
-            )?;
+            let t =
+                stabilizers.transform_input(InputRole::Fake, Activation::data(&recon, self.data_shape)?, &mut hooks)?;
+            let p =
+                stabilizers.transform_input(InputRole::Fake, Activation::data(&prior, self.data_shape)?, &mut hooks)?;
             (r, t, p)
         };
         let (real_seen, prior_seen, shape) = (real_in.detach(), prior_in.detach(), real_in.shape);
@@ -494,9 +488,9 @@ impl Model for VaeGan {
         let kl = kl_divergence(mu.leaky_trace(), logvar.retaped::<NoneTape>().leaky_trace()).array() as f64;
         let recon = self.decode(mu.leaky_trace(), Mode::Eval, ctx.rng)?.detach();
         let target = self
-            .features(Activation::input(x, self.data_shape)?, Mode::Eval, ctx.rng)?
+            .features(Activation::data(x, self.data_shape)?, Mode::Eval, ctx.rng)?
             .retaped::<NoneTape>();
-        let feats = self.features(Activation::input(&recon, self.data_shape)?, Mode::Eval, ctx.rng)?;
+        let feats = self.features(Activation::data(&recon, self.data_shape)?, Mode::Eval, ctx.rng)?;
         let llike = feature_reconstruction(feats, &target).array() as f64;
         let (xs, rs) = (x.as_vec(), recon.as_vec());
         let mse = xs.iter().zip(&rs).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / xs.len() as f64;
@@ -509,13 +503,13 @@ impl Model for VaeGan {
             .detach();
         let real_out = run(
             &mut self.discriminator,
-            Activation::input(x, self.data_shape)?,
+            Activation::data(x, self.data_shape)?,
             Mode::Eval,
             ctx.rng,
         )?;
         let prior_out = run(
             &mut self.discriminator,
-            Activation::input(&prior, self.data_shape)?,
+            Activation::data(&prior, self.data_shape)?,
             Mode::Eval,
             ctx.rng,
         )?;
