@@ -281,15 +281,13 @@ fn core_function_symbol() -> String {
     support::build_workspace();
     let data = std::fs::read(support::profile_dir().join("libnash_core.so")).unwrap();
     let file = object::File::parse(&*data).expect("libnash_core.so is an object file");
-    let defined: Vec<String> = file
+    let name = file
         .dynamic_symbols()
         .filter(|s| s.is_definition() && s.kind() == SymbolKind::Text)
-        .filter_map(|s| s.name().ok().map(str::to_string))
-        .collect();
-    defined
-        .into_iter()
+        .filter_map(|s| s.name().ok())
         .find(|n| n.starts_with("_ZN9nash_core") && n.len() > 20 && n[n.len() - 20..].starts_with("17h"))
-        .expect("libnash_core.so exports legacy-mangled nash_core functions")
+        .expect("libnash_core.so exports legacy-mangled nash_core functions");
+    name.to_string()
 }
 
 #[test]

@@ -82,13 +82,10 @@ impl Latent {
                 let mut values = Vec::with_capacity(n * dim);
                 for _ in 0..n {
                     let k = rng.gen_range(0..components);
-                    let noise: Vec<f32> = (0..dim).map(|_| StandardNormal.sample(rng)).collect();
-                    values.extend(
-                        means[k * dim..(k + 1) * dim]
-                            .iter()
-                            .zip(noise)
-                            .map(|(m, e)| m + std * e),
-                    );
+                    for &mean in &means[k * dim..(k + 1) * dim] {
+                        let noise: f32 = StandardNormal.sample(rng);
+                        values.push(mean + std * noise);
+                    }
                 }
                 values
             }
