@@ -116,7 +116,7 @@ pub fn grad_norm(params: &[(String, &mut Param)], grads: &mut Grads) -> f64 {
     for (_, p) in params.iter() {
         if p.trainable() {
             #[cfg(not(feature = "cuda"))]
-            let squared = grads.get_or_alloc_mut(&p.value).map(|g| squares(g));
+            let squared = grads.get_or_alloc_mut(p.value()).map(|g| squares(g));
             #[cfg(feature = "cuda")]
             let squared = crate::tensor::grad_to_vec(grads, p).map(|g| squares(&g));
             if let Ok(s) = squared {
@@ -287,10 +287,10 @@ mod tests {
             param(4, ParamRole::Buffer),
         );
         let mut grads = Grads::leaky();
-        grads.get_or_alloc_mut(&a.value).unwrap().copy_from_slice(&values);
-        grads.get_or_alloc_mut(&b.value).unwrap().copy_from_slice(&[3.0, -4.0]);
+        grads.get_or_alloc_mut(a.value()).unwrap().copy_from_slice(&values);
+        grads.get_or_alloc_mut(b.value()).unwrap().copy_from_slice(&[3.0, -4.0]);
         grads
-            .get_or_alloc_mut(&frozen.value)
+            .get_or_alloc_mut(frozen.value())
             .unwrap()
             .copy_from_slice(&[100.0; 4]);
         let params = vec![

@@ -6,6 +6,8 @@
 //! [`Vector`] plus its logical shape: a contiguous `reshape_like` keeps the tensor's id, so the
 //! gradient of the reshaped view lands on the flat parameter, and optimizers see one uniform type.
 
+use std::sync::{Arc, OnceLock};
+
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -173,14 +175,21 @@ pub enum ParamRole {
 }
 
 /// One parameter or buffer: a flat tensor and its logical shape.
+///
+/// The tensor is private so that every write goes through [`Param::set`], [`Param::replace_values`]
+/// or [`Param::value_mut`]: the parameter keeps a host copy of its values for the layers' host
+/// kernels ([`Param::host_values`]), and those writes keep it right. The copy is made at most once
+/// per write (the optimizers hand theirs over, so after an update it costs nothing), instead of
+/// once per forward pass.
 #[derive(Clone, Debug)]
 pub struct Param {
-    /// The values, flat and contiguous.
-    pub value: Vector,
+    value: Vector,
     /// The logical shape (`[in, out]` for a linear weight, `[out_c, in_c, kh, kw]` for a kernel).
     pub shape: Vec<usize>,
     /// What the parameter is.
     pub role: ParamRole,
+    /// The values on the host, made on first use after a write; empty while stale.
+    host: OnceLock<Arc<Vec<f32>>>,
 }
 
 impl Param {
@@ -195,7 +204,21 @@ impl Param {
             ));
         }
         let value = device.tensor_from_vec(values, (n,));
-        Ok(Param { value, shape, role })
+        Ok(Param {
+            value,
+            shape,
+            role,
+            host: OnceLock::new(),
+        })
+    }
+    /// The values as a flat tensor (its id is the parameter's: gradients are keyed by it).
+    pub fn value(&self) -> &Vector {
+        &self.value
+    }
+    /// The tensor, for a write that bypasses [`Param::set`]; forgets the host copy.
+    pub fn value_mut(&mut self) -> &mut Vector {
+        self.host = OnceLock::new();
+        &mut self.value
     }
     /// Whether optimizers update it.
     pub fn trainable(&self) -> bool {
@@ -210,9 +233,28 @@ impl Param {
     pub fn as_matrix(&self, rows: usize, cols: usize) -> Matrix {
         self.value.clone().reshape_like(&(rows, cols))
     }
+    /// The values on the host, shared: copied out of the tensor on the first call after a write,
+    /// then handed out without a copy.
+    pub fn host_values(&self) -> Arc<Vec<f32>> {
+        self.host
+            .get_or_init(|| {
+                let mut values = vec![0.0; self.numel()];
+                self.value.copy_into(&mut values);
+                Arc::new(values)
+            })
+            .clone()
+    }
     /// Host copy of the values.
     pub fn to_vec(&self) -> Vec<f32> {
-        self.value.as_vec()
+        self.host_values().as_ref().clone()
+    }
+    /// Takes the host values to update them in place, then hand them back with
+    /// [`Param::replace_values`]: no copy when nothing else holds them (the backward pass that read
+    /// them has finished).
+    pub fn take_values(&mut self) -> Vec<f32> {
+        let shared = self.host_values();
+        self.host = OnceLock::new();
+        Arc::try_unwrap(shared).unwrap_or_else(|shared| shared.as_ref().clone())
     }
     /// Overwrites the values in place, keeping the tensor id.
     pub fn set(&mut self, values: &[f32]) -> Result<()> {
@@ -220,6 +262,16 @@ impl Param {
             return Err(Error::shape("parameter update", self.numel(), values.len()));
         }
         self.value.copy_from(values);
+        self.host = OnceLock::new();
+        Ok(())
+    }
+    /// Overwrites the values in place, keeping the tensor id, and keeps `values` as the host copy.
+    pub fn replace_values(&mut self, values: Vec<f32>) -> Result<()> {
+        if values.len() != self.numel() {
+            return Err(Error::shape("parameter update", self.numel(), values.len()));
+        }
+        self.value.copy_from(&values);
+        self.host = OnceLock::from(Arc::new(values));
         Ok(())
     }
 }
@@ -310,4 +362,53 @@ fn device_buffer_copy_from(buf: &mut <Device as dfdx::tensor::Storage<f32>>::Vec
     let dev = slice.device();
     dev.htod_sync_copy_into(values, slice)
         .map_err(|e| Error::Other(format!("CUDA copy: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_copy_follows_every_write() {
+        let dev = Device::default();
+        let mut p = Param::from_vec(&dev, vec![1.0, 2.0, 3.0], vec![3], ParamRole::Weight).unwrap();
+        let before = p.host_values();
+        assert_eq!(*before, vec![1.0, 2.0, 3.0]);
+        assert!(Arc::ptr_eq(&before, &p.host_values()), "a second read shares the copy");
+
+        p.set(&[4.0, 5.0, 6.0]).unwrap();
+        assert_eq!(*p.host_values(), vec![4.0, 5.0, 6.0]);
+        assert_eq!(
+            *before,
+            vec![1.0, 2.0, 3.0],
+            "a holder of the old copy keeps the old values"
+        );
+
+        // Taken while a reader still holds the copy: the reader's values stay as they were.
+        let reader = p.host_values();
+        let mut values = p.take_values();
+        values[0] = 7.0;
+        p.replace_values(values).unwrap();
+        assert_eq!(*reader, vec![4.0, 5.0, 6.0]);
+        assert_eq!(*p.host_values(), vec![7.0, 5.0, 6.0]);
+        assert_eq!(p.value().as_vec(), vec![7.0, 5.0, 6.0]);
+
+        // Taken with no other holder: the same buffer comes back, no copy.
+        drop(reader);
+        let ptr = p.host_values().as_ptr();
+        let values = p.take_values();
+        assert_eq!(values.as_ptr(), ptr);
+        p.replace_values(values).unwrap();
+
+        p.value_mut().copy_from(&[0.0, 0.0, 1.0]);
+        assert_eq!(
+            *p.host_values(),
+            vec![0.0, 0.0, 1.0],
+            "a write through value_mut is seen"
+        );
+        assert_eq!(p.to_vec(), vec![0.0, 0.0, 1.0]);
+
+        let err = p.replace_values(vec![1.0]).unwrap_err().to_string();
+        assert!(err.contains("parameter update"), "{err}");
+    }
 }

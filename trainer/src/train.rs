@@ -1118,7 +1118,7 @@ mod tests {
         fn train_step(&mut self, batch: &Batch, ctx: &mut TrainContext<'_>) -> Result<StepReport> {
             let (loss, grad) = self.loss_and_grad(batch);
             let mut grads = Grads::leaky();
-            grads.get_or_alloc_mut(&self.mu.value)?.copy_from_slice(&grad);
+            grads.get_or_alloc_mut(self.mu.value())?.copy_from_slice(&grad);
             let mut params = self.named_params_mut();
             ctx.apply_gradients("model", &mut params, grads)?;
             let mut report = StepReport::default();

@@ -833,15 +833,15 @@ impl Layer for Conv2d {
         let shape = self.output_shape(input.shape)?;
         let y = conv2d(
             input.value,
-            self.weight.value.clone(),
-            self.bias.as_ref().map(|b| &b.value),
+            self.weight.value().clone(),
+            self.bias.as_ref().map(|b| b.value()),
             &self.geom,
         )?;
         Activation::new(y, shape)
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
         self.output_shape(input.shape)?;
-        let g = conv_transpose2d(grad_output.value, self.weight.value.clone(), None, &self.geom)?;
+        let g = conv_transpose2d(grad_output.value, self.weight.value().clone(), None, &self.geom)?;
         Activation::new(g, input.shape)
     }
 }
@@ -867,15 +867,15 @@ impl Layer for ConvTranspose2d {
         let shape = self.output_shape(input.shape)?;
         let y = conv_transpose2d(
             input.value,
-            self.weight.value.clone(),
-            self.bias.as_ref().map(|b| &b.value),
+            self.weight.value().clone(),
+            self.bias.as_ref().map(|b| b.value()),
             &self.geom,
         )?;
         Activation::new(y, shape)
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
         self.output_shape(input.shape)?;
-        let g = conv2d(grad_output.value, self.weight.value.clone(), None, &self.geom)?;
+        let g = conv2d(grad_output.value, self.weight.value().clone(), None, &self.geom)?;
         Activation::new(g, input.shape)
     }
 }

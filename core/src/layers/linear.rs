@@ -196,7 +196,7 @@ fn composite_affine(
     let batch = x.shape().0;
     let y = x.try_matmul(weight.as_matrix(inputs, outputs))?;
     Ok(match bias {
-        Some(b) => y.try_add(b.value.clone().try_broadcast_like::<_, Axis<0>>(&(batch, outputs))?)?,
+        Some(b) => y.try_add(b.value().clone().try_broadcast_like::<_, Axis<0>>(&(batch, outputs))?)?,
         None => y,
     })
 }
@@ -218,18 +218,19 @@ fn affine(
     // Gradients are written in logical order: operate on contiguous values.
     let x = x.try_reshape_like(&(batch, inputs))?;
     let (x, mut tape) = x.split_tape();
-    let (xv, wv) = (crate::kernels::host(&x), crate::kernels::host(&weight.value));
+    // The weight's host copy is shared, not copied: the parameter keeps it between updates.
+    let (xv, wv) = (crate::kernels::host(&x), weight.host_values());
     let mut y = vec![0.0; batch * outputs];
     if let Some(b) = bias {
-        let bv = b.to_vec();
+        let bv = b.host_values();
         for row in y.chunks_exact_mut(outputs) {
             row.copy_from_slice(&bv);
         }
     }
     crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, bias.is_some());
     let y = x.device().tensor_from_vec(y, (batch, outputs));
-    let (xg, wg, yg) = (x.ghost(), weight.value.ghost(), y.ghost());
-    let bg = bias.map(|b| b.value.ghost());
+    let (xg, wg, yg) = (x.ghost(), weight.value().ghost(), y.ghost());
+    let bg = bias.map(|b| b.value().ghost());
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
         let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
@@ -458,9 +459,9 @@ mod tests {
                     grads.get_or_alloc_mut(t).unwrap().to_vec()
                 };
                 let dx = grads.get_or_alloc_mut(&x).unwrap().to_vec();
-                let mut out = vec![values, dx, grad_of(&layer.weight.value, &mut grads)];
+                let mut out = vec![values, dx, grad_of(&layer.weight.value(), &mut grads)];
                 if let Some(b) = &layer.bias {
-                    out.push(grad_of(&b.value, &mut grads));
+                    out.push(grad_of(&b.value(), &mut grads));
                 }
                 out
             };

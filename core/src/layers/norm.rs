@@ -127,8 +127,8 @@ impl BatchNorm {
     fn affine(&self, xhat: Tensor3, b: usize) -> Result<Tensor3> {
         match (&self.weight, &self.bias) {
             (Some(w), Some(s)) => Ok(xhat
-                .try_mul(self.bcast(w.value.clone(), b)?)?
-                .try_add(self.bcast(s.value.clone(), b)?)?),
+                .try_mul(self.bcast(w.value().clone(), b)?)?
+                .try_add(self.bcast(s.value().clone(), b)?)?),
             _ => Ok(xhat),
         }
     }
@@ -200,7 +200,7 @@ impl BatchNorm {
             .weight
             .as_ref()
             .zip(self.bias.as_ref())
-            .map(|(w, b)| (w.value.ghost(), b.value.ghost()));
+            .map(|(w, b)| (w.value().ghost(), b.value().ghost()));
         dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
             // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
             let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
@@ -350,7 +350,7 @@ impl Layer for BatchNorm {
                     .iter()
                     .map(|&v| 1.0 / (v + self.eps).sqrt())
                     .collect();
-                let rm = self.running_mean.value.clone();
+                let rm = self.running_mean.value().clone();
                 let inv = dev.tensor_from_vec(inv, (c,));
                 let xhat = x.try_sub(self.bcast(rm, b)?)?.try_mul(self.bcast(inv, b)?)?;
                 self.affine(xhat, b)?
@@ -383,7 +383,7 @@ impl Layer for BatchNorm {
         let inv = grad_output.value.device().tensor_from_vec(inv, (self.channels,));
         let g: Tensor3 = grad_output.value.try_reshape_like(&dims)?;
         let g = match &self.weight {
-            Some(w) => g.try_mul(self.bcast(w.value.clone(), b)?)?,
+            Some(w) => g.try_mul(self.bcast(w.value().clone(), b)?)?,
             None => g,
         };
         let g = g.try_mul(self.bcast(inv, b)?)?;
@@ -470,7 +470,7 @@ impl LayerNorm {
         Ok((centered.try_div(std)?, std2))
     }
     fn bcast(v: &Param, dims: (usize, usize)) -> Result<M<NoneTape>> {
-        Ok(v.value.clone().try_broadcast_like::<_, Axis<0>>(&dims)?)
+        Ok(v.value().clone().try_broadcast_like::<_, Axis<0>>(&dims)?)
     }
 }
 
@@ -683,7 +683,7 @@ mod tests {
                 let mut grads = (y * r.clone()).sum::<(), _>().backward();
                 let mut out = vec![values, mean, var, grads.get(&x).as_vec()];
                 for (_, p) in bn.named_params().iter().filter(|(_, p)| p.trainable()) {
-                    out.push(grads.get_or_alloc_mut(&p.value).unwrap().to_vec());
+                    out.push(grads.get_or_alloc_mut(p.value()).unwrap().to_vec());
                 }
                 out
             };

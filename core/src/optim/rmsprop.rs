@@ -62,7 +62,6 @@ pub struct RmsProp {
     config: RmsPropConfig,
     lr: LearningRate,
     states: ParamStates,
-    scratch: Vec<f32>,
 }
 
 impl RmsProp {
@@ -84,7 +83,6 @@ impl RmsProp {
             config,
             lr,
             states: ParamStates::new(buffers),
-            scratch: Vec::new(),
         })
     }
 }
@@ -105,7 +103,7 @@ impl Optimizer for RmsProp {
             momentum: c.momentum as f32,
         };
         let (use_momentum, centered, wd) = (c.momentum > 0.0, c.centered, c.weight_decay != 0.0);
-        update_each(params, grads, &mut self.states, &mut self.scratch, |p, g, state| {
+        update_each(params, grads, &mut self.states, |p, g, state| {
             state.step += 1;
             // Buffers in order: square_avg, then momentum_buffer and grad_avg when enabled.
             let (square_avg, rest) = state.buffers.split_at_mut(1);

@@ -58,7 +58,6 @@ pub struct Sgd {
     config: SgdConfig,
     lr: LearningRate,
     states: ParamStates,
-    scratch: Vec<f32>,
 }
 
 impl Sgd {
@@ -86,7 +85,6 @@ impl Sgd {
             config,
             lr,
             states: ParamStates::new(buffers),
-            scratch: Vec::new(),
         })
     }
 }
@@ -102,7 +100,7 @@ impl Optimizer for Sgd {
         let momentum = self.config.momentum as f32;
         let keep = (1.0 - self.config.dampening) as f32;
         let nesterov = self.config.nesterov;
-        update_each(params, grads, &mut self.states, &mut self.scratch, |p, g, state| {
+        update_each(params, grads, &mut self.states, |p, g, state| {
             let first = state.step == 0;
             state.step += 1;
             match state.buffers.first_mut() {

@@ -19,7 +19,7 @@ fn param(dev: &Device, values: &[f32], role: ParamRole) -> Param {
 
 fn grads_for(p: &Param, g: &[f32]) -> Grads {
     let mut grads = Grads::leaky();
-    grads.get_or_alloc_mut(&p.value).unwrap().copy_from_slice(g);
+    grads.get_or_alloc_mut(p.value()).unwrap().copy_from_slice(g);
     grads
 }
 
@@ -173,7 +173,7 @@ fn grads_at(k: usize) -> ([f32; 4], [f32; 3]) {
 fn step_two(opt: &mut dyn Optimizer, a: &mut Param, b: &mut Param, k: usize) {
     let (ga, gb) = grads_at(k);
     let mut grads = grads_for(a, &ga);
-    grads.get_or_alloc_mut(&b.value).unwrap().copy_from_slice(&gb);
+    grads.get_or_alloc_mut(b.value()).unwrap().copy_from_slice(&gb);
     let mut params = vec![("net.a".to_string(), a), ("net.b".to_string(), b)];
     opt.step(&mut params, &mut grads).unwrap();
 }
@@ -232,7 +232,7 @@ fn buffers_and_parameters_without_gradient_are_untouched() {
     let mut unused = param(&dev, &[3.0, 4.0], ParamRole::Bias);
     let mut grads = grads_for(&w, &G[0]);
     grads
-        .get_or_alloc_mut(&running.value)
+        .get_or_alloc_mut(running.value())
         .unwrap()
         .copy_from_slice(&[1.0, 1.0]);
     let mut opt = build(r#"{"type":"adam","lr":0.1,"weight_decay":0.5}"#);
@@ -244,7 +244,7 @@ fn buffers_and_parameters_without_gradient_are_untouched() {
     opt.step(&mut params, &mut grads).unwrap();
     assert_ne!(w.to_vec(), P0.to_vec());
     // The update keeps the tensor id: the gradient is still found under it.
-    assert_eq!(grads.get_or_alloc_mut(&w.value).unwrap().to_vec(), G[0].to_vec());
+    assert_eq!(grads.get_or_alloc_mut(w.value()).unwrap().to_vec(), G[0].to_vec());
     assert_eq!(running.to_vec(), vec![1.0, 2.0]);
     assert_eq!(unused.to_vec(), vec![3.0, 4.0]);
     let state = opt.state();

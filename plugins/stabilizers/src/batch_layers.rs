@@ -522,7 +522,7 @@ mod tests {
         let numeric = central(x0, 1e-3, |xv| loss(layer, h, xv));
         assert_close("dL/dx", &input_grad, &numeric);
         for i in 0..layer.named_params().len() {
-            let analytic = grads.get(&layer.named_params()[i].1.value).as_vec();
+            let analytic = grads.get(layer.named_params()[i].1.value()).as_vec();
             let orig = layer.named_params()[i].1.to_vec();
             let numeric = central(&orig, 1e-3, |pv| {
                 layer.named_params_mut()[i].1.set(pv).unwrap();

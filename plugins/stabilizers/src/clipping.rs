@@ -402,7 +402,7 @@ mod tests {
             .iter()
             .filter(|(n, p)| n.starts_with(&prefix) && p.trainable());
         for ((_, p), v) in ps.zip(values) {
-            grads.get_or_alloc_mut(&p.value).unwrap().copy_from_slice(v);
+            grads.get_or_alloc_mut(p.value()).unwrap().copy_from_slice(v);
         }
         grads
     }
@@ -420,7 +420,7 @@ mod tests {
 
     fn grad(model: &TwoGroups, name: &str, grads: &mut Grads) -> Vec<f32> {
         let p = &model.params.iter().find(|(n, _)| n == name).unwrap().1;
-        grads.get_or_alloc_mut(&p.value).unwrap().to_vec()
+        grads.get_or_alloc_mut(p.value()).unwrap().to_vec()
     }
 
     #[test]
