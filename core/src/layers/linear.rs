@@ -459,9 +459,9 @@ mod tests {
                     grads.get_or_alloc_mut(t).unwrap().to_vec()
                 };
                 let dx = grads.get_or_alloc_mut(&x).unwrap().to_vec();
-                let mut out = vec![values, dx, grad_of(&layer.weight.value(), &mut grads)];
+                let mut out = vec![values, dx, grad_of(layer.weight.value(), &mut grads)];
                 if let Some(b) = &layer.bias {
-                    out.push(grad_of(&b.value(), &mut grads));
+                    out.push(grad_of(b.value(), &mut grads));
                 }
                 out
             };

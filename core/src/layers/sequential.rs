@@ -319,7 +319,7 @@ mod tests {
             for i in 0..n {
                 let (name, p) = &net.named_params()[i];
                 let name = name.clone();
-                let analytic = grad_or_zeros(&pgrads, &p.value());
+                let analytic = grad_or_zeros(&pgrads, p.value());
                 let numeric = numeric_param_grad(&mut net, i, 1e-3, |net| {
                     let x = h.input(x0.clone(), batch, FeatureShape::Flat(3));
                     let (_, g) = net.forward_with_input_grad(x, &mut h.fwd_ctx(Mode::Train)).unwrap();
@@ -346,7 +346,7 @@ mod tests {
         let (out, g) = run(&mut net, &mut h);
         let total = out.value.sum::<(), _>() + penalty_taped(g);
         let grads: Grads = total.backward();
-        let analytic = grad_or_zeros(&grads, &net.named_params()[0].1.value());
+        let analytic = grad_or_zeros(&grads, net.named_params()[0].1.value());
         let numeric = numeric_param_grad(&mut net, 0, 1e-3, |net| {
             let (out, g) = run(net, &mut h);
             out.detach().as_vec().iter().map(|&v| v as f64).sum::<f64>() + penalty_host(&g.detach().as_vec(), 2)

@@ -242,7 +242,7 @@ pub(crate) fn check_layer_with(cfg: &dyn LayerConfig, shape: FeatureShape, c: Ch
             for &i in &trainable {
                 let (name, prm) = &layer.named_params()[i];
                 let name = name.clone();
-                let analytic = grad_or_zeros(&pgrads, &prm.value());
+                let analytic = grad_or_zeros(&pgrads, prm.value());
                 let numeric = numeric_param_grad(layer.as_mut(), i, c.h, |l| penalty(l, &mut h, &x0).unwrap().0);
                 assert_close(&format!("dP/d{name}"), &analytic, &numeric, 1e-2, 2e-3);
             }
