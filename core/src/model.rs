@@ -116,7 +116,7 @@ pub fn grad_norm(params: &[(String, &mut Param)], grads: &mut Grads) -> f64 {
     for (_, p) in params.iter() {
         if p.trainable() {
             #[cfg(not(feature = "cuda"))]
-            let squared = grads.get_or_alloc_mut(p.value()).map(|g| squares(g));
+            let squared = p.with_id(|t| grads.get_or_alloc_mut(t).map(|g| squares(g)));
             #[cfg(feature = "cuda")]
             let squared = crate::tensor::grad_to_vec(grads, p).map(|g| squares(&g));
             if let Ok(s) = squared {

@@ -6,7 +6,7 @@
 //! [`Vector`] plus its logical shape: a contiguous `reshape_like` keeps the tensor's id, so the
 //! gradient of the reshaped view lands on the flat parameter, and optimizers see one uniform type.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -176,20 +176,38 @@ pub enum ParamRole {
 
 /// One parameter or buffer: a flat tensor and its logical shape.
 ///
-/// The tensor is private so that every write goes through [`Param::set`], [`Param::replace_values`]
-/// or [`Param::value_mut`]: the parameter keeps a host copy of its values for the layers' host
-/// kernels ([`Param::host_values`]), and those writes keep it right. The copy is made at most once
-/// per write (the optimizers hand theirs over, so after an update it costs nothing), instead of
-/// once per forward pass.
-#[derive(Clone, Debug)]
+/// The parameter keeps its values twice, each copy made only when something reads it: the dfdx
+/// tensor ([`Param::value`]: tape ops, stabilizers, checkpoints) and a host copy
+/// ([`Param::host_values`]: the layers' host kernels). An optimizer updates the host copy in place
+/// ([`Param::update_values`]) and the tensor catches up on its next read, so a training step of
+/// the host kernels copies no parameter at all: a linear layer reads its weight's host copy and
+/// needs only the tensor's id for the gradient ([`Param::with_id`]). Every write goes through a
+/// method (the tensor is private), which keeps the two copies consistent.
+#[derive(Debug)]
 pub struct Param {
-    value: Vector,
+    /// The tensor, when its values are current.
+    current: OnceLock<Vector>,
+    /// The tensor while its values lag behind `host` (after [`Param::update_values`]); the first
+    /// read copies `host` into it and moves it to `current`.
+    lagging: Mutex<Option<Vector>>,
     /// The logical shape (`[in, out]` for a linear weight, `[out_c, in_c, kh, kw]` for a kernel).
     pub shape: Vec<usize>,
     /// What the parameter is.
     pub role: ParamRole,
-    /// The values on the host, made on first use after a write; empty while stale.
+    /// The values on the host, made on first use after a write to the tensor; empty while stale.
     host: OnceLock<Arc<Vec<f32>>>,
+}
+
+impl Clone for Param {
+    fn clone(&self) -> Self {
+        Param {
+            current: self.current.clone(),
+            lagging: Mutex::new(self.lagging_tensor().clone()),
+            shape: self.shape.clone(),
+            role: self.role,
+            host: self.host.clone(),
+        }
+    }
 }
 
 impl Param {
@@ -203,22 +221,47 @@ impl Param {
                 values.len(),
             ));
         }
-        let value = device.tensor_from_vec(values, (n,));
         Ok(Param {
-            value,
+            current: OnceLock::from(device.tensor_from_vec(values, (n,))),
+            lagging: Mutex::new(None),
             shape,
             role,
             host: OnceLock::new(),
         })
     }
+    fn lagging_tensor(&self) -> std::sync::MutexGuard<'_, Option<Vector>> {
+        // Nothing can panic while the lock is held; a poisoned lock still holds a valid tensor.
+        self.lagging.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
     /// The values as a flat tensor (its id is the parameter's: gradients are keyed by it).
     pub fn value(&self) -> &Vector {
-        &self.value
+        self.current.get_or_init(|| {
+            let mut tensor = self
+                .lagging_tensor()
+                .take()
+                .expect("a parameter holds its tensor either current or lagging");
+            let host = self.host.get().expect("a lagging tensor's values are on the host");
+            tensor.copy_from(host);
+            tensor
+        })
     }
     /// The tensor, for a write that bypasses [`Param::set`]; forgets the host copy.
     pub fn value_mut(&mut self) -> &mut Vector {
+        self.value();
         self.host = OnceLock::new();
-        &mut self.value
+        self.current.get_mut().expect("value() made the tensor current")
+    }
+    /// `f(tensor)` for a use of the tensor's id and shape only (`ghost()`,
+    /// `Gradients::get_or_alloc_mut`), without bringing its values up to date: `f` must not read
+    /// them.
+    pub fn with_id<R>(&self, f: impl FnOnce(&Vector) -> R) -> R {
+        match self.current.get() {
+            Some(tensor) => f(tensor),
+            None => f(self
+                .lagging_tensor()
+                .as_ref()
+                .expect("a parameter holds its tensor either current or lagging")),
+        }
     }
     /// Whether optimizers update it.
     pub fn trainable(&self) -> bool {
@@ -226,20 +269,20 @@ impl Param {
     }
     /// Number of scalars.
     pub fn numel(&self) -> usize {
-        self.value.shape().0
+        self.shape.iter().product()
     }
     /// The values as a `[rows, cols]` matrix view sharing this parameter's id (so gradients land
     /// on it). `rows * cols` must equal [`Param::numel`].
     pub fn as_matrix(&self, rows: usize, cols: usize) -> Matrix {
-        self.value.clone().reshape_like(&(rows, cols))
+        self.value().clone().reshape_like(&(rows, cols))
     }
-    /// The values on the host, shared: copied out of the tensor on the first call after a write,
-    /// then handed out without a copy.
+    /// The values on the host, shared: copied out of the tensor on the first call after a write
+    /// to it, then handed out without a copy.
     pub fn host_values(&self) -> Arc<Vec<f32>> {
         self.host
             .get_or_init(|| {
                 let mut values = vec![0.0; self.numel()];
-                self.value.copy_into(&mut values);
+                self.value().copy_into(&mut values);
                 Arc::new(values)
             })
             .clone()
@@ -248,31 +291,38 @@ impl Param {
     pub fn to_vec(&self) -> Vec<f32> {
         self.host_values().as_ref().clone()
     }
-    /// Takes the host values to update them in place, then hand them back with
-    /// [`Param::replace_values`]: no copy when nothing else holds them (the backward pass that read
-    /// them has finished).
-    pub fn take_values(&mut self) -> Vec<f32> {
-        let shared = self.host_values();
-        self.host = OnceLock::new();
-        Arc::try_unwrap(shared).unwrap_or_else(|shared| shared.as_ref().clone())
-    }
     /// Overwrites the values in place, keeping the tensor id.
     pub fn set(&mut self, values: &[f32]) -> Result<()> {
         if values.len() != self.numel() {
             return Err(Error::shape("parameter update", self.numel(), values.len()));
         }
-        self.value.copy_from(values);
+        let mut tensor = self.take_tensor();
+        tensor.copy_from(values);
+        self.current = OnceLock::from(tensor);
         self.host = OnceLock::new();
         Ok(())
     }
-    /// Overwrites the values in place, keeping the tensor id, and keeps `values` as the host copy.
-    pub fn replace_values(&mut self, values: Vec<f32>) -> Result<()> {
-        if values.len() != self.numel() {
-            return Err(Error::shape("parameter update", self.numel(), values.len()));
-        }
-        self.value.copy_from(&values);
+    /// Updates the values in place on the host (`update(values)`), keeping the tensor id: the
+    /// host copy is updated without a copy when nothing else holds it (the backward pass that
+    /// read it has finished), and the tensor catches up on its next read.
+    pub fn update_values(&mut self, update: impl FnOnce(&mut [f32])) {
+        let shared = self.host_values();
+        self.host = OnceLock::new();
+        let mut values = Arc::try_unwrap(shared).unwrap_or_else(|shared| shared.as_ref().clone());
+        update(&mut values);
+        let tensor = self.take_tensor();
+        *self.lagging.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(tensor);
         self.host = OnceLock::from(Arc::new(values));
-        Ok(())
+    }
+    /// Moves the tensor out (current or lagging), leaving neither.
+    fn take_tensor(&mut self) -> Vector {
+        self.current.take().unwrap_or_else(|| {
+            self.lagging
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take()
+                .expect("a parameter holds its tensor either current or lagging")
+        })
     }
 }
 
@@ -323,8 +373,7 @@ pub fn check_finite(what: &str, value: f32) -> Result<f32> {
 ///
 /// dfdx keeps gradients in device buffers keyed by tensor id; this works on every device.
 pub fn grad_to_vec(grads: &mut Grads, param: &Param) -> Result<Vec<f32>> {
-    let buf = grads.get_or_alloc_mut(&param.value)?;
-    device_buffer_to_vec(buf)
+    param.with_id(|tensor| device_buffer_to_vec(grads.get_or_alloc_mut(tensor)?))
 }
 
 /// Overwrites the gradient of `param` in `grads` with host values (gradient clipping, masking).
@@ -332,8 +381,7 @@ pub fn set_grad(grads: &mut Grads, param: &Param, values: &[f32]) -> Result<()> 
     if values.len() != param.numel() {
         return Err(Error::shape("gradient update", param.numel(), values.len()));
     }
-    let buf = grads.get_or_alloc_mut(&param.value)?;
-    device_buffer_copy_from(buf, values)
+    param.with_id(|tensor| device_buffer_copy_from(grads.get_or_alloc_mut(tensor)?, values))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -384,21 +432,31 @@ mod tests {
             "a holder of the old copy keeps the old values"
         );
 
-        // Taken while a reader still holds the copy: the reader's values stay as they were.
+        // Updated while a reader still holds the copy: the reader's values stay as they were.
         let reader = p.host_values();
-        let mut values = p.take_values();
-        values[0] = 7.0;
-        p.replace_values(values).unwrap();
+        p.update_values(|v| v[0] = 7.0);
         assert_eq!(*reader, vec![4.0, 5.0, 6.0]);
         assert_eq!(*p.host_values(), vec![7.0, 5.0, 6.0]);
-        assert_eq!(p.value().as_vec(), vec![7.0, 5.0, 6.0]);
+        let mut grads = Grads::leaky();
+        p.with_id(|t| grads.get_or_alloc_mut(t).unwrap()[0] = 5.0);
+        assert_eq!(p.value().as_vec(), vec![7.0, 5.0, 6.0], "the tensor catches up when read");
+        assert_eq!(grads.get_or_alloc_mut(p.value()).unwrap()[0], 5.0, "and keeps its id");
 
-        // Taken with no other holder: the same buffer comes back, no copy.
+        // Updated with no other holder: the same buffer is updated, no copy.
         drop(reader);
         let ptr = p.host_values().as_ptr();
-        let values = p.take_values();
-        assert_eq!(values.as_ptr(), ptr);
-        p.replace_values(values).unwrap();
+        p.update_values(|v| v[1] = 8.0);
+        assert_eq!(p.host_values().as_ptr(), ptr);
+        // A clone taken while the tensor lags has the same values, and reads them independently.
+        let copy = p.clone();
+        p.update_values(|v| v[2] = 9.0);
+        assert_eq!(copy.value().as_vec(), vec![7.0, 8.0, 6.0]);
+        assert_eq!(p.value().as_vec(), vec![7.0, 8.0, 9.0]);
+        // set() overwrites a lagging tensor.
+        p.update_values(|v| v[0] = 1.0);
+        p.set(&[2.0, 2.0, 2.0]).unwrap();
+        assert_eq!(p.value().as_vec(), vec![2.0; 3]);
+        assert_eq!(*p.host_values(), vec![2.0; 3]);
 
         p.value_mut().copy_from(&[0.0, 0.0, 1.0]);
         assert_eq!(
@@ -408,7 +466,7 @@ mod tests {
         );
         assert_eq!(p.to_vec(), vec![0.0, 0.0, 1.0]);
 
-        let err = p.replace_values(vec![1.0]).unwrap_err().to_string();
+        let err = p.set(&[1.0]).unwrap_err().to_string();
         assert!(err.contains("parameter update"), "{err}");
     }
 }

@@ -220,17 +220,15 @@ fn affine(
     let (x, mut tape) = x.split_tape();
     // The weight's host copy is shared, not copied: the parameter keeps it between updates.
     let (xv, wv) = (crate::kernels::host(&x), weight.host_values());
-    let mut y = vec![0.0; batch * outputs];
-    if let Some(b) = bias {
-        let bv = b.host_values();
-        for row in y.chunks_exact_mut(outputs) {
-            row.copy_from_slice(&bv);
-        }
-    }
+    // The output starts as the bias rows (written once, not zero-filled first).
+    let mut y = match bias {
+        Some(b) => b.host_values().repeat(batch),
+        None => vec![0.0; batch * outputs],
+    };
     crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, bias.is_some());
     let y = x.device().tensor_from_vec(y, (batch, outputs));
-    let (xg, wg, yg) = (x.ghost(), weight.value().ghost(), y.ghost());
-    let bg = bias.map(|b| b.value().ghost());
+    let (xg, wg, yg) = (x.ghost(), weight.with_id(|w| w.ghost()), y.ghost());
+    let bg = bias.map(|b| b.with_id(|b| b.ghost()));
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
         let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);

@@ -182,8 +182,8 @@ impl BatchNorm {
                 }
             }
         }
-        let gamma = self.weight.as_ref().map(|w| w.to_vec());
-        let beta = self.bias.as_ref().map(|b| b.to_vec());
+        let gamma = self.weight.as_ref().map(|w| w.host_values());
+        let beta = self.bias.as_ref().map(|b| b.host_values());
         let mut y = xhat.clone();
         if let (Some(gamma), Some(beta)) = (&gamma, &beta) {
             for c in 0..channels {
@@ -200,7 +200,7 @@ impl BatchNorm {
             .weight
             .as_ref()
             .zip(self.bias.as_ref())
-            .map(|(w, b)| (w.value().ghost(), b.value().ghost()));
+            .map(|(w, b)| (w.with_id(|w| w.ghost()), b.with_id(|b| b.ghost())));
         dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
             // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
             let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
