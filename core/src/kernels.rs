@@ -1,4 +1,5 @@
-//! Host compute kernels that the layers' custom tape ops share: the matrix product.
+//! Host compute kernels that the layers' custom tape ops share: the matrix product, and a
+//! vectorized sum of squares.
 //!
 //! [`matmul`] calls gemm 0.19, which picks the widest instruction set the CPU has at run time
 //! (AVX-512 through its `x86-v4` feature, AVX2/FMA, or portable code), reads transposed operands
@@ -17,6 +18,20 @@ pub fn host<S: Shape, T>(t: &Tensor<S, f32, Device, T>) -> Vec<f32> {
     let mut out = vec![0.0; t.shape().num_elements()];
     t.copy_into(&mut out);
     out
+}
+
+/// `Σ x²` in f64 over eight independent accumulators, so that the sum vectorizes (one f64
+/// accumulator would serialize every addition on its latency).
+pub fn sum_of_squares(values: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += (x as f64) * (x as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// Products smaller than this many multiply-adds run on the calling thread: below it, waking the
@@ -115,6 +130,19 @@ mod tests {
         (0..n)
             .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn the_sum_of_squares_matches_a_sequential_f64_sum() {
+        for n in [0, 1, 7, 8, 9, 1000, 1003] {
+            let v = values(n, 3);
+            let sequential: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
+            let got = sum_of_squares(&v);
+            assert!(
+                (got - sequential).abs() <= 1e-12 * sequential.max(1.0),
+                "n {n}: {got} vs {sequential}"
+            );
+        }
     }
 
     #[test]

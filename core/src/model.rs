@@ -100,18 +100,7 @@ impl TrainContext<'_> {
 /// Global L2 norm of the gradients of trainable `params` present in `grads` (read in place on
 /// the CPU).
 pub fn grad_norm(params: &[(String, &mut Param)], grads: &mut Grads) -> f64 {
-    let squares = |g: &[f32]| {
-        // Eight independent f64 accumulators, so that the sum vectorizes.
-        let mut lanes = [0.0f64; 8];
-        let chunks = g.chunks_exact(8);
-        let tail: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-        for chunk in chunks {
-            for (lane, &x) in lanes.iter_mut().zip(chunk) {
-                *lane += (x as f64) * (x as f64);
-            }
-        }
-        lanes.iter().sum::<f64>() + tail
-    };
+    let squares = crate::kernels::sum_of_squares;
     let mut sum = 0.0f64;
     for (_, p) in params.iter() {
         if p.trainable() {

@@ -439,7 +439,11 @@ mod tests {
         assert_eq!(*p.host_values(), vec![7.0, 5.0, 6.0]);
         let mut grads = Grads::leaky();
         p.with_id(|t| grads.get_or_alloc_mut(t).unwrap()[0] = 5.0);
-        assert_eq!(p.value().as_vec(), vec![7.0, 5.0, 6.0], "the tensor catches up when read");
+        assert_eq!(
+            p.value().as_vec(),
+            vec![7.0, 5.0, 6.0],
+            "the tensor catches up when read"
+        );
         assert_eq!(grads.get_or_alloc_mut(p.value()).unwrap()[0], 5.0, "and keeps its id");
 
         // Updated with no other holder: the same buffer is updated, no copy.

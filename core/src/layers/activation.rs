@@ -58,18 +58,34 @@ impl ActivationFn {
 
     /// Applies the function: one tape op on the CPU ([`pointwise`]), dfdx's ops with `cuda`.
     pub fn apply(&self, x: Matrix<Tape>) -> Result<Matrix<Tape>> {
-        // One closure per variant, so that each loop is compiled for its function.
         #[cfg(not(feature = "cuda"))]
-        return Ok(match *self {
-            ActivationFn::Relu => pointwise(x, |v| ActivationFn::Relu.value_and_slope(v)),
-            ActivationFn::LeakyRelu(s) => pointwise(x, |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
-            ActivationFn::Elu(a) => pointwise(x, |v| ActivationFn::Elu(a).value_and_slope(v)),
-            ActivationFn::Tanh => pointwise(x, |v| ActivationFn::Tanh.value_and_slope(v)),
-            ActivationFn::Sigmoid => pointwise(x, |v| ActivationFn::Sigmoid.value_and_slope(v)),
-            ActivationFn::Gelu => pointwise(x, |v| ActivationFn::Gelu.value_and_slope(v)),
-        });
+        return Ok(pointwise(x, *self));
         #[cfg(feature = "cuda")]
         self.composite(x)
+    }
+
+    /// Replaces every value `x` by `f(x)` and returns the slopes `f'(x)`, in one pass.
+    pub fn apply_in_place(&self, values: &mut [f32]) -> Vec<f32> {
+        #[inline(always)]
+        fn run(values: &mut [f32], f: impl Fn(f32) -> (f32, f32)) -> Vec<f32> {
+            values
+                .iter_mut()
+                .map(|v| {
+                    let (value, slope) = f(*v);
+                    *v = value;
+                    slope
+                })
+                .collect()
+        }
+        // One closure per variant, so that each loop is compiled for its function.
+        match *self {
+            ActivationFn::Relu => run(values, |v| ActivationFn::Relu.value_and_slope(v)),
+            ActivationFn::LeakyRelu(s) => run(values, |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
+            ActivationFn::Elu(a) => run(values, |v| ActivationFn::Elu(a).value_and_slope(v)),
+            ActivationFn::Tanh => run(values, |v| ActivationFn::Tanh.value_and_slope(v)),
+            ActivationFn::Sigmoid => run(values, |v| ActivationFn::Sigmoid.value_and_slope(v)),
+            ActivationFn::Gelu => run(values, |v| ActivationFn::Gelu.value_and_slope(v)),
+        }
     }
 
     /// `(f(x), f'(x))` at one point.
@@ -231,19 +247,16 @@ pub fn fast_tanh(x: f32) -> f32 {
     }
 }
 
-/// `f(x)` elementwise as one tape op, `f_and_slope` giving `(f(x), f'(x))`: one pass writes the
-/// values and the slopes; the backward pass adds `dy ⊙ f'(x)` into the input's gradient, moving
-/// `dy` out of the gradient store and back instead of copying it. dfdx's composite took up to six
-/// ops for leaky ReLU and ELU, each allocating a full-size buffer forward and backward. CPU only:
-/// gradient buffers are host slices.
+/// `f(x)` elementwise as one tape op: one pass writes the values and the slopes
+/// ([`ActivationFn::apply_in_place`]); the backward pass adds `dy ⊙ f'(x)` into the input's
+/// gradient, moving `dy` out of the gradient store and back instead of copying it. dfdx's
+/// composite took up to six ops for leaky ReLU and ELU, each allocating a full-size buffer
+/// forward and backward. CPU only: gradient buffers are host slices.
 #[cfg(not(feature = "cuda"))]
-fn pointwise(x: Matrix<Tape>, f_and_slope: impl Fn(f32) -> (f32, f32)) -> Matrix<Tape> {
+fn pointwise(x: Matrix<Tape>, f: ActivationFn) -> Matrix<Tape> {
     let (x, mut tape) = x.split_tape();
     let mut values = crate::kernels::host(&x);
-    let mut slopes = vec![0.0f32; values.len()];
-    for (v, s) in values.iter_mut().zip(&mut slopes) {
-        (*v, *s) = f_and_slope(*v);
-    }
+    let slopes = f.apply_in_place(&mut values);
     let y = x.device().tensor_from_vec(values, *x.shape());
     let (xg, yg) = (x.ghost(), y.ghost());
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
@@ -293,6 +306,9 @@ impl Layer for Activate {
     fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
         let shape = input.shape;
         Activation::new(self.f.apply(input.value)?, shape)
+    }
+    fn elementwise_activation(&self) -> Option<ActivationFn> {
+        Some(self.f)
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
         if grad_output.value.shape() != input.value.shape() {

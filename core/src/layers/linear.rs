@@ -3,6 +3,8 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
+#[cfg(any(not(feature = "cuda"), test))]
+use super::activation::ActivationFn;
 use super::init::Init;
 use super::{BuildContext, ForwardContext, Layer, LayerConfig};
 use crate::error::{Error, Result};
@@ -167,9 +169,32 @@ impl Layer for Linear {
             self.bias.as_ref(),
             shape,
             input.requires_grad,
+            None,
         )?;
         #[cfg(feature = "cuda")]
         let y = composite_affine(input.value, &self.weight, self.bias.as_ref(), shape)?;
+        Activation::new(y, FeatureShape::Flat(self.out_features))
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn forward_activated(
+        &mut self,
+        input: Activation,
+        f: ActivationFn,
+        _ctx: &mut ForwardContext<'_>,
+    ) -> Result<Activation> {
+        self.output_shape(input.shape)?;
+        let y = affine(
+            input.value,
+            &self.weight,
+            self.bias.as_ref(),
+            (self.in_features, self.out_features),
+            input.requires_grad,
+            Some(f),
+        )?;
         Activation::new(y, FeatureShape::Flat(self.out_features))
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
@@ -201,11 +226,13 @@ fn composite_affine(
     })
 }
 
-/// `x·W + b` (`x` `[batch, inputs]`, `W` `[inputs, outputs]`) as one tape op on the host: the
-/// output starts as the bias rows and the product is accumulated into it by
-/// [`crate::kernels::matmul`]; the backward pass adds `xᵀ·dy`, the column sums of `dy` and
-/// `dy·Wᵀ` straight into the gradient buffers of `W`, `b` and `x`. Equal to
-/// [`composite_affine`] up to rounding (tested). CPU only: gradient buffers are host slices.
+/// `f(x·W + b)` (`x` `[batch, inputs]`, `W` `[inputs, outputs]`, `f` the optional fused
+/// activation) as one tape op on the host: the output starts as the bias rows, the product is
+/// accumulated into it by [`crate::kernels::matmul`] and `f` is applied in place while it is in
+/// cache, keeping the slopes `f'`. The backward pass forms `dz = dy ⊙ f'` (or takes `dy` as it is)
+/// and adds `xᵀ·dz`, the column sums of `dz` and `dz·Wᵀ` straight into the gradient buffers of `W`,
+/// `b` and `x`. Equal to [`composite_affine`] followed by the activation up to rounding (tested).
+/// CPU only: gradient buffers are host slices.
 #[cfg(not(feature = "cuda"))]
 fn affine(
     x: Matrix<Tape>,
@@ -213,6 +240,7 @@ fn affine(
     bias: Option<&Param>,
     (inputs, outputs): (usize, usize),
     input_gradient: bool,
+    activation: Option<ActivationFn>,
 ) -> Result<Matrix<Tape>> {
     let batch = x.shape().0;
     // Gradients are written in logical order: operate on contiguous values.
@@ -226,14 +254,23 @@ fn affine(
         None => vec![0.0; batch * outputs],
     };
     crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, bias.is_some());
+    let slopes = activation.map(|f| f.apply_in_place(&mut y));
     let y = x.device().tensor_from_vec(y, (batch, outputs));
     let (xg, wg, yg) = (x.ghost(), weight.with_id(|w| w.ghost()), y.ghost());
     let bg = bias.map(|b| b.with_id(|b| b.ghost()));
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
-        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
+        let dy_store = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
+        let dz: Vec<f32>;
+        let dy: &[f32] = match &slopes {
+            Some(slopes) => {
+                dz = dy_store.iter().zip(slopes).map(|(d, s)| d * s).collect();
+                &dz
+            }
+            None => &dy_store,
+        };
         let dw = grads.get_or_alloc_mut(&wg)?;
-        crate::kernels::matmul((inputs, batch, outputs), &xv, true, &dy, false, &mut dw[..], true);
+        crate::kernels::matmul((inputs, batch, outputs), &xv, true, dy, false, &mut dw[..], true);
         if let Some(bg) = &bg {
             let db = grads.get_or_alloc_mut(bg)?;
             for row in dy.chunks_exact(outputs) {
@@ -244,9 +281,9 @@ fn affine(
         }
         if input_gradient {
             let dx = grads.get_or_alloc_mut(&xg)?;
-            crate::kernels::matmul((batch, outputs, inputs), &dy, false, &wv, true, &mut dx[..], true);
+            crate::kernels::matmul((batch, outputs, inputs), dy, false, &wv, true, &mut dx[..], true);
         }
-        **grads.get_or_alloc_mut(&yg)? = dy;
+        **grads.get_or_alloc_mut(&yg)? = dy_store;
         Ok(())
     });
     Ok(y.put_tape(tape))
@@ -464,16 +501,32 @@ mod tests {
                 out
             };
             let shape = (inputs, outputs);
-            let fused = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape, true));
+            let fused = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape, true, None));
             let composite = run(&|x| composite_affine(x, &layer.weight, layer.bias.as_ref(), shape));
             for (what, (a, b)) in ["y", "dx", "dW", "db"].iter().zip(fused.iter().zip(&composite)) {
                 assert_eq!(a.len(), b.len(), "{what}");
                 let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
                 assert_close(what, a, &b64, 1e-4, 1e-5);
             }
+            // With a fused activation: the same as the affine op followed by the activation's.
+            for f in [
+                ActivationFn::Relu,
+                ActivationFn::LeakyRelu(0.2),
+                ActivationFn::Elu(0.7),
+                ActivationFn::Tanh,
+                ActivationFn::Sigmoid,
+                ActivationFn::Gelu,
+            ] {
+                let fused = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape, true, Some(f)));
+                let separate = run(&|x| f.apply(affine(x, &layer.weight, layer.bias.as_ref(), shape, true, None)?));
+                for (what, (a, b)) in ["y", "dx", "dW", "db"].iter().zip(fused.iter().zip(&separate)) {
+                    let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                    assert_close(&format!("{f:?} {what}"), a, &b64, 1e-5, 1e-6);
+                }
+            }
             // Without the input gradient: the same values and parameter gradients, and `dx` never
             // written (zeros once allocated).
-            let skipped = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape, false));
+            let skipped = run(&|x| affine(x, &layer.weight, layer.bias.as_ref(), shape, false, None));
             assert!(skipped[1].iter().all(|&d| d == 0.0));
             for i in [0, 2, 3].into_iter().filter(|&i| i < fused.len()) {
                 assert_eq!(skipped[i], fused[i]);

@@ -53,6 +53,33 @@ pub trait Layer: Parameterized {
     /// to the parameters. Layers that couple samples (batch norm in train mode) return
     /// [`crate::Error::Unsupported`] with the reason.
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation>;
+    /// Runs the layer so that [`Layer::input_grad`] can follow: the same as
+    /// [`Layer::forward`] except for containers ([`Sequential`]), which then run their layers
+    /// one by one, unfused, keeping every layer's input.
+    fn forward_for_input_grad(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        self.forward(input, ctx)
+    }
+    /// The elementwise function this layer applies, if it is a plain activation that the layer
+    /// before it may fuse into its own op ([`Layer::forward_activated`]).
+    fn elementwise_activation(&self) -> Option<ActivationFn> {
+        None
+    }
+    /// Whether [`Layer::forward_activated`] fuses the activation into this layer's op (a linear
+    /// layer does: no separate pass, buffer or tape op for the activation).
+    fn fuses_activation(&self) -> bool {
+        false
+    }
+    /// Runs the layer and then `f` on its output: one op where [`Layer::fuses_activation`], else
+    /// the layer's own forward pass followed by `f`'s.
+    fn forward_activated(
+        &mut self,
+        input: Activation,
+        f: ActivationFn,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Activation> {
+        let output = self.forward(input, ctx)?;
+        Activate::new(f).forward(output, ctx)
+    }
     /// The layer's name within a network, if it has one (`conv1`); used by stabilizers that
     /// select layers by pattern.
     fn name(&self) -> Option<&str> {

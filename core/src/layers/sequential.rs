@@ -11,7 +11,10 @@ use crate::tensor::{join_name, Activation, FeatureShape, Param, Parameterized, T
 /// A stack of layers; parameter names are `<index>.<param>` (`0.weight`, `2.bias`).
 ///
 /// Each forward pass keeps a tape-less copy ([`Activation::reuse`]) of every layer's input (the
-/// data is shared, not copied) until the next forward pass, for [`Layer::input_grad`].
+/// data is shared, not copied) until the next forward pass, for [`Layer::input_grad`]; a plain
+/// forward pass fuses an activation into the linear layer before it, so only a pass for input
+/// gradients ([`Sequential::forward_with_input_grad`], [`Layer::forward_for_input_grad`]) keeps
+/// the activations' inputs.
 pub struct Sequential {
     layers: Vec<Box<dyn Layer>>,
     input: FeatureShape,
@@ -127,16 +130,36 @@ impl Sequential {
             .map(|(i, l)| format!("{i}: {}", l.describe()))
             .collect()
     }
-    /// Runs every layer.
+    /// Runs every layer. An activation right after a layer that fuses it (a linear layer,
+    /// [`Layer::fuses_activation`]) runs inside that layer's op: no separate pass, buffer or tape
+    /// op. [`Sequential::forward_with_input_grad`] runs the layers one by one instead.
     pub fn forward(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        self.run(input, ctx, true)
+    }
+    /// Runs the layers, fusing activations into the layer before them when `fuse`; keeps each
+    /// unfused layer's input for [`Layer::input_grad`].
+    fn run(&mut self, input: Activation, ctx: &mut ForwardContext<'_>, fuse: bool) -> Result<Activation> {
         if input.shape != self.input {
             return Err(Error::shape("sequential input", self.input, input.shape));
         }
         self.last_inputs.clear();
         let mut x = input;
-        for layer in &mut self.layers {
+        let mut i = 0;
+        while i < self.layers.len() {
             self.last_inputs.push(x.reuse());
-            x = layer.forward(x, ctx)?;
+            let fused = match self.layers.get(i + 1) {
+                Some(next) if fuse && self.layers[i].fuses_activation() => next.elementwise_activation(),
+                _ => None,
+            };
+            x = match fused {
+                Some(f) => {
+                    i += 1;
+                    self.layers[i - 1].forward_activated(x, f, ctx)?
+                }
+                None if fuse => self.layers[i].forward(x, ctx)?,
+                None => self.layers[i].forward_for_input_grad(x, ctx)?,
+            };
+            i += 1;
         }
         Ok(x)
     }
@@ -145,7 +168,9 @@ impl Sequential {
     fn input_grad_from_last(&self, grad_output: Activation) -> Result<Activation> {
         if self.last_inputs.len() != self.layers.len() {
             return Err(Error::Other(
-                "sequential input gradient requested before a forward pass".to_string(),
+                "sequential input gradient requested without an unfused forward pass before it \
+                 (run forward_with_input_grad, or forward_for_input_grad)"
+                    .to_string(),
             ));
         }
         let mut g = grad_output;
@@ -173,7 +198,7 @@ impl Sequential {
         input: Activation,
         ctx: &mut ForwardContext<'_>,
     ) -> Result<(Activation, Activation)> {
-        let out = self.forward(input, ctx)?;
+        let out = self.run(input, ctx, false)?;
         let dims = *out.value.shape();
         let ones = out.value.device().try_ones_like(&dims)?.put_tape(Tape::default());
         let g = self.input_grad_from_last(Activation::new(ones, out.shape)?)?;
@@ -228,6 +253,9 @@ impl Layer for Sequential {
     }
     fn forward(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
         Sequential::forward(self, input, ctx)
+    }
+    fn forward_for_input_grad(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        self.run(input, ctx, false)
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
         if input.shape != self.input {
@@ -330,6 +358,41 @@ mod tests {
                     // The second-order path through tanh reaches the first layer.
                     assert!(analytic.iter().any(|v| v.abs() > 1e-3));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fused_forward_pass_equals_the_layer_by_layer_one() {
+        for act in ["tanh", "leaky_relu"] {
+            let mut h = Harness::new(5);
+            let mut net = critic(act, &mut h);
+            let x0 = h.values(4 * 3);
+            let pass = |net: &mut Sequential, h: &mut Harness, fused: bool| {
+                let x = h.input(x0.clone(), 4, FeatureShape::Flat(3));
+                let leaf = x.detach();
+                let mut ctx = h.fwd_ctx(Mode::Train);
+                let y = if fused {
+                    net.forward(x, &mut ctx).unwrap()
+                } else {
+                    net.forward_for_input_grad(x, &mut ctx).unwrap()
+                };
+                let values = y.detach().as_vec();
+                let grads: Grads = y.value.square().sum::<(), _>().backward();
+                let mut all = vec![values, grads.get(&leaf).as_vec()];
+                all.extend(net.named_params().iter().map(|(_, p)| grad_or_zeros(&grads, p.value())));
+                all
+            };
+            let fused = pass(&mut net, &mut h, true);
+            // Only the layer-by-layer pass keeps what input_grad needs.
+            let g = Activation::input(&h.dev.tensor_from_vec(vec![1.0; 4], (4, 1)), FeatureShape::Flat(1)).unwrap();
+            let keep = h.input(x0.clone(), 4, FeatureShape::Flat(3));
+            let err = Layer::input_grad(&net, &keep, g).unwrap_err().to_string();
+            assert!(err.contains("forward_with_input_grad"), "{err}");
+            let separate = pass(&mut net, &mut h, false);
+            for (i, (a, b)) in fused.iter().zip(&separate).enumerate() {
+                let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                assert_close(&format!("{act}: output {i}"), a, &b64, 1e-6, 1e-7);
             }
         }
     }

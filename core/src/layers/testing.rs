@@ -161,6 +161,12 @@ fn run(layer: &mut dyn Layer, h: &mut Harness, x: Activation, c: &Check) -> Acti
     layer.forward(x, &mut h.fwd_ctx(c.mode)).unwrap()
 }
 
+/// [`run`] for an input gradient to follow ([`Layer::forward_for_input_grad`]).
+fn run_for_input_grad(layer: &mut dyn Layer, h: &mut Harness, x: Activation, c: &Check) -> Activation {
+    h.fwd_rng = Rng::seed_from_u64(c.seed ^ 0xf00d);
+    layer.forward_for_input_grad(x, &mut h.fwd_ctx(c.mode)).unwrap()
+}
+
 /// Builds `cfg`, then checks all gradients described in the module docs.
 pub(crate) fn check_layer_with(cfg: &dyn LayerConfig, shape: FeatureShape, c: Check) {
     let mut h = Harness::new(c.seed);
@@ -212,7 +218,7 @@ pub(crate) fn check_layer_with(cfg: &dyn LayerConfig, shape: FeatureShape, c: Ch
     let penalty = |layer: &mut dyn Layer, h: &mut Harness, xv: &[f32]| -> Option<(f64, Activation, Activation)> {
         let x = h.input(xv.to_vec(), c.batch, shape);
         let keep = x.reuse();
-        let _ = run(layer, h, x, &c);
+        let _ = run_for_input_grad(layer, h, x, &c);
         let g = Activation::input(&rt, out_shape).unwrap();
         match layer.input_grad(&keep, g) {
             Ok(gi) => Some((dot(&gi.detach().as_vec(), &s), gi, keep)),

@@ -70,7 +70,7 @@ fn mean_squared_error(prediction: Matrix<Tape>, target: &Matrix) -> Scalar {
     for (d, t) in difference.iter_mut().zip(crate::kernels::host(target)) {
         *d -= t;
     }
-    let sum: f64 = difference.iter().map(|&d| d as f64 * d as f64).sum();
+    let sum = crate::kernels::sum_of_squares(&difference);
     let loss = prediction.device().tensor((sum / n as f64) as f32);
     let (pg, lg) = (prediction.ghost(), loss.ghost());
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {

@@ -1,6 +1,7 @@
 //! Adam (L2 weight decay added to the gradient) and AdamW (decoupled weight decay), with the
 //! optional AMSGrad variant, exactly as PyTorch's `torch.optim.Adam` and `torch.optim.AdamW`.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -202,6 +203,17 @@ impl Optimizer for Adam {
     }
 }
 
+/// Parameters smaller than this run on the calling thread: below it, waking the pool costs more
+/// than the update (about a nanosecond per element).
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+
+/// The chunk length that splits `n` elements evenly across the pool's threads, or `None` to
+/// update them on the calling thread (one thread, or too few elements).
+fn parallel_chunk(n: usize) -> Option<usize> {
+    let threads = rayon::current_num_threads();
+    (threads > 1 && n >= PARALLEL_MIN_ELEMENTS).then(|| n.div_ceil(threads))
+}
+
 /// The per-step scalars of one parameter's Adam update, rounded to f32.
 struct AdamScalars {
     decay: f32,
@@ -248,12 +260,24 @@ fn adam_update<const L2: bool, const DECOUPLED: bool>(
     }
     match v_max {
         None => {
-            // Indexed over slices of one length, so that the loop vectorizes.
-            let n = p.len();
-            let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-            for i in 0..n {
-                let second = moments::<L2, DECOUPLED>(k, &mut p[i], g[i], &mut m[i], &mut v[i]);
-                p[i] += k.neg_step * (m[i] / (second.sqrt() * k.inv_bias2_sqrt + k.eps));
+            let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+                // Indexed over slices of one length, so that the loop vectorizes.
+                let n = p.len();
+                let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+                for i in 0..n {
+                    let second = moments::<L2, DECOUPLED>(k, &mut p[i], g[i], &mut m[i], &mut v[i]);
+                    p[i] += k.neg_step * (m[i] / (second.sqrt() * k.inv_bias2_sqrt + k.eps));
+                }
+            };
+            // Elements are independent: a large parameter is split across the pool's threads.
+            match parallel_chunk(p.len()) {
+                Some(chunk) => p
+                    .par_chunks_mut(chunk)
+                    .zip(g.par_chunks(chunk))
+                    .zip(m.par_chunks_mut(chunk))
+                    .zip(v.par_chunks_mut(chunk))
+                    .for_each(|(((p, g), m), v)| update(p, g, m, v)),
+                None => update(p, g, m, v),
             }
         }
         Some(v_max) => {

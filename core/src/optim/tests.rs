@@ -335,3 +335,33 @@ fn registers_every_optimizer() {
     assert_eq!(wd.default, serde_json::json!(0.01));
     assert!(adamw.fields.iter().any(|f| f.name == "schedule"));
 }
+
+#[test]
+fn adam_splits_a_large_parameter_across_threads_without_changing_a_bit() {
+    // Large enough for the parallel path (PARALLEL_MIN_ELEMENTS), with an uneven last chunk.
+    let n = (1 << 16) + 13;
+    let values: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    let gradients: Vec<Vec<f32>> = (0..3)
+        .map(|s| (0..n).map(|i| ((i * 13 + s * 7) % 97) as f32 / 40.0 - 1.2).collect())
+        .collect();
+    let run = |threads: usize, json: &str| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let dev = Device::default();
+            let mut p = param(&dev, &values, ParamRole::Weight);
+            let mut opt = build(json);
+            for g in &gradients {
+                step(opt.as_mut(), &mut p, g);
+            }
+            p.to_vec().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        })
+    };
+    for json in [
+        r#"{"type":"adam","lr":0.01}"#,
+        r#"{"type":"adamw","lr":0.01,"weight_decay":0.1}"#,
+    ] {
+        let serial = run(1, json);
+        assert_ne!(serial, values.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(run(3, json), serial, "{json}");
+    }
+}
