@@ -166,6 +166,16 @@ pub mod kernels {
         c
     }
 
+    /// The output columns `lo..hi` whose input column `ow·stride + kj − padding` lies inside the
+    /// input (the others read padding), so that the copy loops carry no bounds test.
+    fn valid_columns(g: &ConvGeometry, kj: usize) -> (usize, usize) {
+        let (s, p) = (g.stride, g.padding);
+        // ow·s + kj ≥ p  ⇔  ow ≥ ⌈(p − kj)/s⌉;   ow·s + kj − p < w_in  ⇔  ow < ⌈(w_in + p − kj)/s⌉.
+        let lo = p.saturating_sub(kj).div_ceil(s);
+        let hi = ((g.w_in + p).saturating_sub(kj)).div_ceil(s).min(g.w_out);
+        (lo.min(hi), hi)
+    }
+
     /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`.
     pub fn im2col(g: &ConvGeometry, batch: usize, x: &[f32]) -> Vec<f32> {
         let (k, p, s) = (g.kernel, g.padding as isize, g.stride);
@@ -184,10 +194,16 @@ pub mod kernels {
                             }
                             let xr = &xb[ih as usize * g.w_in..][..g.w_in];
                             let dst = &mut cols[row + b * g.out_pixels() + oh * g.w_out..][..g.w_out];
-                            for (ow, d) in dst.iter_mut().enumerate() {
-                                let iw = (ow * s + kj) as isize - p;
-                                if iw >= 0 && iw < g.w_in as isize {
-                                    *d = xr[iw as usize];
+                            let (lo, hi) = valid_columns(g, kj);
+                            if lo == hi {
+                                continue;
+                            }
+                            let first = lo * s + kj - g.padding;
+                            if s == 1 {
+                                dst[lo..hi].copy_from_slice(&xr[first..][..hi - lo]);
+                            } else {
+                                for (d, &v) in dst[lo..hi].iter_mut().zip(xr[first..].iter().step_by(s)) {
+                                    *d = v;
                                 }
                             }
                         }
@@ -216,11 +232,13 @@ pub mod kernels {
                             }
                             let xr = &mut xb[ih as usize * g.w_in..][..g.w_in];
                             let src = &cols[row + b * g.out_pixels() + oh * g.w_out..][..g.w_out];
-                            for (ow, v) in src.iter().enumerate() {
-                                let iw = (ow * s + kj) as isize - p;
-                                if iw >= 0 && iw < g.w_in as isize {
-                                    xr[iw as usize] += v;
-                                }
+                            let (lo, hi) = valid_columns(g, kj);
+                            if lo == hi {
+                                continue;
+                            }
+                            let first = lo * s + kj - g.padding;
+                            for (d, &v) in xr[first..].iter_mut().step_by(s).zip(&src[lo..hi]) {
+                                *d += v;
                             }
                         }
                     }
@@ -884,6 +902,64 @@ impl Layer for ConvTranspose2d {
 mod tests {
     use super::*;
     use crate::layers::testing::*;
+
+    /// im2col with a bounds test per element (the definition), for [`kernels::im2col`] and its
+    /// adjoint [`kernels::col2im`] to be checked against.
+    fn im2col_reference(g: &ConvGeometry, batch: usize, x: &[f32]) -> Vec<f32> {
+        let n = batch * g.out_pixels();
+        let mut cols = vec![0.0; g.patch_len() * n];
+        for ci in 0..g.c_in {
+            for ki in 0..g.kernel {
+                for kj in 0..g.kernel {
+                    for b in 0..batch {
+                        for oh in 0..g.h_out {
+                            for ow in 0..g.w_out {
+                                let ih = (oh * g.stride + ki) as isize - g.padding as isize;
+                                let iw = (ow * g.stride + kj) as isize - g.padding as isize;
+                                if (0..g.h_in as isize).contains(&ih) && (0..g.w_in as isize).contains(&iw) {
+                                    let row = (ci * g.kernel + ki) * g.kernel + kj;
+                                    cols[row * n + b * g.out_pixels() + oh * g.w_out + ow] =
+                                        x[b * g.in_len() + (ci * g.h_in + ih as usize) * g.w_in + iw as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cols
+    }
+
+    #[test]
+    fn im2col_and_col2im_match_the_definition_for_every_stride_and_padding() {
+        let mut h = Harness::new(4);
+        for (kernel, stride, padding, hw) in [
+            (1, 1, 0, 3),
+            (3, 1, 1, 5),
+            (4, 2, 1, 7),
+            (3, 3, 2, 8),
+            (5, 2, 0, 9),
+            (2, 1, 3, 2),
+        ] {
+            let g = ConvGeometry::conv(2, hw, hw + 1, 3, kernel, stride, padding).unwrap();
+            let batch = 2;
+            let x = h.values(batch * g.in_len());
+            assert_eq!(kernels::im2col(&g, batch, &x), im2col_reference(&g, batch, &x), "{g:?}");
+            // col2im is the adjoint: <im2col(x), c> = <x, col2im(c)>.
+            let c = h.values(g.patch_len() * batch * g.out_pixels());
+            let lhs: f64 = im2col_reference(&g, batch, &x)
+                .iter()
+                .zip(&c)
+                .map(|(a, b)| (a * b) as f64)
+                .sum();
+            let rhs: f64 = x
+                .iter()
+                .zip(kernels::col2im(&g, batch, &c))
+                .map(|(a, b)| (a * b) as f64)
+                .sum();
+            assert!((lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0), "{g:?}: {lhs} vs {rhs}");
+        }
+    }
 
     /// Direct definition: y[b,o,i,j] = bias[o] + Σ w[o,c,u,v]·x[b,c,i·s−p+u, j·s−p+v].
     fn naive_conv(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry, batch: usize) -> Vec<f32> {
