@@ -255,13 +255,17 @@ impl Param {
     /// `Gradients::get_or_alloc_mut`), without bringing its values up to date: `f` must not read
     /// them.
     pub fn with_id<R>(&self, f: impl FnOnce(&Vector) -> R) -> R {
-        match self.current.get() {
-            Some(tensor) => f(tensor),
-            None => f(self
-                .lagging_tensor()
-                .as_ref()
-                .expect("a parameter holds its tensor either current or lagging")),
+        if let Some(tensor) = self.current.get() {
+            return f(tensor);
         }
+        {
+            let lagging = self.lagging_tensor();
+            if let Some(tensor) = lagging.as_ref() {
+                return f(tensor);
+            }
+        }
+        // Neither: another thread is bringing the tensor up to date; `value` waits for it.
+        f(self.value())
     }
     /// Whether optimizers update it.
     pub fn trainable(&self) -> bool {
