@@ -79,7 +79,7 @@ pub trait DataSource {
 
 /// Serializable description of a [`DataSource`]; `type = "ring"` in pipeline files.
 #[typetag::serde(tag = "type")]
-pub trait DataSourceConfig: std::fmt::Debug {
+pub trait DataSourceConfig: std::fmt::Debug + Send + Sync {
     /// Builds (loads or synthesizes) the data set; synthetic sources draw from `seed`.
     fn build(&self, seed: u64) -> Result<Box<dyn DataSource>>;
 }

@@ -28,7 +28,7 @@ pub trait Metric {
 
 /// Serializable description of a [`Metric`]; `type = "mode_coverage"` in pipeline files.
 #[typetag::serde(tag = "type")]
-pub trait MetricConfig: std::fmt::Debug {
+pub trait MetricConfig: std::fmt::Debug + Send + Sync {
     /// Builds the metric.
     fn build(&self) -> Result<Box<dyn Metric>>;
 }

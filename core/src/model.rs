@@ -222,7 +222,7 @@ pub trait Model: Parameterized {
 
 /// Serializable description of a [`Model`]; `type = "dense_autoencoder"` in pipeline files.
 #[typetag::serde(tag = "type")]
-pub trait ModelConfig: std::fmt::Debug {
+pub trait ModelConfig: std::fmt::Debug + Send + Sync {
     /// Builds the model for data described by `data`, or explains why they do not fit.
     fn build(&self, data: &DataInfo, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Model>>;
 }

@@ -190,7 +190,7 @@ pub trait Stabilizer {
 
 /// Serializable description of a [`Stabilizer`]; `type = "weight_clipping"` in pipeline files.
 #[typetag::serde(tag = "type")]
-pub trait StabilizerConfig: std::fmt::Debug {
+pub trait StabilizerConfig: std::fmt::Debug + Send + Sync {
     /// Builds the stabilizer.
     fn build(&self) -> Result<Box<dyn Stabilizer>>;
 }

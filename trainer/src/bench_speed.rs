@@ -596,24 +596,16 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Sizes rayon's global pool, which dfdx's matrix products run on, to exactly `threads`.
-fn set_threads(threads: usize) -> anyhow::Result<()> {
-    if threads == 0 {
-        bail!("--threads must be at least 1");
-    }
-    let built = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    if built.is_err() && rayon::current_num_threads() != threads {
-        bail!(
-            "cannot size the matrix-product thread pool to {threads} threads: it already runs {}",
-            rayon::current_num_threads()
-        );
-    }
-    Ok(())
-}
-
 /// The child's work: measures `m` in this process and returns its record.
 pub fn measure(m: &Measurement, extra_plugins: &[PathBuf]) -> anyhow::Result<Record> {
-    set_threads(m.threads)?;
+    if m.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    crate::threads::on_pool(Some(m.threads), || measure_on_pool(m, extra_plugins))?
+}
+
+/// [`measure`]'s work, on a worker of a pool of `m.threads` threads, as a training run computes.
+fn measure_on_pool(m: &Measurement, extra_plugins: &[PathBuf]) -> anyhow::Result<Record> {
     let (mut timed, workload, batch, width, flop, notes): (Box<dyn Timed>, &str, usize, f64, Option<f64>, String) =
         match m.target {
             Target::Workload { workload, batch, width } => (

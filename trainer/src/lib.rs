@@ -23,6 +23,7 @@ pub mod progress;
 pub mod report;
 mod run;
 pub mod scaffold;
+pub mod threads;
 pub mod train;
 pub mod validate;
 

@@ -159,23 +159,6 @@ pub fn run_dir(pipeline: &Pipeline, name: &str, opts: &RunOptions) -> PathBuf {
     PathBuf::from("runs").join(format!("{name}-{stamp}"))
 }
 
-/// Sizes the thread pool dfdx's matrix products run on (rayon's global pool; dfdx passes
-/// `rayon::current_num_threads()` to gemm). Elementwise ops are single-threaded in dfdx 0.13.
-/// The global pool can be sized once per process; later requests that differ are reported.
-fn set_threads(threads: Option<usize>) {
-    let Some(n) = threads else { return };
-    if n == 0 {
-        tracing::warn!("threads = 0 ignored: rayon picks one thread per core");
-        return;
-    }
-    if rayon::ThreadPoolBuilder::new().num_threads(n).build_global().is_err() && rayon::current_num_threads() != n {
-        tracing::warn!(
-            "the matrix-product thread pool already runs {} threads in this process; {n} requested and ignored",
-            rayon::current_num_threads()
-        );
-    }
-}
-
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Asks the training loop to stop after the current step, write a checkpoint and return a
@@ -319,12 +302,24 @@ pub fn train_from(
     opts: &RunOptions,
     resume: Option<(&Path, &TrainingState)>,
 ) -> anyhow::Result<Summary> {
+    let threads = opts.threads.or(pipeline.training.threads);
+    crate::threads::on_pool(threads, || train_on_pool(pipeline, name, dir, plugins, opts, resume))?
+}
+
+/// [`train_from`]'s work, on a worker of the run's thread pool.
+fn train_on_pool(
+    pipeline: &Pipeline,
+    name: &str,
+    dir: &Path,
+    plugins: &[LoadedPlugin],
+    opts: &RunOptions,
+    resume: Option<(&Path, &TrainingState)>,
+) -> anyhow::Result<Summary> {
     let seed = opts.seed.unwrap_or(pipeline.seed);
     let steps = opts.steps.unwrap_or(pipeline.training.steps);
     let cfg = &pipeline.training;
     cfg.checkpoint.validate()?;
     let mut monitor = Monitor::new(cfg.health.clone())?;
-    set_threads(opts.threads.or(cfg.threads));
     let hash = checkpoint::pipeline_hash(pipeline)?;
 
     let mut rng = Rng::seed_from_u64(seed);

@@ -68,14 +68,20 @@ impl ActivationFn {
     pub fn apply_in_place(&self, values: &mut [f32]) -> Vec<f32> {
         #[inline(always)]
         fn run(values: &mut [f32], f: impl Fn(f32) -> (f32, f32)) -> Vec<f32> {
-            values
-                .iter_mut()
-                .map(|v| {
-                    let (value, slope) = f(*v);
-                    *v = value;
-                    slope
-                })
-                .collect()
+            let mut slopes = vec![0.0; values.len()];
+            // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
+            crate::kernels::on_widest_vectors(
+                #[inline(always)]
+                || {
+                    let slopes = &mut slopes[..values.len()];
+                    for i in 0..values.len() {
+                        let (value, slope) = f(values[i]);
+                        values[i] = value;
+                        slopes[i] = slope;
+                    }
+                },
+            );
+            slopes
         }
         // One closure per variant, so that each loop is compiled for its function.
         match *self {
@@ -261,9 +267,17 @@ fn pointwise(x: Matrix<Tape>, f: ActivationFn) -> Matrix<Tape> {
     let (xg, yg) = (x.ghost(), y.ghost());
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
-        for ((g, d), s) in grads.get_or_alloc_mut(&xg)?.iter_mut().zip(&dy).zip(&slopes) {
-            *g += d * s;
-        }
+        let dx = &mut grads.get_or_alloc_mut(&xg)?[..];
+        crate::kernels::on_widest_vectors(
+            #[inline(always)]
+            || {
+                let n = dx.len();
+                let (dy, slopes) = (&dy[..n], &slopes[..n]);
+                for i in 0..n {
+                    dx[i] += dy[i] * slopes[i];
+                }
+            },
+        );
         **grads.get_or_alloc_mut(&yg)? = dy;
         Ok(())
     });
@@ -448,6 +462,33 @@ mod tests {
             let to64 = |a: &[f32]| a.iter().map(|&v| v as f64).collect::<Vec<_>>();
             assert_close(&format!("{} values", f.name()), &v, &to64(&cv), 1e-5, 1e-6);
             assert_close(&format!("{} gradients", f.name()), &g, &to64(&cg), 1e-4, 1e-5);
+        }
+    }
+
+    #[test]
+    fn the_wide_vector_pass_gives_the_portable_bits() {
+        // `apply_in_place` runs compiled for AVX-512 or AVX2 where the CPU has them; this test's
+        // own loop is the portable build. 1003 values: whole vectors and a tail.
+        let xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 501.0) * 0.027).collect();
+        let functions = [
+            ActivationFn::Relu,
+            ActivationFn::LeakyRelu(0.2),
+            ActivationFn::Elu(1.0),
+            ActivationFn::Tanh,
+            ActivationFn::Sigmoid,
+            ActivationFn::Gelu,
+        ];
+        for f in functions {
+            let mut values = xs.clone();
+            let slopes = f.apply_in_place(&mut values);
+            for (i, &x) in xs.iter().enumerate() {
+                let (value, slope) = std::hint::black_box(f).value_and_slope(x);
+                assert_eq!(
+                    (values[i].to_bits(), slopes[i].to_bits()),
+                    (value.to_bits(), slope.to_bits()),
+                    "{f:?} at {x}"
+                );
+            }
         }
     }
 

@@ -264,7 +264,7 @@ fn affine(
         let dz: Vec<f32>;
         let dy: &[f32] = match &slopes {
             Some(slopes) => {
-                dz = dy_store.iter().zip(slopes).map(|(d, s)| d * s).collect();
+                dz = crate::kernels::elementwise_product(&dy_store, slopes);
                 &dz
             }
             None => &dy_store,

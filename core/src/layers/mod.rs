@@ -115,7 +115,7 @@ pub fn reestimate_statistics<M: ?Sized>(
 
 /// Serializable description of a layer; `type = "linear"` etc. in pipeline files.
 #[typetag::serde(tag = "type")]
-pub trait LayerConfig: std::fmt::Debug {
+pub trait LayerConfig: std::fmt::Debug + Send + Sync {
     /// Builds the layer for samples of shape `input`.
     fn build(&self, input: FeatureShape, ctx: &mut BuildContext<'_>) -> Result<Box<dyn Layer>>;
 }

@@ -15,7 +15,7 @@ pub trait Loss {
 
 /// Serializable description of a [`Loss`]; `type = "mse"` in pipeline files.
 #[typetag::serde(tag = "type")]
-pub trait LossConfig: std::fmt::Debug {
+pub trait LossConfig: std::fmt::Debug + Send + Sync {
     /// Builds the loss.
     fn build(&self) -> Result<Box<dyn Loss>>;
 }
@@ -62,7 +62,7 @@ pub trait AdversarialObjective {
 
 /// Serializable description of an [`AdversarialObjective`]; `type = "non_saturating"`.
 #[typetag::serde(tag = "type")]
-pub trait AdversarialObjectiveConfig: std::fmt::Debug {
+pub trait AdversarialObjectiveConfig: std::fmt::Debug + Send + Sync {
     /// Builds the objective.
     fn build(&self) -> Result<Box<dyn AdversarialObjective>>;
 }

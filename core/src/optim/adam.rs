@@ -261,13 +261,19 @@ fn adam_update<const L2: bool, const DECOUPLED: bool>(
     match v_max {
         None => {
             let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-                // Indexed over slices of one length, so that the loop vectorizes.
-                let n = p.len();
-                let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-                for i in 0..n {
-                    let second = moments::<L2, DECOUPLED>(k, &mut p[i], g[i], &mut m[i], &mut v[i]);
-                    p[i] += k.neg_step * (m[i] / (second.sqrt() * k.inv_bias2_sqrt + k.eps));
-                }
+                // Indexed over slices of one length, so that the loop vectorizes, to the CPU's
+                // widest vectors (the square root and the division are most of its cost).
+                crate::kernels::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        let n = p.len();
+                        let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+                        for i in 0..n {
+                            let second = moments::<L2, DECOUPLED>(k, &mut p[i], g[i], &mut m[i], &mut v[i]);
+                            p[i] += k.neg_step * (m[i] / (second.sqrt() * k.inv_bias2_sqrt + k.eps));
+                        }
+                    },
+                )
             };
             // Elements are independent: a large parameter is split across the pool's threads.
             match parallel_chunk(p.len()) {

@@ -27,7 +27,7 @@ pub trait Optimizer {
 
 /// Serializable description of an [`Optimizer`]; `type = "adam"` in pipeline files.
 #[typetag::serde(tag = "type")]
-pub trait OptimizerConfig: std::fmt::Debug {
+pub trait OptimizerConfig: std::fmt::Debug + Send + Sync {
     /// Builds the optimizer.
     fn build(&self) -> Result<Box<dyn Optimizer>>;
 }
