@@ -166,85 +166,94 @@ pub mod kernels {
         c
     }
 
-    /// The output columns `lo..hi` whose input column `ow·stride + kj − padding` lies inside the
-    /// input (the others read padding), so that the copy loops carry no bounds test.
-    fn valid_columns(g: &ConvGeometry, kj: usize) -> (usize, usize) {
+    /// The output positions `lo..hi` along one side whose input position `o·stride + kpos −
+    /// padding` lies inside `0..input_side` (the others read padding), for the kernel offset `kpos`
+    /// along that side, so that the copy loops carry no bounds test.
+    fn valid_outputs(g: &ConvGeometry, input_side: usize, output_side: usize, kpos: usize) -> (usize, usize) {
         let (s, p) = (g.stride, g.padding);
-        // ow·s + kj ≥ p  ⇔  ow ≥ ⌈(p − kj)/s⌉;   ow·s + kj − p < w_in  ⇔  ow < ⌈(w_in + p − kj)/s⌉.
-        let lo = p.saturating_sub(kj).div_ceil(s);
-        let hi = ((g.w_in + p).saturating_sub(kj)).div_ceil(s).min(g.w_out);
+        // o·s + kpos ≥ p  ⇔  o ≥ ⌈(p − kpos)/s⌉;   o·s + kpos − p < n  ⇔  o < ⌈(n + p − kpos)/s⌉.
+        let lo = p.saturating_sub(kpos).div_ceil(s);
+        let hi = ((input_side + p).saturating_sub(kpos)).div_ceil(s).min(output_side);
         (lo.min(hi), hi)
+    }
+
+    /// Calls `f(row, ci, first_input_row, output_rows, first_input_column, output_columns)` for
+    /// each row `(ci, ki, kj)` of the column matrix that reads any input: the output rows and
+    /// columns whose input pixel lies inside the image, and the input row and column the first of
+    /// them reads (the next ones are `stride` apart). The ranges are computed once per kernel
+    /// offset, not per pixel.
+    fn for_each_patch_row(
+        g: &ConvGeometry,
+        mut f: impl FnMut(usize, usize, usize, std::ops::Range<usize>, usize, std::ops::Range<usize>),
+    ) {
+        let k = g.kernel;
+        for ki in 0..k {
+            let (row_lo, row_hi) = valid_outputs(g, g.h_in, g.h_out, ki);
+            if row_lo == row_hi {
+                continue;
+            }
+            for kj in 0..k {
+                let (lo, hi) = valid_outputs(g, g.w_in, g.w_out, kj);
+                if lo == hi {
+                    continue;
+                }
+                let (first_ih, first_iw) = (row_lo * g.stride + ki - g.padding, lo * g.stride + kj - g.padding);
+                for ci in 0..g.c_in {
+                    f((ci * k + ki) * k + kj, ci, first_ih, row_lo..row_hi, first_iw, lo..hi);
+                }
+            }
+        }
     }
 
     /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`.
     pub fn im2col(g: &ConvGeometry, batch: usize, x: &[f32]) -> Vec<f32> {
-        let (k, p, s) = (g.kernel, g.padding as isize, g.stride);
-        let n = batch * g.out_pixels();
+        let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
         let mut cols = vec![0.0; g.patch_len() * n];
-        for ci in 0..g.c_in {
-            for ki in 0..k {
-                for kj in 0..k {
-                    let row = ((ci * k + ki) * k + kj) * n;
-                    for b in 0..batch {
-                        let xb = &x[b * g.in_len() + ci * g.h_in * g.w_in..][..g.h_in * g.w_in];
-                        for oh in 0..g.h_out {
-                            let ih = (oh * s + ki) as isize - p;
-                            if ih < 0 || ih >= g.h_in as isize {
-                                continue;
-                            }
-                            let xr = &xb[ih as usize * g.w_in..][..g.w_in];
-                            let dst = &mut cols[row + b * g.out_pixels() + oh * g.w_out..][..g.w_out];
-                            let (lo, hi) = valid_columns(g, kj);
-                            if lo == hi {
-                                continue;
-                            }
-                            let first = lo * s + kj - g.padding;
-                            if s == 1 {
-                                dst[lo..hi].copy_from_slice(&xr[first..][..hi - lo]);
-                            } else {
-                                for (d, &v) in dst[lo..hi].iter_mut().zip(xr[first..].iter().step_by(s)) {
-                                    *d = v;
-                                }
-                            }
+        for_each_patch_row(g, |row, ci, first_ih, rows, first_iw, columns| {
+            let width = columns.len();
+            for b in 0..batch {
+                let xb = &x[b * g.in_len() + ci * plane..][..plane];
+                let out = &mut cols[row * n + b * g.out_pixels()..][..g.out_pixels()];
+                for (r, oh) in rows.clone().enumerate() {
+                    let src = &xb[(first_ih + r * s) * g.w_in + first_iw..];
+                    let dst = &mut out[oh * g.w_out + columns.start..][..width];
+                    if s == 1 {
+                        dst.copy_from_slice(&src[..width]);
+                    } else {
+                        for (j, d) in dst.iter_mut().enumerate() {
+                            *d = src[j * s];
                         }
                     }
                 }
             }
-        }
+        });
         cols
     }
 
     /// The adjoint of [`im2col`]: sums columns back into the input space, `[batch, c_in·h_in·w_in]`.
     pub fn col2im(g: &ConvGeometry, batch: usize, cols: &[f32]) -> Vec<f32> {
-        let (k, p, s) = (g.kernel, g.padding as isize, g.stride);
-        let n = batch * g.out_pixels();
+        let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
         let mut x = vec![0.0; batch * g.in_len()];
-        for ci in 0..g.c_in {
-            for ki in 0..k {
-                for kj in 0..k {
-                    let row = ((ci * k + ki) * k + kj) * n;
-                    for b in 0..batch {
-                        let xb = &mut x[b * g.in_len() + ci * g.h_in * g.w_in..][..g.h_in * g.w_in];
-                        for oh in 0..g.h_out {
-                            let ih = (oh * s + ki) as isize - p;
-                            if ih < 0 || ih >= g.h_in as isize {
-                                continue;
-                            }
-                            let xr = &mut xb[ih as usize * g.w_in..][..g.w_in];
-                            let src = &cols[row + b * g.out_pixels() + oh * g.w_out..][..g.w_out];
-                            let (lo, hi) = valid_columns(g, kj);
-                            if lo == hi {
-                                continue;
-                            }
-                            let first = lo * s + kj - g.padding;
-                            for (d, &v) in xr[first..].iter_mut().step_by(s).zip(&src[lo..hi]) {
-                                *d += v;
-                            }
+        for_each_patch_row(g, |row, ci, first_ih, rows, first_iw, columns| {
+            let width = columns.len();
+            for b in 0..batch {
+                let xb = &mut x[b * g.in_len() + ci * plane..][..plane];
+                let src_plane = &cols[row * n + b * g.out_pixels()..][..g.out_pixels()];
+                for (r, oh) in rows.clone().enumerate() {
+                    let src = &src_plane[oh * g.w_out + columns.start..][..width];
+                    let dst = &mut xb[(first_ih + r * s) * g.w_in + first_iw..];
+                    if s == 1 {
+                        for (d, v) in dst[..width].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (j, v) in src.iter().enumerate() {
+                            dst[j * s] += v;
                         }
                     }
                 }
             }
-        }
+        });
         x
     }
 
