@@ -147,6 +147,8 @@ impl ConvGeometry {
 /// The host kernels behind [`conv2d`] and [`conv_transpose2d`]: all the hot code of convolution.
 /// Inputs and outputs are row-major, samples first and channels major within a sample.
 pub mod kernels {
+    use rayon::prelude::*;
+
     use super::ConvGeometry;
 
     /// `op(a)·op(b)` through [`crate::kernels::matmul`]; `a` is stored `a_shape`, `op` transposes
@@ -177,71 +179,89 @@ pub mod kernels {
         (lo.min(hi), hi)
     }
 
-    /// Calls `f(row, ci, first_input_row, output_rows, first_input_column, output_columns)` for
-    /// each row `(ci, ki, kj)` of the column matrix that reads any input: the output rows and
-    /// columns whose input pixel lies inside the image, and the input row and column the first of
-    /// them reads (the next ones are `stride` apart). The ranges are computed once per kernel
-    /// offset, not per pixel.
-    fn for_each_patch_row(
-        g: &ConvGeometry,
-        mut f: impl FnMut(usize, usize, usize, std::ops::Range<usize>, usize, std::ops::Range<usize>),
-    ) {
+    /// Where row `row = (ci·k + ki)·k + kj` of the column matrix reads the input: its channel
+    /// `ci`, the output rows and columns whose input pixel lies inside the image, and the input
+    /// row and column the first of them reads (the next ones are `stride` apart); `None` when the
+    /// row reads only padding.
+    fn patch_row(g: &ConvGeometry, row: usize) -> Option<PatchRow> {
         let k = g.kernel;
-        for ki in 0..k {
-            let (row_lo, row_hi) = valid_outputs(g, g.h_in, g.h_out, ki);
-            if row_lo == row_hi {
-                continue;
-            }
-            for kj in 0..k {
-                let (lo, hi) = valid_outputs(g, g.w_in, g.w_out, kj);
-                if lo == hi {
-                    continue;
-                }
-                let (first_ih, first_iw) = (row_lo * g.stride + ki - g.padding, lo * g.stride + kj - g.padding);
-                for ci in 0..g.c_in {
-                    f((ci * k + ki) * k + kj, ci, first_ih, row_lo..row_hi, first_iw, lo..hi);
-                }
-            }
-        }
+        let (ci, ki, kj) = (row / (k * k), row / k % k, row % k);
+        let (row_lo, row_hi) = valid_outputs(g, g.h_in, g.h_out, ki);
+        let (lo, hi) = valid_outputs(g, g.w_in, g.w_out, kj);
+        (row_lo < row_hi && lo < hi).then(|| PatchRow {
+            ci,
+            first_ih: row_lo * g.stride + ki - g.padding,
+            rows: row_lo..row_hi,
+            first_iw: lo * g.stride + kj - g.padding,
+            columns: lo..hi,
+        })
     }
 
-    /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`.
+    /// One row of the column matrix, as [`patch_row`] finds it.
+    struct PatchRow {
+        ci: usize,
+        first_ih: usize,
+        rows: std::ops::Range<usize>,
+        first_iw: usize,
+        columns: std::ops::Range<usize>,
+    }
+
+    /// Rows of the column matrix per task when the pool splits [`im2col`]: enough to outweigh
+    /// handing a task to another thread.
+    const MIN_ITEMS_PER_TASK: usize = 8;
+
+    /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`. Rows are filled
+    /// in parallel on the pool's threads.
     pub fn im2col(g: &ConvGeometry, batch: usize, x: &[f32]) -> Vec<f32> {
         let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
         let mut cols = vec![0.0; g.patch_len() * n];
-        for_each_patch_row(g, |row, ci, first_ih, rows, first_iw, columns| {
-            let width = columns.len();
-            for b in 0..batch {
-                let xb = &x[b * g.in_len() + ci * plane..][..plane];
-                let out = &mut cols[row * n + b * g.out_pixels()..][..g.out_pixels()];
-                for (r, oh) in rows.clone().enumerate() {
-                    let src = &xb[(first_ih + r * s) * g.w_in + first_iw..];
-                    let dst = &mut out[oh * g.w_out + columns.start..][..width];
-                    if s == 1 {
-                        dst.copy_from_slice(&src[..width]);
-                    } else {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            *d = src[j * s];
+        if n == 0 {
+            return cols;
+        }
+        cols.par_chunks_mut(n)
+            .with_min_len(MIN_ITEMS_PER_TASK)
+            .enumerate()
+            .for_each(|(row, out_row)| {
+                let Some(p) = patch_row(g, row) else { return };
+                let width = p.columns.len();
+                for b in 0..batch {
+                    let xb = &x[b * g.in_len() + p.ci * plane..][..plane];
+                    let out = &mut out_row[b * g.out_pixels()..][..g.out_pixels()];
+                    for (r, oh) in p.rows.clone().enumerate() {
+                        let src = &xb[(p.first_ih + r * s) * g.w_in + p.first_iw..];
+                        let dst = &mut out[oh * g.w_out + p.columns.start..][..width];
+                        if s == 1 {
+                            dst.copy_from_slice(&src[..width]);
+                        } else {
+                            for (j, d) in dst.iter_mut().enumerate() {
+                                *d = src[j * s];
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         cols
     }
 
     /// The adjoint of [`im2col`]: sums columns back into the input space, `[batch, c_in·h_in·w_in]`.
+    /// Samples are summed in parallel on the pool's threads.
     pub fn col2im(g: &ConvGeometry, batch: usize, cols: &[f32]) -> Vec<f32> {
         let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
         let mut x = vec![0.0; batch * g.in_len()];
-        for_each_patch_row(g, |row, ci, first_ih, rows, first_iw, columns| {
-            let width = columns.len();
-            for b in 0..batch {
-                let xb = &mut x[b * g.in_len() + ci * plane..][..plane];
+        if g.in_len() == 0 {
+            return x;
+        }
+        let rows: Vec<(usize, PatchRow)> = (0..g.patch_len())
+            .filter_map(|row| patch_row(g, row).map(|p| (row, p)))
+            .collect();
+        x.par_chunks_mut(g.in_len()).enumerate().for_each(|(b, xs)| {
+            for (row, p) in &rows {
+                let width = p.columns.len();
+                let xb = &mut xs[p.ci * plane..][..plane];
                 let src_plane = &cols[row * n + b * g.out_pixels()..][..g.out_pixels()];
-                for (r, oh) in rows.clone().enumerate() {
-                    let src = &src_plane[oh * g.w_out + columns.start..][..width];
-                    let dst = &mut xb[(first_ih + r * s) * g.w_in + first_iw..];
+                for (r, oh) in p.rows.clone().enumerate() {
+                    let src = &src_plane[oh * g.w_out + p.columns.start..][..width];
+                    let dst = &mut xb[(p.first_ih + r * s) * g.w_in + p.first_iw..];
                     if s == 1 {
                         for (d, v) in dst[..width].iter_mut().zip(src) {
                             *d += v;
