@@ -8,7 +8,7 @@
 //! set is its own: the child builds the run exactly as `nash train` does (the same pipeline reader,
 //! `--set` overrides for the batch size and the width multiplier, the same [`crate::run::build`],
 //! [`DataLoader`] and step: [`nash_core::model::Model::train_step`] then the stabilizers' `end_step`),
-//! sizes the matrix-product thread pool to `--threads`, runs `warmup` steps, then `repeats` timed
+//! starts a compute pool of `--threads` threads, runs `warmup` steps, then `repeats` timed
 //! runs of `steps` steps (by default as many as last about [`TARGET_RUN_S`], from a short
 //! calibration), and prints one JSON [`Record`] (the contract shared with `bench/`) as the last line
 //! of its standard output. The parent pins nothing (`bench/` runs it under `taskset`).
@@ -169,7 +169,7 @@ pub enum Target {
 pub struct Measurement {
     /// What is timed.
     pub target: Target,
-    /// Threads of the matrix-product pool.
+    /// Threads of the compute pool.
     pub threads: usize,
     /// Untimed steps first.
     pub warmup: u64,
@@ -189,7 +189,7 @@ pub struct Record {
     pub version: String,
     /// `autoencoder`, `mlp_gan`, `dcgan`, or [`MATMUL_WORKLOAD`].
     pub workload: String,
-    /// Threads of the matrix-product pool.
+    /// Threads of the compute pool.
     pub threads: usize,
     /// Samples per step (the matrices' side for the matrix product).
     pub batch: usize,

@@ -77,9 +77,9 @@ struct ResumeArgs {
     /// Train to this many steps in all (default: the run's `training.steps`).
     #[arg(long)]
     steps: Option<u64>,
-    /// Threads for matrix products (replaces `training.threads`).
+    /// Threads of the compute pool (replaces `training.threads`; at least 1).
     #[arg(long)]
-    threads: Option<usize>,
+    threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,7 +128,7 @@ struct SpeedArgs {
     /// A workload to measure (repeatable; default: all).
     #[arg(long = "workload", value_enum)]
     workloads: Vec<nash_trainer::bench_speed::Workload>,
-    /// Thread counts of the matrix-product pool, each measured on its own.
+    /// Thread counts of the compute pool, each measured on its own.
     #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
     /// Batch sizes (1 to 1024).
@@ -166,7 +166,7 @@ struct SpeedChildArgs {
     /// Time products of two square matrices of this side instead of a workload.
     #[arg(long, value_name = "N", conflicts_with = "workload")]
     matmul: Option<usize>,
-    /// Threads of the matrix-product pool.
+    /// Threads of the compute pool.
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Samples per step.
@@ -319,9 +319,9 @@ struct TrainArgs {
     /// Replaces `training.steps`.
     #[arg(long)]
     steps: Option<u64>,
-    /// Threads for matrix products (replaces `training.threads`).
+    /// Threads of the compute pool (replaces `training.threads`; at least 1).
     #[arg(long)]
-    threads: Option<usize>,
+    threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -391,7 +391,7 @@ fn train(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
         out_dir: args.out.clone(),
         seed: args.seed,
         steps: args.steps,
-        threads: args.threads,
+        threads: args.threads.map(std::num::NonZeroUsize::get),
         progress: !cli.quiet,
     };
     nash_trainer::train::install_signal_handler()?;
@@ -417,7 +417,7 @@ fn finish_training(cli: &Cli, summary: &nash_trainer::Summary) -> anyhow::Result
 fn resume(cli: &Cli, args: &ResumeArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         steps: args.steps,
-        threads: args.threads,
+        threads: args.threads.map(std::num::NonZeroUsize::get),
         progress: !cli.quiet,
         ..RunOptions::default()
     };

@@ -67,7 +67,8 @@ pub struct TrainingConfig {
     pub sample_every: u64,
     /// Number of samples written each time.
     pub sample_count: usize,
-    /// Threads for matrix products (default: rayon's choice, one per core or `RAYON_NUM_THREADS`).
+    /// Threads of the run's compute pool: matrix products, optimizer updates, convolution patches
+    /// (default: one per core, or `RAYON_NUM_THREADS`).
     pub threads: Option<usize>,
     /// The run folder (default: `runs/<name>-<YYYYmmdd-HHMMSS>`).
     pub out_dir: Option<PathBuf>,
