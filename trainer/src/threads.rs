@@ -70,7 +70,9 @@ fn with_awake_helpers<R: Send>(helpers: usize, body: impl FnOnce() -> R + Send) 
                     if rayon::yield_now() == Some(rayon::Yield::Executed) {
                         last_work = Instant::now();
                     } else if last_work.elapsed() < AWAKE_AFTER_WORK {
-                        std::hint::spin_loop();
+                        // Gives the core to any other runnable thread (a machine running more
+                        // threads than cores, parallel tests) and returns at once otherwise.
+                        std::thread::yield_now();
                     } else {
                         std::thread::sleep(IDLE_PAUSE);
                     }
