@@ -1,7 +1,7 @@
 //! The thread pool a run computes on.
 //!
 //! A training run executes on a worker of its own rayon pool, not on the calling thread. The
-//! kernels split work with `rayon::join` and gemm's rayon mode; from inside the pool a split
+//! kernels split work with `rayon::join` and parallel iterators; from inside the pool a split
 //! pushes one half onto the worker's own deque, where an idle worker steals it within
 //! microseconds. From outside the pool every split would instead inject its work into the pool and
 //! put the caller to sleep until it finished: two context switches per matrix product, measured at

@@ -878,6 +878,11 @@ fn restored(
 /// newest one of a run folder) and writes them to `out`: a `.npy` array `[count, ...sample shape]`
 /// or a `.png` picture (a grid of images, or a scatter plot of 2-D points).
 pub fn sample(path: &Path, count: usize, seed: u64, out: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<()> {
+    crate::threads::on_pool(None, || sample_on_pool(path, count, seed, out, extra_plugins))?
+}
+
+/// [`sample`]'s work, on a worker of a compute pool of one thread per core.
+fn sample_on_pool(path: &Path, count: usize, seed: u64, out: &Path, extra_plugins: &[PathBuf]) -> anyhow::Result<()> {
     let ext = out
         .extension()
         .and_then(|e| e.to_str())
@@ -947,6 +952,15 @@ pub fn sample(path: &Path, count: usize, seed: u64, out: &Path, extra_plugins: &
 /// resolved pipeline first (`metrics=[{ type = "sample_quality" }]` scores a finished run with
 /// metrics it was not trained with); they must leave the networks as the checkpoint has them.
 pub fn evaluate(
+    path: &Path,
+    overrides: &[crate::Override],
+    extra_plugins: &[PathBuf],
+) -> anyhow::Result<CheckpointEvaluation> {
+    crate::threads::on_pool(None, || evaluate_on_pool(path, overrides, extra_plugins))?
+}
+
+/// [`evaluate`]'s work, on a worker of a compute pool of one thread per core.
+fn evaluate_on_pool(
     path: &Path,
     overrides: &[crate::Override],
     extra_plugins: &[PathBuf],
