@@ -196,6 +196,8 @@ pub struct Param {
     pub role: ParamRole,
     /// The values on the host, made on first use after a write to the tensor; empty while stale.
     host: OnceLock<Arc<Vec<f32>>>,
+    /// Whether backward passes compute this parameter's gradient ([`Param::requires_grad`]).
+    requires_grad: bool,
 }
 
 impl Clone for Param {
@@ -206,6 +208,7 @@ impl Clone for Param {
             shape: self.shape.clone(),
             role: self.role,
             host: self.host.clone(),
+            requires_grad: self.requires_grad,
         }
     }
 }
@@ -227,6 +230,7 @@ impl Param {
             shape,
             role,
             host: OnceLock::new(),
+            requires_grad: true,
         })
     }
     fn lagging_tensor(&self) -> std::sync::MutexGuard<'_, Option<Vector>> {
@@ -266,6 +270,20 @@ impl Param {
         }
         // Neither: another thread is bringing the tensor up to date; `value` waits for it.
         f(self.value())
+    }
+    /// Whether the forward passes run from now on record this parameter's gradient (true unless
+    /// [`Param::set_requires_grad`] turned it off, as PyTorch's `requires_grad_(False)`). The
+    /// layers with host kernels (linear, maxout, batch norm, convolutions) then skip it and leave
+    /// it out of the gradients; composite dfdx ops may still compute it, so a gradient of a
+    /// parameter that requires none must not be read.
+    pub fn requires_grad(&self) -> bool {
+        self.requires_grad
+    }
+    /// Turns the gradient of this parameter on or off for the forward passes run from now on
+    /// (see [`Param::requires_grad`]); `Sequential::forward_frozen` does it for a whole network
+    /// for one pass.
+    pub fn set_requires_grad(&mut self, required: bool) {
+        self.requires_grad = required;
     }
     /// Whether optimizers update it.
     pub fn trainable(&self) -> bool {

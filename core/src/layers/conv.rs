@@ -356,31 +356,75 @@ pub mod kernels {
         y
     }
 
-    /// Gradients of [`conv_forward`]: `(dx, dw, db)` from `dy` `[batch, out_len]`.
+    /// Which gradients a backward pass computes: the input's is left out for data (nobody reads
+    /// it), the weight's and the bias's for frozen parameters.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Wanted {
+        /// The input's gradient.
+        pub input: bool,
+        /// The weight's gradient.
+        pub weight: bool,
+        /// The bias's gradient.
+        pub bias: bool,
+    }
+
+    impl Wanted {
+        /// Every gradient.
+        pub const ALL: Wanted = Wanted {
+            input: true,
+            weight: true,
+            bias: true,
+        };
+    }
+
+    /// The gradients a backward pass computed, each `None` where it was not [`Wanted`].
+    #[derive(Debug, Default)]
+    pub struct Gradients {
+        /// Of the input, `[batch, input values]`.
+        pub input: Option<Vec<f32>>,
+        /// Of the weight, `[c_out, c_in·k·k]`.
+        pub weight: Option<Vec<f32>>,
+        /// Of the bias (the per-channel sums of the output's gradient).
+        pub bias: Option<Vec<f32>>,
+    }
+
+    /// Gradients of [`conv_forward`] from `dy` `[batch, out_len]`: `dx` `[batch, in_len]`, `dw`
+    /// and `db` (length `c_out`), each as `wanted`.
     pub fn conv_backward(
         g: &ConvGeometry,
         batch: usize,
         x: &[f32],
         w: &[f32],
         dy: &[f32],
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        wanted: Wanted,
+    ) -> Gradients {
         let k = g.patch_len();
-        let mut dx = vec![0.0; batch * g.in_len()];
-        let mut dw = vec![0.0; g.weight_len()];
-        chunks(g, batch, |first, count| {
-            let n = count * g.out_pixels();
-            let dym = to_channel_rows(
-                &dy[first * g.out_len()..][..count * g.out_len()],
-                count,
-                g.c_out,
-                g.out_pixels(),
-            );
-            let cols = im2col(g, count, &x[first * g.in_len()..][..count * g.in_len()]);
-            crate::kernels::matmul((g.c_out, n, k), &dym, false, &cols, true, &mut dw, true);
-            let dcols = gemm(w, (g.c_out, k), true, &dym, (g.c_out, n), false);
-            dx[first * g.in_len()..][..count * g.in_len()].copy_from_slice(&col2im(g, count, &dcols));
-        });
-        (dx, dw, channel_sums(dy, batch, g.c_out, g.out_pixels()))
+        let mut dx = wanted.input.then(|| vec![0.0; batch * g.in_len()]);
+        let mut dw = wanted.weight.then(|| vec![0.0; g.weight_len()]);
+        if dx.is_some() || dw.is_some() {
+            chunks(g, batch, |first, count| {
+                let n = count * g.out_pixels();
+                let dym = to_channel_rows(
+                    &dy[first * g.out_len()..][..count * g.out_len()],
+                    count,
+                    g.c_out,
+                    g.out_pixels(),
+                );
+                if let Some(dw) = dw.as_mut() {
+                    let cols = im2col(g, count, &x[first * g.in_len()..][..count * g.in_len()]);
+                    crate::kernels::matmul((g.c_out, n, k), &dym, false, &cols, true, dw, true);
+                }
+                if let Some(dx) = dx.as_mut() {
+                    let dcols = gemm(w, (g.c_out, k), true, &dym, (g.c_out, n), false);
+                    dx[first * g.in_len()..][..count * g.in_len()].copy_from_slice(&col2im(g, count, &dcols));
+                }
+            });
+        }
+        Gradients {
+            input: dx,
+            weight: dw,
+            bias: wanted.bias.then(|| channel_sums(dy, batch, g.c_out, g.out_pixels())),
+        }
     }
 
     /// Transposed convolution (the adjoint of `g`): `x` `[batch, out_len]`, `w` `[c_out, c_in·k·k]`
@@ -419,37 +463,49 @@ pub mod kernels {
         y
     }
 
-    /// Gradients of [`conv_transpose_forward`]: `(dx, dw, db)` from `dy` `[batch, in_len]`.
+    /// Gradients of [`conv_transpose_forward`] from `dy` `[batch, in_len]`: `dx` `[batch,
+    /// out_len]`, `dw` and `db` (length `c_in`), each as `wanted`.
     pub fn conv_transpose_backward(
         g: &ConvGeometry,
         batch: usize,
         x: &[f32],
         w: &[f32],
         dy: &[f32],
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        wanted: Wanted,
+    ) -> Gradients {
         let k = g.patch_len();
-        let mut dx = vec![0.0; batch * g.out_len()];
-        let mut dw = vec![0.0; g.weight_len()];
-        chunks(g, batch, |first, count| {
-            let n = count * g.out_pixels();
-            let cols = im2col(g, count, &dy[first * g.in_len()..][..count * g.in_len()]);
-            let xm = to_channel_rows(
-                &x[first * g.out_len()..][..count * g.out_len()],
-                count,
-                g.c_out,
-                g.out_pixels(),
-            );
-            crate::kernels::matmul((g.c_out, n, k), &xm, false, &cols, true, &mut dw, true);
-            let dxm = gemm(w, (g.c_out, k), false, &cols, (k, n), false);
-            dx[first * g.out_len()..][..count * g.out_len()].copy_from_slice(&from_channel_rows(
-                &dxm,
-                count,
-                g.c_out,
-                g.out_pixels(),
-                None,
-            ));
-        });
-        (dx, dw, channel_sums(dy, batch, g.c_in, g.h_in * g.w_in))
+        let mut dx = wanted.input.then(|| vec![0.0; batch * g.out_len()]);
+        let mut dw = wanted.weight.then(|| vec![0.0; g.weight_len()]);
+        if dx.is_some() || dw.is_some() {
+            chunks(g, batch, |first, count| {
+                let n = count * g.out_pixels();
+                let cols = im2col(g, count, &dy[first * g.in_len()..][..count * g.in_len()]);
+                if let Some(dw) = dw.as_mut() {
+                    let xm = to_channel_rows(
+                        &x[first * g.out_len()..][..count * g.out_len()],
+                        count,
+                        g.c_out,
+                        g.out_pixels(),
+                    );
+                    crate::kernels::matmul((g.c_out, n, k), &xm, false, &cols, true, dw, true);
+                }
+                if let Some(dx) = dx.as_mut() {
+                    let dxm = gemm(w, (g.c_out, k), false, &cols, (k, n), false);
+                    dx[first * g.out_len()..][..count * g.out_len()].copy_from_slice(&from_channel_rows(
+                        &dxm,
+                        count,
+                        g.c_out,
+                        g.out_pixels(),
+                        None,
+                    ));
+                }
+            });
+        }
+        Gradients {
+            input: dx,
+            weight: dw,
+            bias: wanted.bias.then(|| channel_sums(dy, batch, g.c_in, g.h_in * g.w_in)),
+        }
     }
 }
 
@@ -480,13 +536,14 @@ macro_rules! accumulate {
 }
 
 /// One custom op: a convolution (`transpose == false`) or its adjoint, on the tape of `x`, with
-/// gradients into `x`, `w` (whose own tape, if any, is merged) and `bias`.
+/// the `wanted` gradients into `x`, `w` (whose own tape, if any, is merged) and `bias`.
 fn conv_op<T>(
     x: Matrix<Tape>,
     w: Tensor<(usize,), f32, Device, T>,
     bias: Option<&Vector>,
     g: ConvGeometry,
     transpose: bool,
+    wanted: kernels::Wanted,
 ) -> Result<Matrix<Tape>>
 where
     T: dfdx::tensor::Tape<f32, Device>,
@@ -529,14 +586,22 @@ where
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         grads.try_alloc_for(&yg)?;
         let dy = crate::kernels::host(&grads.get(&yg));
-        let (dx, dw, db) = if transpose {
-            kernels::conv_transpose_backward(&g, batch, &xv, &wv, &dy)
-        } else {
-            kernels::conv_backward(&g, batch, &xv, &wv, &dy)
+        let wanted = kernels::Wanted {
+            bias: wanted.bias && bg.is_some(),
+            ..wanted
         };
-        accumulate!(grads, &xg, dx);
-        accumulate!(grads, &wg, dw);
-        if let Some(bg) = &bg {
+        let computed = if transpose {
+            kernels::conv_transpose_backward(&g, batch, &xv, &wv, &dy, wanted)
+        } else {
+            kernels::conv_backward(&g, batch, &xv, &wv, &dy, wanted)
+        };
+        if let Some(dx) = computed.input {
+            accumulate!(grads, &xg, dx);
+        }
+        if let Some(dw) = computed.weight {
+            accumulate!(grads, &wg, dw);
+        }
+        if let (Some(bg), Some(db)) = (&bg, computed.bias) {
             accumulate!(grads, bg, db);
         }
         Ok(())
@@ -556,7 +621,7 @@ where
     T: dfdx::tensor::Tape<f32, Device>,
     Tape: Merge<T>,
 {
-    conv_op(x, weight, bias, *g, false)
+    conv_op(x, weight, bias, *g, false, kernels::Wanted::ALL)
 }
 
 /// Transposed convolution, the adjoint of [`conv2d`] with geometry `g`: `x` is
@@ -572,7 +637,7 @@ where
     T: dfdx::tensor::Tape<f32, Device>,
     Tape: Merge<T>,
 {
-    conv_op(x, weight, bias, *g, true)
+    conv_op(x, weight, bias, *g, true, kernels::Wanted::ALL)
 }
 
 /// `{ type = "conv2d", out_channels = 64, kernel_size = 4, stride = 2, padding = 1 }`.
@@ -863,6 +928,17 @@ fn check_input(what: &str, expected: FeatureShape, input: FeatureShape) -> Resul
     Ok(input)
 }
 
+/// The gradients a convolution layer's backward pass computes: the input's unless it is data
+/// ([`Activation::requires_grad`]), the weight's and bias's unless frozen
+/// ([`Param::requires_grad`]).
+fn wanted_gradients(input: &Activation, weight: &Param, bias: Option<&Param>) -> kernels::Wanted {
+    kernels::Wanted {
+        input: input.requires_grad,
+        weight: weight.requires_grad(),
+        bias: bias.is_some_and(Param::requires_grad),
+    }
+}
+
 impl Layer for Conv2d {
     fn describe(&self) -> String {
         let g = &self.geom;
@@ -878,11 +954,14 @@ impl Layer for Conv2d {
     }
     fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
         let shape = self.output_shape(input.shape)?;
-        let y = conv2d(
+        let wanted = wanted_gradients(&input, &self.weight, self.bias.as_ref());
+        let y = conv_op(
             input.value,
             self.weight.value().clone(),
             self.bias.as_ref().map(|b| b.value()),
-            &self.geom,
+            self.geom,
+            false,
+            wanted,
         )?;
         Activation::new(y, shape)
     }
@@ -912,11 +991,14 @@ impl Layer for ConvTranspose2d {
     }
     fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
         let shape = self.output_shape(input.shape)?;
-        let y = conv_transpose2d(
+        let wanted = wanted_gradients(&input, &self.weight, self.bias.as_ref());
+        let y = conv_op(
             input.value,
             self.weight.value().clone(),
             self.bias.as_ref().map(|b| b.value()),
-            &self.geom,
+            self.geom,
+            true,
+            wanted,
         )?;
         Activation::new(y, shape)
     }
@@ -1177,6 +1259,46 @@ mod tests {
     }
 
     #[test]
+    fn data_inputs_get_no_gradient_and_the_same_parameter_gradients() {
+        let mut h = Harness::new(3);
+        let layers: [Box<dyn LayerConfig>; 2] = [
+            Box::new(Conv2dConfig::new(3, 4).with_stride(2).with_padding(1)),
+            Box::new(
+                ConvTranspose2dConfig::new(3, 4)
+                    .with_stride(2)
+                    .with_padding(1)
+                    .with_bias(true),
+            ),
+        ];
+        for cfg in layers {
+            let shape = FeatureShape::image(2, 4, 4);
+            let mut layer = cfg.build(shape, &mut h.build_ctx()).unwrap();
+            let x0 = h.values(2 * shape.numel());
+            let mut pass = |h: &mut Harness, data: bool| {
+                let leaf = h.dev.tensor_from_vec(x0.clone(), (2, shape.numel()));
+                let x = if data {
+                    Activation::data(&leaf, shape).unwrap()
+                } else {
+                    Activation::input(&leaf, shape).unwrap()
+                };
+                let y = layer.forward(x, &mut h.fwd_ctx(Mode::Train)).unwrap();
+                let grads: crate::tensor::Grads = y.value.square().sum::<(), _>().backward();
+                let params: Vec<Vec<f32>> = layer
+                    .named_params()
+                    .iter()
+                    .map(|(_, p)| grad_or_zeros(&grads, p.value()))
+                    .collect();
+                (grad_or_zeros(&grads, &leaf), params)
+            };
+            let (dx_data, params_data) = pass(&mut h, true);
+            let (dx, params) = pass(&mut h, false);
+            assert!(dx_data.iter().all(|v| *v == 0.0) && dx.iter().any(|v| *v != 0.0));
+            assert_eq!(params_data.len(), 2);
+            assert_eq!(params_data, params);
+        }
+    }
+
+    #[test]
     fn bad_geometry_is_an_error() {
         let mut h = Harness::new(0);
         let mut b = h.build_ctx();
@@ -1196,6 +1318,7 @@ mod tests {
 
     #[test]
     fn kernels_give_the_same_values_chunk_by_chunk_as_sample_by_sample() {
+        let input_and_weight = |g: kernels::Gradients| (g.input.unwrap(), g.weight.unwrap());
         // 64 channels of 18x18 through a 4x4 kernel: 1024 x 225 column values per sample, so a
         // batch of 3 runs as three chunks; each sample's results must equal its own batch-of-one
         // results, and the weight gradients their sum.
@@ -1215,9 +1338,16 @@ mod tests {
         };
         let sample = |v: &[f32], len: usize, b: usize| v[b * len..][..len].to_vec();
         let fwd = kernels::conv_forward(&g, batch, &x, &w, None);
-        let (dx, dw, _) = kernels::conv_backward(&g, batch, &x, &w, &y);
+        let (dx, dw) = input_and_weight(kernels::conv_backward(&g, batch, &x, &w, &y, kernels::Wanted::ALL));
         let tfwd = kernels::conv_transpose_forward(&g, batch, &y, &w, None);
-        let (tdx, tdw, _) = kernels::conv_transpose_backward(&g, batch, &y, &w, &x);
+        let (tdx, tdw) = input_and_weight(kernels::conv_transpose_backward(
+            &g,
+            batch,
+            &y,
+            &w,
+            &x,
+            kernels::Wanted::ALL,
+        ));
         let (mut dw_sum, mut tdw_sum) = (vec![0.0f32; w.len()], vec![0.0f32; w.len()]);
         for b in 0..batch {
             let (xb, yb) = (sample(&x, g.in_len(), b), sample(&y, g.out_len(), b));
@@ -1226,14 +1356,21 @@ mod tests {
                 &sample(&fwd, g.out_len(), b),
                 &kernels::conv_forward(&g, 1, &xb, &w, None),
             );
-            let (dxb, dwb, _) = kernels::conv_backward(&g, 1, &xb, &w, &yb);
+            let (dxb, dwb) = input_and_weight(kernels::conv_backward(&g, 1, &xb, &w, &yb, kernels::Wanted::ALL));
             close("conv dx", &sample(&dx, g.in_len(), b), &dxb);
             close(
                 "conv_t",
                 &sample(&tfwd, g.in_len(), b),
                 &kernels::conv_transpose_forward(&g, 1, &yb, &w, None),
             );
-            let (tdxb, tdwb, _) = kernels::conv_transpose_backward(&g, 1, &yb, &w, &xb);
+            let (tdxb, tdwb) = input_and_weight(kernels::conv_transpose_backward(
+                &g,
+                1,
+                &yb,
+                &w,
+                &xb,
+                kernels::Wanted::ALL,
+            ));
             close("conv_t dx", &sample(&tdx, g.out_len(), b), &tdxb);
             for (s, v) in dw_sum.iter_mut().zip(&dwb) {
                 *s += v;

@@ -231,8 +231,9 @@ fn composite_affine(
 /// accumulated into it by [`crate::kernels::matmul`] and `f` is applied in place while it is in
 /// cache, keeping the slopes `f'`. The backward pass forms `dz = dy ⊙ f'` (or takes `dy` as it is)
 /// and adds `xᵀ·dz`, the column sums of `dz` and `dz·Wᵀ` straight into the gradient buffers of `W`,
-/// `b` and `x`. Equal to [`composite_affine`] followed by the activation up to rounding (tested).
-/// CPU only: gradient buffers are host slices.
+/// `b` and `x`, leaving out a frozen `W` or `b` ([`Param::requires_grad`]) and, when
+/// `input_gradient` is false, `x`. Equal to [`composite_affine`] followed by the activation up to
+/// rounding (tested). CPU only: gradient buffers are host slices.
 #[cfg(not(feature = "cuda"))]
 fn affine(
     x: Matrix<Tape>,
@@ -256,8 +257,10 @@ fn affine(
     crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, bias.is_some());
     let slopes = activation.map(|f| f.apply_in_place(&mut y));
     let y = x.device().tensor_from_vec(y, (batch, outputs));
-    let (xg, wg, yg) = (x.ghost(), weight.with_id(|w| w.ghost()), y.ghost());
-    let bg = bias.map(|b| b.with_id(|b| b.ghost()));
+    // Frozen parameters (`Param::requires_grad`) get no gradient: no product for `dW`.
+    let (xg, yg) = (x.ghost(), y.ghost());
+    let wg = weight.requires_grad().then(|| weight.with_id(|w| w.ghost()));
+    let bg = bias.filter(|b| b.requires_grad()).map(|b| b.with_id(|b| b.ghost()));
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
         let dy_store = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
@@ -269,8 +272,10 @@ fn affine(
             }
             None => &dy_store,
         };
-        let dw = grads.get_or_alloc_mut(&wg)?;
-        crate::kernels::matmul((inputs, batch, outputs), &xv, true, dy, false, &mut dw[..], true);
+        if let Some(wg) = &wg {
+            let dw = grads.get_or_alloc_mut(wg)?;
+            crate::kernels::matmul((inputs, batch, outputs), &xv, true, dy, false, &mut dw[..], true);
+        }
         if let Some(bg) = &bg {
             let db = grads.get_or_alloc_mut(bg)?;
             for row in dy.chunks_exact(outputs) {

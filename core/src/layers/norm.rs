@@ -196,11 +196,13 @@ impl BatchNorm {
         }
         let y = x.device().tensor_from_vec(y, (batch, channels, pixels));
         let (xg, yg) = (x.ghost(), y.ghost());
-        let params = self
-            .weight
-            .as_ref()
-            .zip(self.bias.as_ref())
-            .map(|(w, b)| (w.with_id(|w| w.ghost()), b.with_id(|b| b.ghost())));
+        // A frozen `γ` or `β` (`Param::requires_grad`) gets no gradient.
+        let ghost = |p: &Option<Param>| {
+            p.as_ref()
+                .filter(|p| p.requires_grad())
+                .map(|p| p.with_id(|t| t.ghost()))
+        };
+        let (wg, bg) = (ghost(&self.weight), ghost(&self.bias));
         dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
             // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
             let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
@@ -214,10 +216,12 @@ impl BatchNorm {
                     }
                 }
             }
-            if let Some((wg, bg)) = &params {
+            if let Some(wg) = &wg {
                 for (d, s) in grads.get_or_alloc_mut(wg)?.iter_mut().zip(&sum_dy_xhat) {
                     *d += *s as f32;
                 }
+            }
+            if let Some(bg) = &bg {
                 for (d, s) in grads.get_or_alloc_mut(bg)?.iter_mut().zip(&sum_dy) {
                     *d += *s as f32;
                 }

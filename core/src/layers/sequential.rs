@@ -136,6 +136,28 @@ impl Sequential {
     pub fn forward(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
         self.run(input, ctx, true)
     }
+    /// [`Sequential::forward`] with every parameter of the stack frozen for this pass
+    /// ([`Param::requires_grad`] off, as PyTorch's `requires_grad_(False)`): its backward pass
+    /// computes the gradient of the input, and through it of whatever produced the input, but no
+    /// weight gradient in the layers with host kernels. For a network that takes part in a pass
+    /// without being updated by it: the discriminator during the generator's update. The
+    /// parameters' own settings are restored afterwards, also when the pass fails.
+    pub fn forward_frozen(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        let settings: Vec<bool> = self
+            .named_params_mut()
+            .into_iter()
+            .map(|(_, p)| {
+                let required = p.requires_grad();
+                p.set_requires_grad(false);
+                required
+            })
+            .collect();
+        let out = self.forward(input, ctx);
+        for ((_, p), required) in self.named_params_mut().into_iter().zip(settings) {
+            p.set_requires_grad(required);
+        }
+        out
+    }
     /// Runs the layers, fusing activations into the layer before them when `fuse`; keeps each
     /// unfused layer's input for [`Layer::input_grad`].
     fn run(&mut self, input: Activation, ctx: &mut ForwardContext<'_>, fuse: bool) -> Result<Activation> {
@@ -274,8 +296,9 @@ impl Layer for Sequential {
 mod tests {
     use super::*;
     use crate::layers::activation::{LeakyReluConfig, TanhConfig};
-    use crate::layers::conv::Conv2dConfig;
+    use crate::layers::conv::{Conv2dConfig, ConvTranspose2dConfig};
     use crate::layers::linear::LinearConfig;
+    use crate::layers::norm::BatchNormConfig;
     use crate::layers::reshape::{FlattenConfig, ReshapeConfig};
     use crate::layers::testing::*;
     use crate::tensor::Grads;
@@ -394,6 +417,69 @@ mod tests {
                 let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
                 assert_close(&format!("{act}: output {i}"), a, &b64, 1e-6, 1e-7);
             }
+        }
+    }
+
+    #[test]
+    fn a_frozen_pass_gives_the_same_input_gradient_and_no_parameter_gradient() {
+        // Every layer with a host kernel: conv, batch norm, transposed conv, linear (fused).
+        let mut h = Harness::new(8);
+        let cfg = SequentialConfig::default()
+            .push(Conv2dConfig::new(3, 3).with_padding(1))
+            .push(BatchNormConfig::new())
+            .push(LeakyReluConfig::default())
+            .push(
+                ConvTranspose2dConfig::new(2, 4)
+                    .with_stride(2)
+                    .with_padding(1)
+                    .with_bias(true),
+            )
+            .push(FlattenConfig::default())
+            .push(LinearConfig::new(3))
+            .push(TanhConfig::default());
+        let mut net = cfg
+            .build(FeatureShape::image(2, 4, 4), &mut h.build_ctx(), "net")
+            .unwrap();
+        let x0 = h.values(3 * 2 * 4 * 4);
+        let pass = |net: &mut Sequential, h: &mut Harness, frozen: bool| {
+            let x = h.input(x0.clone(), 3, FeatureShape::image(2, 4, 4));
+            let leaf = x.detach();
+            let mut ctx = h.fwd_ctx(Mode::Train);
+            let y = if frozen {
+                net.forward_frozen(x, &mut ctx).unwrap()
+            } else {
+                net.forward(x, &mut ctx).unwrap()
+            };
+            let out = y.detach().as_vec();
+            let grads: Grads = y.value.square().sum::<(), _>().backward();
+            let params: Vec<Vec<f32>> = net
+                .named_params()
+                .iter()
+                .filter(|(_, p)| p.trainable())
+                .map(|(_, p)| grad_or_zeros(&grads, p.value()))
+                .collect();
+            (out, grads.get(&leaf).as_vec(), params)
+        };
+        // A parameter frozen by its owner stays frozen after the pass; the others thaw again.
+        net.named_params_mut()[1].1.set_requires_grad(false);
+        let (out, dx, params) = pass(&mut net, &mut h, true);
+        let required: Vec<bool> = net.named_params().iter().map(|(_, p)| p.requires_grad()).collect();
+        assert!(
+            !required[1] && required.iter().filter(|r| !**r).count() == 1,
+            "{required:?}"
+        );
+        net.named_params_mut()[1].1.set_requires_grad(true);
+        let (out_all, dx_all, params_all) = pass(&mut net, &mut h, false);
+        assert_eq!(out, out_all);
+        assert_eq!(dx, dx_all, "the input gradient");
+        assert_eq!(
+            params.len(),
+            8,
+            "two weights and biases of the convolutions and the linear layer, γ and β"
+        );
+        for (frozen, all) in params.iter().zip(&params_all) {
+            assert!(frozen.iter().all(|v| *v == 0.0));
+            assert!(all.iter().any(|v| *v != 0.0));
         }
     }
 

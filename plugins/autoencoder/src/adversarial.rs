@@ -585,7 +585,8 @@ impl Model for AdversarialAutoencoder {
             let (stabilizers, mut hooks) = ctx.hooks();
             stabilizers.transform_input(InputRole::Fake, codes_again, &mut hooks)?
         };
-        let scores = self.discriminator.forward(
+        // Frozen: only the autoencoder is updated here.
+        let scores = self.discriminator.forward_frozen(
             fake_in,
             &mut ForwardContext {
                 mode: Mode::Train,

@@ -413,7 +413,8 @@ impl MlpGan {
         let z = self.sample_latent(n, ctx.device, ctx.rng);
         let fake = self.generate(&z, Mode::Train, ctx.rng)?;
         let fake_in = transform_fake(ctx, fake)?;
-        let fake_out = self.discriminator.forward(
+        // Frozen: the discriminator's weight gradients would be thrown away.
+        let fake_out = self.discriminator.forward_frozen(
             fake_in,
             &mut ForwardContext {
                 mode: Mode::Train,
@@ -424,8 +425,8 @@ impl MlpGan {
         let loss = self.objective.generator_loss(kept, Some(real_scores))?;
         report.loss("loss/generator", check_finite("loss/generator", loss.array())? as f64);
         let loss = generator_loss_terms(loss, ctx, report)?;
-        // The discriminator's parameters receive gradients too, but only the generator's are
-        // handed to the optimizer.
+        // Only the generator's gradients are handed to the optimizer (stabilizer terms through
+        // the discriminator's own tape ops may still give it some).
         let grads = loss.backward();
         let mut params = prefixed(self.generator.named_params_mut(), "generator");
         let norm = ctx.apply_gradients("generator", &mut params, grads)?;
