@@ -1,5 +1,5 @@
-//! Host compute kernels that the layers' custom tape ops share: the matrix product, and a
-//! vectorized sum of squares.
+//! Host compute kernels that the layers' custom tape ops share: the matrix product, and
+//! vectorized sums and elementwise loops on the widest vectors the CPU has.
 //!
 //! [`matmul`] calls gemm 0.19, which picks the widest instruction set the CPU has at run time
 //! (AVX-512 through its `x86-v4` feature, AVX2/FMA, or portable code), reads transposed operands
@@ -25,19 +25,56 @@ pub fn host<S: Shape, T>(t: &Tensor<S, f32, Device, T>) -> Vec<f32> {
 pub fn sum_of_squares(values: &[f32]) -> f64 {
     on_widest_vectors(
         #[inline(always)]
-        || {
-            let mut lanes = [0.0f64; 8];
-            let whole = values.len() / 8 * 8;
-            for i in (0..whole).step_by(8) {
-                let chunk = &values[i..i + 8];
-                for j in 0..8 {
-                    lanes[j] += (chunk[j] as f64) * (chunk[j] as f64);
-                }
-            }
-            let tail: f64 = values[whole..].iter().map(|&x| (x as f64) * (x as f64)).sum();
-            lanes.iter().sum::<f64>() + tail
-        },
+        || sum_in_lanes(values, |x| (x as f64) * (x as f64)),
     )
+}
+
+/// `Σ f(x)` in f64 over eight independent accumulators (lane `j` takes the elements `j`, `j + 8`,
+/// ...), so that the sum vectorizes; for the loops of other kernels that run inside one
+/// [`on_widest_vectors`] call (inlined there, so it takes that call's vector width).
+#[inline(always)]
+pub fn sum_in_lanes(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    if values.len() < 8 {
+        // Batch norm over one value per sample and channel sums blocks of one.
+        return values.iter().map(|&x| f(x)).sum();
+    }
+    let mut lanes = [0.0f64; 8];
+    let whole = values.len() / 8 * 8;
+    for chunk in values[..whole].chunks_exact(8) {
+        for j in 0..8 {
+            lanes[j] += f(chunk[j]);
+        }
+    }
+    let tail: f64 = values[whole..].iter().map(|&x| f(x)).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// `(Σ a, Σ a·b)` (the products in f32) in f64 over eight independent accumulators each, as
+/// [`sum_in_lanes`]; `a` and `b` have one length.
+#[inline(always)]
+pub fn sum_and_dot_in_lanes(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    if n < 8 {
+        return a
+            .iter()
+            .zip(b)
+            .fold((0.0, 0.0), |(s, d), (x, y)| (s + *x as f64, d + (x * y) as f64));
+    }
+    let (mut sums, mut dots) = ([0.0f64; 8], [0.0f64; 8]);
+    let whole = n / 8 * 8;
+    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        for j in 0..8 {
+            sums[j] += ca[j] as f64;
+            dots[j] += (ca[j] * cb[j]) as f64;
+        }
+    }
+    let (mut sum, mut dot) = (sums.iter().sum::<f64>(), dots.iter().sum::<f64>());
+    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+        sum += *x as f64;
+        dot += (x * y) as f64;
+    }
+    (sum, dot)
 }
 
 /// `a ⊙ b`, elementwise, into a new vector (of the shorter length).
@@ -306,6 +343,21 @@ mod tests {
                 (got - sequential).abs() <= 1e-12 * sequential.max(1.0),
                 "n {n}: {got} vs {sequential}"
             );
+        }
+    }
+
+    #[test]
+    fn the_sum_and_the_dot_product_match_sequential_f64_sums() {
+        for n in [0, 1, 7, 8, 9, 49, 1003] {
+            let (a, b) = (values(n, 4), values(n, 5));
+            let sum: f64 = a.iter().map(|&x| x as f64).sum();
+            let dot: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
+            let (got_sum, got_dot) = sum_and_dot_in_lanes(&a, &b);
+            let scale = a.iter().map(|x| x.abs() as f64).sum::<f64>().max(1.0);
+            assert!((got_sum - sum).abs() <= 1e-12 * scale, "n {n}: {got_sum} vs {sum}");
+            assert!((got_dot - dot).abs() <= 1e-12 * scale, "n {n}: {got_dot} vs {dot}");
+            let got = sum_in_lanes(&a, |x| x as f64);
+            assert!((got - sum).abs() <= 1e-12 * scale, "n {n}: {got} vs {sum}");
         }
     }
 
