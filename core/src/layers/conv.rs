@@ -246,10 +246,16 @@ pub mod kernels {
     /// The adjoint of [`im2col`]: sums columns back into the input space, `[batch, c_in·h_in·w_in]`.
     /// Samples are summed in parallel on the pool's threads.
     pub fn col2im(g: &ConvGeometry, batch: usize, cols: &[f32]) -> Vec<f32> {
-        let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
         let mut x = vec![0.0; batch * g.in_len()];
+        col2im_adding(g, batch, cols, &mut x);
+        x
+    }
+
+    /// [`col2im`] added into `x` (`[batch, c_in·h_in·w_in]`) instead of a new buffer.
+    pub fn col2im_adding(g: &ConvGeometry, batch: usize, cols: &[f32], x: &mut [f32]) {
+        let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
         if g.in_len() == 0 {
-            return x;
+            return;
         }
         let rows: Vec<(usize, PatchRow)> = (0..g.patch_len())
             .filter_map(|row| patch_row(g, row).map(|p| (row, p)))
@@ -274,7 +280,6 @@ pub mod kernels {
                 }
             }
         });
-        x
     }
 
     /// `[batch, c, pixels]` to `[c, batch·pixels]`.
@@ -291,6 +296,19 @@ pub mod kernels {
     /// `[c, batch·pixels]` to `[batch, c, pixels]`, adding `bias[c]` if given.
     pub fn from_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, bias: Option<&[f32]>) -> Vec<f32> {
         let mut out = vec![0.0; v.len()];
+        from_channel_rows_into(v, batch, c, pixels, bias, &mut out);
+        out
+    }
+
+    /// [`from_channel_rows`] written into `out` (`[batch, c, pixels]`) instead of a new buffer.
+    pub fn from_channel_rows_into(
+        v: &[f32],
+        batch: usize,
+        c: usize,
+        pixels: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         for b in 0..batch {
             for ch in 0..c {
                 let add = bias.map_or(0.0, |bb| bb[ch]);
@@ -300,7 +318,6 @@ pub mod kernels {
                 }
             }
         }
-        out
     }
 
     /// Per-channel sums of `[batch, c, pixels]` (the bias gradient).
@@ -345,13 +362,14 @@ pub mod kernels {
                 (g.patch_len(), count * g.out_pixels()),
                 false,
             );
-            y[first * g.out_len()..][..count * g.out_len()].copy_from_slice(&from_channel_rows(
+            from_channel_rows_into(
                 &ym,
                 count,
                 g.c_out,
                 g.out_pixels(),
                 bias,
-            ));
+                &mut y[first * g.out_len()..][..count * g.out_len()],
+            );
         });
         y
     }
@@ -416,7 +434,7 @@ pub mod kernels {
                 }
                 if let Some(dx) = dx.as_mut() {
                     let dcols = gemm(w, (g.c_out, k), true, &dym, (g.c_out, n), false);
-                    dx[first * g.in_len()..][..count * g.in_len()].copy_from_slice(&col2im(g, count, &dcols));
+                    col2im_adding(g, count, &dcols, &mut dx[first * g.in_len()..][..count * g.in_len()]);
                 }
             });
         }
@@ -452,7 +470,7 @@ pub mod kernels {
                 (g.c_out, count * g.out_pixels()),
                 false,
             );
-            y[first * g.in_len()..][..count * g.in_len()].copy_from_slice(&col2im(g, count, &dcols));
+            col2im_adding(g, count, &dcols, &mut y[first * g.in_len()..][..count * g.in_len()]);
         });
         if let Some(bias) = bias {
             let px = g.h_in * g.w_in;
@@ -491,13 +509,14 @@ pub mod kernels {
                 }
                 if let Some(dx) = dx.as_mut() {
                     let dxm = gemm(w, (g.c_out, k), false, &cols, (k, n), false);
-                    dx[first * g.out_len()..][..count * g.out_len()].copy_from_slice(&from_channel_rows(
+                    from_channel_rows_into(
                         &dxm,
                         count,
                         g.c_out,
                         g.out_pixels(),
                         None,
-                    ));
+                        &mut dx[first * g.out_len()..][..count * g.out_len()],
+                    );
                 }
             });
         }
