@@ -11,6 +11,17 @@ use super::{BuildContext, ForwardContext, Layer, LayerConfig, Mode};
 use crate::error::{Error, Result};
 use crate::tensor::{Activation, FeatureShape, Param, ParamRole, Parameterized, Tape};
 
+/// Values per task when the batch-norm kernel splits a pass across the pool's threads: enough
+/// to outweigh handing a task to another thread.
+#[cfg(not(feature = "cuda"))]
+const MIN_VALUES_PER_TASK: usize = 1 << 14;
+
+/// The least number of items (channels or samples of `values_per_item` values each) per task.
+#[cfg(not(feature = "cuda"))]
+fn min_items_per_task(values_per_item: usize) -> usize {
+    MIN_VALUES_PER_TASK.div_ceil(values_per_item.max(1))
+}
+
 type Tensor3<T = Tape> = Tensor<(usize, usize, usize), f32, crate::tensor::Device, T>;
 
 /// A training-mode normalization's output with the batch mean and biased variance per channel.
@@ -156,50 +167,70 @@ impl BatchNorm {
     /// backward pass adds `Σ dy·x̂` to `γ`, `Σ dy` to `β` and
     /// `γ/(n·√(σ² + ε)) · (n·dy − Σ dy − x̂·Σ dy·x̂)` to `x` (the batch-statistics gradient).
     /// Returns `(y, μ, σ²)`; equal to [`BatchNorm::composite_normalize_batch`] up to rounding (tested).
-    /// CPU only: gradient buffers are host slices.
+    /// The sums run per channel and the elementwise passes per sample, each in parallel on the
+    /// pool's threads and on the widest vectors. CPU only: gradient buffers are host slices.
     #[cfg(not(feature = "cuda"))]
     fn normalize_batch(&self, x: Tensor3) -> Result<Normalized> {
+        use rayon::prelude::*;
         let (batch, channels, pixels) = *x.shape();
         let (x, mut tape) = x.split_tape();
         let mut xhat = crate::kernels::host(&x);
         let n = (batch * pixels) as f64;
-        let (mut mean, mut var, mut inv_std) = (vec![0.0f32; channels], vec![0.0f32; channels], vec![0.0f32; channels]);
         let blocks =
             move |c: usize| (0..batch).map(move |b| (b * channels + c) * pixels..(b * channels + c + 1) * pixels);
+        let row = channels * pixels;
         let gamma = self.weight.as_ref().map(|w| w.host_values());
         let beta = self.bias.as_ref().map(|b| b.host_values());
+        // Per channel (in parallel over channels): the mean and the biased variance, in f64 over
+        // eight lanes per block, on the widest vectors.
+        let statistics: Vec<(f64, f64, f64)> = (0..channels)
+            .into_par_iter()
+            .with_min_len(min_items_per_task(batch * pixels))
+            .map(|c| {
+                crate::kernels::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        use crate::kernels::sum_in_lanes;
+                        let mu = blocks(c).map(|r| sum_in_lanes(&xhat[r], |v| v as f64)).sum::<f64>() / n;
+                        let centered = |v: f32| {
+                            let d = v as f64 - mu;
+                            d * d
+                        };
+                        let sigma2 = blocks(c).map(|r| sum_in_lanes(&xhat[r], centered)).sum::<f64>() / n;
+                        (mu, sigma2, 1.0 / (sigma2 + self.eps as f64).sqrt())
+                    },
+                )
+            })
+            .collect();
+        let mean: Vec<f32> = statistics.iter().map(|s| s.0 as f32).collect();
+        let var: Vec<f32> = statistics.iter().map(|s| s.1 as f32).collect();
+        let inv_std: Vec<f32> = statistics.iter().map(|s| s.2 as f32).collect();
+        // x̂ and y = γ·x̂ + β, in parallel over samples.
         let mut y = vec![0.0f32; xhat.len()];
-        // Sums over eight f64 lanes per block, the normalization in f64, all on the widest vectors.
-        crate::kernels::on_widest_vectors(
-            #[inline(always)]
-            || {
-                use crate::kernels::sum_in_lanes;
-                for c in 0..channels {
-                    let mu = blocks(c).map(|r| sum_in_lanes(&xhat[r], |v| v as f64)).sum::<f64>() / n;
-                    let sigma2 = blocks(c)
-                        .map(|r| {
-                            sum_in_lanes(&xhat[r], |v| {
-                                let d = v as f64 - mu;
-                                d * d
-                            })
-                        })
-                        .sum::<f64>()
-                        / n;
-                    let inv = 1.0 / (sigma2 + self.eps as f64).sqrt();
-                    (mean[c], var[c], inv_std[c]) = (mu as f32, sigma2 as f32, inv as f32);
-                    let (scale, shift) = match (&gamma, &beta) {
-                        (Some(g), Some(b)) => (g[c], b[c]),
-                        _ => (1.0, 0.0),
-                    };
-                    for r in blocks(c) {
-                        for (v, out) in xhat[r.clone()].iter_mut().zip(&mut y[r]) {
-                            *v = ((*v as f64 - mu) * inv) as f32;
-                            *out = scale * *v + shift;
+        xhat.par_chunks_mut(row.max(1))
+            .zip(y.par_chunks_mut(row.max(1)))
+            .with_min_len(min_items_per_task(row))
+            .for_each(|(xs, ys)| {
+                crate::kernels::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        for (c, (&(mu, _, inv), (xb, yb))) in statistics
+                            .iter()
+                            .zip(xs.chunks_exact_mut(pixels).zip(ys.chunks_exact_mut(pixels)))
+                            .enumerate()
+                        {
+                            let (scale, shift) = match (&gamma, &beta) {
+                                (Some(g), Some(b)) => (g[c], b[c]),
+                                _ => (1.0, 0.0),
+                            };
+                            for (v, out) in xb.iter_mut().zip(yb) {
+                                *v = ((*v as f64 - mu) * inv) as f32;
+                                *out = scale * *v + shift;
+                            }
                         }
-                    }
-                }
-            },
-        );
+                    },
+                )
+            });
         let y = x.device().tensor_from_vec(y, (batch, channels, pixels));
         let (xg, yg) = (x.ghost(), y.ghost());
         // A frozen `γ` or `β` (`Param::requires_grad`) gets no gradient.
@@ -212,19 +243,22 @@ impl BatchNorm {
         dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
             // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
             let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
-            let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0f64; channels], vec![0.0f64; channels]);
-            crate::kernels::on_widest_vectors(
-                #[inline(always)]
-                || {
-                    for c in 0..channels {
-                        for r in blocks(c) {
-                            let (s, d) = crate::kernels::sum_and_dot_in_lanes(&dy[r.clone()], &xhat[r]);
-                            sum_dy[c] += s;
-                            sum_dy_xhat[c] += d;
-                        }
-                    }
-                },
-            );
+            // Per channel (in parallel over channels): Σ dy and Σ dy·x̂.
+            let sums: Vec<(f64, f64)> = (0..channels)
+                .into_par_iter()
+                .with_min_len(min_items_per_task(batch * pixels))
+                .map(|c| {
+                    crate::kernels::on_widest_vectors(
+                        #[inline(always)]
+                        || {
+                            blocks(c)
+                                .map(|r| crate::kernels::sum_and_dot_in_lanes(&dy[r.clone()], &xhat[r]))
+                                .fold((0.0, 0.0), |(s, d), (bs, bd)| (s + bs, d + bd))
+                        },
+                    )
+                })
+                .collect();
+            let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
             if let Some(wg) = &wg {
                 for (d, s) in grads.get_or_alloc_mut(wg)?.iter_mut().zip(&sum_dy_xhat) {
                     *d += *s as f32;
@@ -235,21 +269,28 @@ impl BatchNorm {
                     *d += *s as f32;
                 }
             }
+            // dx += γ/(n·σ) · (n·dy − Σ dy − x̂·Σ dy·x̂), in parallel over samples.
             let dx = grads.get_or_alloc_mut(&xg)?;
-            crate::kernels::on_widest_vectors(
-                #[inline(always)]
-                || {
-                    for c in 0..channels {
-                        let scale = gamma.as_ref().map_or(1.0, |g| g[c] as f64) * inv_std[c] as f64 / n;
-                        let (mean_dy, mean_dy_xhat) = (sum_dy[c], sum_dy_xhat[c]);
-                        for r in blocks(c) {
-                            for ((d, g), h) in dx[r.clone()].iter_mut().zip(&dy[r.clone()]).zip(&xhat[r]) {
-                                *d += (scale * (n * *g as f64 - mean_dy - *h as f64 * mean_dy_xhat)) as f32;
+            dx.par_chunks_mut(row.max(1))
+                .zip(dy.par_chunks(row.max(1)).zip(xhat.par_chunks(row.max(1))))
+                .with_min_len(min_items_per_task(row))
+                .for_each(|(dxs, (dys, xs))| {
+                    crate::kernels::on_widest_vectors(
+                        #[inline(always)]
+                        || {
+                            for c in 0..channels {
+                                let scale = gamma.as_ref().map_or(1.0, |g| g[c] as f64) * inv_std[c] as f64 / n;
+                                let (sum, dot) = (sum_dy[c], sum_dy_xhat[c]);
+                                let block = c * pixels..(c + 1) * pixels;
+                                for ((d, g), h) in
+                                    dxs[block.clone()].iter_mut().zip(&dys[block.clone()]).zip(&xs[block])
+                                {
+                                    *d += (scale * (n * *g as f64 - sum - *h as f64 * dot)) as f32;
+                                }
                             }
-                        }
-                    }
-                },
-            );
+                        },
+                    )
+                });
             **grads.get_or_alloc_mut(&yg)? = dy;
             Ok(())
         });
@@ -676,6 +717,37 @@ mod tests {
 
     #[test]
     #[cfg(not(feature = "cuda"))]
+    fn the_batch_kernel_gives_the_same_bits_on_one_thread_and_on_three() {
+        // Large enough for several tasks per pass (MIN_VALUES_PER_TASK), in both directions.
+        let (batch, channels, pixels) = (6, 5, 2000);
+        let mut h = Harness::new(4);
+        let mut bn = BatchNormConfig::default()
+            .build_batch_norm(FeatureShape::image(channels, 40, 50), &mut h.build_ctx())
+            .unwrap();
+        set_affine(&mut bn, &mut h);
+        let xv = h.values(batch * channels * pixels);
+        let rv = h.values(batch * channels * pixels);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let x = h.dev.tensor_from_vec(xv.clone(), (batch, channels, pixels));
+                let r = h.dev.tensor_from_vec(rv.clone(), (batch, channels, pixels));
+                let (y, mean, var) = bn.normalize_batch(x.leaky_trace()).unwrap();
+                let mut out = vec![y.with_empty_tape().as_vec(), mean, var];
+                let mut grads = (y * r).sum::<(), _>().backward();
+                out.push(grads.get(&x).as_vec());
+                for (_, p) in bn.named_params().iter().filter(|(_, p)| p.trainable()) {
+                    out.push(grads.get_or_alloc_mut(p.value()).unwrap().to_vec());
+                }
+                out.iter()
+                    .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(run(3), run(1));
+    }
+
+    #[test]
     fn the_batch_kernel_matches_the_composite_dfdx_path_with_gradients() {
         for (batch, channels, pixels, affine) in [(7, 6, 1, true), (5, 3, 4, true), (4, 2, 9, false), (3, 2, 21, true)]
         {
