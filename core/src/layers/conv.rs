@@ -1342,8 +1342,8 @@ mod tests {
     fn kernels_give_the_same_values_chunk_by_chunk_as_sample_by_sample() {
         let input_and_weight = |g: kernels::Gradients| (g.input.unwrap(), g.weight.unwrap());
         // 64 channels of 18x18 through a 4x4 kernel: 1024 x 225 column values per sample, so a
-        // batch of 3 runs as three chunks; each sample's results must equal its own batch-of-one
-        // results, and the weight gradients their sum.
+        // batch of 3 runs as two chunks (two samples, then one); each sample's results must equal
+        // its own batch-of-one results, and the weight gradients their sum.
         let mut h = Harness::new(5);
         let g = ConvGeometry::conv(64, 18, 18, 2, 4, 1, 0).unwrap();
         let batch = 3;
