@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The side-by-side speed benchmark in one command:
-#   bench/run.sh [--quick] [--curve] [--threads 1,2] [--workloads autoencoder,mlp_gan,dcgan]
+#   bench/run.sh [--quick] [--curve] [--rounds N] [--threads 1,2] [--workloads autoencoder,mlp_gan,dcgan]
 # Sets up bench/.venv (the Python peers), builds nash in release mode, then measures nash and TensorFlow, JAX
 # and PyTorch one process at a time, each pinned with taskset, and prints the markdown tables; the records
 # and the report go to bench/results/<timestamp>.{json,md}. See bench/README.md.
@@ -10,16 +10,16 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 
 usage() {
-    echo "usage: bench/run.sh [--quick] [--curve] [--threads 1,2] [--workloads autoencoder,mlp_gan,dcgan]" >&2
+    echo "usage: bench/run.sh [--quick] [--curve] [--rounds N] [--threads 1,2] [--workloads autoencoder,mlp_gan,dcgan]" >&2
 }
 
 args=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick | --curve) args+=("$1"); shift ;;
-        --threads | --workloads)
+        --threads | --workloads | --rounds)
             if [[ $# -lt 2 ]]; then
-                echo "run.sh: $1 needs a comma-separated value" >&2
+                echo "run.sh: $1 needs a value" >&2
                 usage
                 exit 2
             fi

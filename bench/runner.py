@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -67,12 +68,29 @@ def _threads(text: str) -> list[int]:
     return values
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Side-by-side speed benchmark of nash and its Python peers.")
     p.add_argument("--quick", action="store_true", help="1 thread, fewer steps and repeats (a fast check)")
     p.add_argument("--curve", action="store_true", help="add the cost curves (batch 16..1024, width 0.5..4)")
     p.add_argument("--threads", type=_threads, default=None, help="comma-separated thread counts (default 1,2)")
     p.add_argument("--workloads", type=_csv(WORKLOADS), default=list(WORKLOADS), help="comma-separated workloads")
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="run every measurement this many times, one round of all of them after another, and merge each "
+        "measurement's timed runs (a slow period of the machine then falls on every framework of a row, not one)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the planned commands and exit")
     p.add_argument("--nash", type=Path, required=True, help="the nash binary")
     p.add_argument("--python", type=Path, required=True, help="the venv's python (may be missing: peers are n/a)")
@@ -180,6 +198,42 @@ def run_point(point: Point, args: argparse.Namespace) -> list[dict[str, Any]]:
         return [_failure(point, f"unreadable output ({e})")]
 
 
+def _key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (record["framework"], record["workload"], int(record["threads"]), int(record["batch"]), float(record["width"]))
+
+
+def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per measurement from the records of several rounds: the timed runs of every round that ran,
+    their median and minimum, the largest peak memory, `rounds` the number merged; a measurement that failed in
+    every round keeps its first failure. nash's GFLOP/s and share of the matrix-product peak are recomputed from
+    the merged medians."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        key = _key(r)
+        have = merged.get(key)
+        if have is None or ("error" in have and "error" not in r):
+            merged[key] = {**r, "steps_per_s": list(r.get("steps_per_s", [])), "rounds": 0 if "error" in r else 1}
+        elif "error" not in r:
+            have["steps_per_s"] += r.get("steps_per_s", [])
+            have["rounds"] += 1
+            peaks = [m for m in (have.get("peak_rss_mb"), r.get("peak_rss_mb")) if m is not None]
+            have["peak_rss_mb"] = max(peaks) if peaks else None
+    out = list(merged.values())
+    for r in out:
+        runs = r.get("steps_per_s") or []
+        if "error" in r or not runs:
+            continue
+        r["median"], r["min"] = statistics.median(runs), min(runs)
+        if r.get("gflop_per_step") is not None:
+            r["gflops"] = r["gflop_per_step"] * r["median"]
+    peaks = {int(r["threads"]): r.get("gflops") for r in out if r["workload"] == compare.MATMUL_WORKLOAD}
+    for r in out:
+        peak = peaks.get(int(r["threads"]))
+        if r.get("percent_of_matmul_peak") is not None and r.get("gflops") and peak:
+            r["percent_of_matmul_peak"] = 100.0 * r["gflops"] / peak
+    return out
+
+
 def main() -> int:
     args = parse_args()
     points = plan(args)
@@ -189,9 +243,10 @@ def main() -> int:
         return 0
     records: list[dict[str, Any]] = []
     started = time.time()
-    for n, point in enumerate(points, 1):
+    total = len(points) * args.rounds
+    for n, point in enumerate((p for _ in range(args.rounds) for p in points), 1):
         label = f"{point.framework} {point.workload} threads={point.threads} batch={point.batch} width={point.width}"
-        print(f"[{n}/{len(points)}] {label} ...", end="", file=sys.stderr, flush=True)
+        print(f"[{n}/{total}] {label} ...", end="", file=sys.stderr, flush=True)
         got = run_point(point, args)
         records.extend(got)
         summary = "; ".join(
@@ -205,6 +260,8 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     json_path = args.results / f"{stamp}.json"
     md_path = args.results / f"{stamp}.md"
+    if args.rounds > 1:
+        records = merge_rounds(records)
     json_path.write_text(json.dumps(records, indent=1) + "\n")
     report = compare.render(records, curve=args.curve)
     md_path.write_text(report)
