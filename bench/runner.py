@@ -199,7 +199,13 @@ def run_point(point: Point, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _key(record: dict[str, Any]) -> tuple[Any, ...]:
-    return (record["framework"], record["workload"], int(record["threads"]), int(record["batch"]), float(record["width"]))
+    return (
+        record["framework"],
+        record["workload"],
+        int(record["threads"]),
+        int(record["batch"]),
+        float(record["width"]),
+    )
 
 
 def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
