@@ -334,9 +334,9 @@ pub mod kernels {
     /// Values of the column matrix ([`im2col`]) of one chunk of samples: the kernels below go
     /// through the batch this many columns' worth of samples at a time, so that the column
     /// matrix stays in cache instead of spanning the whole batch. 2 MB: on the DCGAN (10 samples
-    /// of its 64->128 convolution per chunk) 2^19 values ran as fast as 2^20 and 2-3% faster than
-    /// 2^22 (the whole batch, and 20 MB more memory) at 1 thread, and 11% faster than 2^18 at 2
-    /// threads, whose products had too few columns to split well.
+    /// of its 64->128 convolution per chunk), side by side, 2^19 values ran as fast as 2^20, which
+    /// was 3-7% faster than 2^22 (the whole batch, and 16 MB more memory); 2^19 was 11% faster than
+    /// 2^18 at 2 threads, whose products had too few columns to split well, and 2^16 10% slower.
     const CHUNK_VALUES: usize = 1 << 19;
 
     /// Calls `f(first, count)` for consecutive chunks of the `batch` samples, each with at most
