@@ -178,7 +178,8 @@ impl BatchNorm {
         let n = (batch * pixels) as f64;
         let blocks =
             move |c: usize| (0..batch).map(move |b| (b * channels + c) * pixels..(b * channels + c + 1) * pixels);
-        let row = channels * pixels;
+        // Values per sample (a chunk length, so never 0).
+        let row = (channels * pixels).max(1);
         let gamma = self.weight.as_ref().map(|w| w.host_values());
         let beta = self.bias.as_ref().map(|b| b.host_values());
         // Per channel (in parallel over channels): the mean and the biased variance, in f64 over
@@ -207,8 +208,8 @@ impl BatchNorm {
         let inv_std: Vec<f32> = statistics.iter().map(|s| s.2 as f32).collect();
         // x̂ and y = γ·x̂ + β, in parallel over samples.
         let mut y = vec![0.0f32; xhat.len()];
-        xhat.par_chunks_mut(row.max(1))
-            .zip(y.par_chunks_mut(row.max(1)))
+        xhat.par_chunks_mut(row)
+            .zip(y.par_chunks_mut(row))
             .with_min_len(min_items_per_task(row))
             .for_each(|(xs, ys)| {
                 crate::kernels::on_widest_vectors(
@@ -271,8 +272,8 @@ impl BatchNorm {
             }
             // dx += γ/(n·σ) · (n·dy − Σ dy − x̂·Σ dy·x̂), in parallel over samples.
             let dx = grads.get_or_alloc_mut(&xg)?;
-            dx.par_chunks_mut(row.max(1))
-                .zip(dy.par_chunks(row.max(1)).zip(xhat.par_chunks(row.max(1))))
+            dx.par_chunks_mut(row)
+                .zip(dy.par_chunks(row).zip(xhat.par_chunks(row)))
                 .with_min_len(min_items_per_task(row))
                 .for_each(|(dxs, (dys, xs))| {
                     crate::kernels::on_widest_vectors(
