@@ -48,7 +48,8 @@ def _speed_cell(r: Record | None) -> str:
         return "n/a (not run)"
     if "error" in r:
         return f"n/a ({_escape(r['error'])})"
-    return f"{r['median']:,.1f} ({r['min']:,.1f})"
+    mark = " †" if r.get("link_unusual") else ""
+    return f"{r['median']:,.1f} ({r['min']:,.1f}){mark}"
 
 
 def _escape(text: str) -> str:
@@ -158,6 +159,24 @@ def curve_tables(records: list[Record]) -> str:
     return "\n".join(parts)
 
 
+def link_lines(records: list[Record]) -> str:
+    """The core-link probes of the multi-thread measurements (bench/runner.py), and the measurements that never
+    got the usual link."""
+    probes = sorted(v for r in records if _ok(r) for v in r.get("core_round_trip_ns", []))
+    if not probes:
+        return ""
+    unusual = [r for r in records if _ok(r) and r.get("link_unusual")]
+    text = (
+        f"Core link (`nash bench cores`, probed before and after each multi-thread measurement): median "
+        f"{probes[len(probes) // 2]:.0f} ns per cache-line round trip, range {probes[0]:.0f}-{probes[-1]:.0f} ns; "
+        "a measurement whose probes were far from the median was repeated."
+    )
+    if unusual:
+        names = ", ".join(f"{r['framework']} {r['workload']} {r['threads']}t" for r in unusual)
+        text += f" † never measured at the usual link (its last attempt is shown): {names}."
+    return text
+
+
 def notes(records: list[Record]) -> str:
     """What each framework ran as (version, settings), once per distinct pair."""
     seen: dict[tuple[str, str, str], None] = {}
@@ -181,6 +200,9 @@ def render(records: list[Record], curve: bool) -> str:
         ),
         "",
     ]
+    link = link_lines(records)
+    if link:
+        out += [link, ""]
     matmul = matmul_lines(records)
     if matmul:
         out += ["Matrix-product peak (nash, 1024x1024x1024 f32):", "", matmul, ""]

@@ -25,12 +25,23 @@ CURVE_BATCHES = (16, 32, 64, 128, 256, 512, 1024)
 CURVE_WIDTHS = (0.5, 1.0, 2.0, 4.0)
 DEFAULT_BATCH = 64
 DEFAULT_WIDTH = 1.0
-WARMUP = 10
+WARMUP = 20
 REPEATS = 5
 QUICK_REPEATS = 3
 CURVE_REPEATS = 3
 #: Seconds one measurement may take before it is stopped and reported as n/a.
 TIMEOUT_S = 600
+#: A multi-thread measurement is repeated (up to LINK_RETRIES times, LINK_WAIT_S apart) when the round trip of a
+#: cache line between its CPUs (`nash bench cores`, probed before and after it) was more than LINK_FACTOR times the
+#: run's typical one (the median of every probe), or less than its inverse. On the virtual machines measured here
+#: the host moves the two CPUs apart (about 150 ns becomes 330-500 ns) or onto one core (about 30 ns) for seconds
+#: to minutes, and every framework's two-thread speed changes with it (docs/performance.md): the comparison is made
+#: in the machine's usual state, and a measurement that never got it is marked.
+LINK_FACTOR = 1.6
+LINK_RETRIES = 3
+LINK_WAIT_S = 15.0
+#: Probes taken at the start, a second apart, before the first multi-thread measurement.
+LINK_BASELINE_PROBES = 5
 
 
 @dataclass(frozen=True)
@@ -198,6 +209,71 @@ def run_point(point: Point, args: argparse.Namespace) -> list[dict[str, Any]]:
         return [_failure(point, f"unreadable output ({e})")]
 
 
+def probe_link(cpus: str, args: argparse.Namespace) -> float | None:
+    """The round trip of a cache line between the first two of `cpus` in ns (`nash bench cores`), None if it
+    cannot be measured (no nash binary, one CPU, not Linux)."""
+    try:
+        proc = subprocess.run(
+            ["taskset", "-c", cpus, str(args.nash), "bench", "cores", "--json"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return float(json.loads(proc.stdout)["round_trip_ns"]) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return None
+
+
+class LinkWatch:
+    """The probes of the run so far, and whether a measurement's probes are unusual against them."""
+
+    def __init__(self) -> None:
+        self.probes: list[float] = []
+
+    def add(self, *values: float | None) -> None:
+        self.probes += [v for v in values if v is not None]
+
+    def typical(self) -> float | None:
+        return statistics.median(self.probes) if self.probes else None
+
+    def unusual(self, *values: float | None) -> bool:
+        typical = self.typical()
+        if typical is None:
+            return False
+        return any(v is not None and not typical / LINK_FACTOR <= v <= typical * LINK_FACTOR for v in values)
+
+
+def run_watched(point: Point, args: argparse.Namespace, watch: LinkWatch) -> list[dict[str, Any]]:
+    """`run_point`, with the core link probed before and after a multi-thread measurement, which is repeated while
+    the probes are unusual (LINK_FACTOR); the records carry `core_round_trip_ns` (every probe of the kept attempt)
+    and, where no attempt got a usual link, `link_unusual`."""
+    if point.threads < 2:
+        return run_point(point, args)
+    cpus = ",".join(str(c) for c in range(point.threads))
+    for attempt in range(LINK_RETRIES + 1):
+        before = probe_link(cpus, args)
+        got = run_point(point, args)
+        after = probe_link(cpus, args)
+        watch.add(before, after)
+        unusual = watch.unusual(before, after)
+        for r in got:
+            r["core_round_trip_ns"] = [v for v in (before, after) if v is not None]
+            if unusual:
+                r["link_unusual"] = True
+        if not unusual or attempt == LINK_RETRIES:
+            return got
+        print(
+            f" link {before or 0:.0f}/{after or 0:.0f} ns against a typical {watch.typical():.0f} ns: "
+            f"again in {LINK_WAIT_S:.0f} s ...",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(LINK_WAIT_S)
+    return got
+
+
 def _key(record: dict[str, Any]) -> tuple[Any, ...]:
     return (
         record["framework"],
@@ -222,6 +298,10 @@ def merge_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif "error" not in r:
             have["steps_per_s"] += r.get("steps_per_s", [])
             have["rounds"] += 1
+            if "core_round_trip_ns" in r:
+                have["core_round_trip_ns"] = have.get("core_round_trip_ns", []) + r["core_round_trip_ns"]
+            if r.get("link_unusual"):
+                have["link_unusual"] = True
             peaks = [m for m in (have.get("peak_rss_mb"), r.get("peak_rss_mb")) if m is not None]
             have["peak_rss_mb"] = max(peaks) if peaks else None
     out = list(merged.values())
@@ -250,10 +330,22 @@ def main() -> int:
     records: list[dict[str, Any]] = []
     started = time.time()
     total = len(points) * args.rounds
+    watch = LinkWatch()
+    multi = sorted({p.threads for p in points if p.threads > 1})
+    if multi:
+        cpus = ",".join(str(c) for c in range(multi[0]))
+        for _ in range(LINK_BASELINE_PROBES):
+            watch.add(probe_link(cpus, args))
+            time.sleep(1.0)
+        typical = watch.typical()
+        print(
+            f"core link (CPUs {cpus}): {'unknown' if typical is None else f'{typical:.0f} ns'} per round trip",
+            file=sys.stderr,
+        )
     for n, point in enumerate((p for _ in range(args.rounds) for p in points), 1):
         label = f"{point.framework} {point.workload} threads={point.threads} batch={point.batch} width={point.width}"
         print(f"[{n}/{total}] {label} ...", end="", file=sys.stderr, flush=True)
-        got = run_point(point, args)
+        got = run_watched(point, args, watch)
         records.extend(got)
         summary = "; ".join(
             f"n/a ({r['error']})"

@@ -149,6 +149,49 @@ mod wide_vectors {
     }
 }
 
+thread_local! {
+    /// Whether kernels called on this thread may split their work across the pool
+    /// ([`with_splitting`]).
+    static SPLITTING: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// The threads a kernel called on this thread may split its work across: those of the rayon pool
+/// it runs on, or 1 while [`with_splitting`] suspends splitting here.
+pub fn split_threads() -> usize {
+    if SPLITTING.with(std::cell::Cell::get) {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+/// The least number of items per task to give a rayon parallel iterator of a kernel: `min` while
+/// this thread may split its work, else all of them (one task, run on this thread).
+pub fn min_items_per_task(min: usize) -> usize {
+    if split_threads() > 1 {
+        min
+    } else {
+        usize::MAX
+    }
+}
+
+/// Runs `body` with the kernels it calls on this thread splitting their work across the pool
+/// (`allowed`) or keeping it on this thread, and restores the previous setting afterwards, also
+/// when `body` panics. Work a kernel splits runs on other threads only when this thread splits it,
+/// so suspending here keeps a whole training step on one core (the trainer's `SplitGovernor`
+/// does, while the second thread does not pay).
+pub fn with_splitting<R>(allowed: bool, body: impl FnOnce() -> R) -> R {
+    /// Puts the previous setting back when dropped.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SPLITTING.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SPLITTING.with(|s| s.replace(allowed)));
+    body()
+}
+
 /// Products smaller than this many multiply-adds run on the calling thread: below it, handing
 /// half of the product to another thread costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -207,7 +250,7 @@ pub fn matmul(
         c_row_stride: n as isize,
         accumulate,
     };
-    let threads = rayon::current_num_threads();
+    let threads = split_threads();
     let parts = if threads > 1 && m * k * n >= PARALLEL_MIN_WORK {
         threads.min(m.max(n) / SPLIT_ALIGN).max(1)
     } else {
@@ -311,6 +354,26 @@ fn block_boundary(len: usize, left: usize, parts: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splitting_is_suspended_on_the_calling_thread_only_and_restored_after_a_panic() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            assert_eq!((split_threads(), min_items_per_task(8)), (2, 8));
+            with_splitting(false, || {
+                assert_eq!((split_threads(), min_items_per_task(8)), (1, usize::MAX));
+                // Another worker is not affected: this one blocks, so the other runs the job.
+                let (tx, rx) = std::sync::mpsc::channel();
+                rayon::spawn(move || tx.send(split_threads()).unwrap());
+                assert_eq!(rx.recv().unwrap(), 2);
+                with_splitting(true, || assert_eq!(split_threads(), 2));
+                assert_eq!(split_threads(), 1);
+            });
+            let failed = std::panic::catch_unwind(|| with_splitting(false, || panic!("the step failed")));
+            assert!(failed.is_err());
+            assert_eq!(split_threads(), 2);
+        });
+    }
 
     /// The textbook triple loop in f64.
     fn reference(m: usize, k: usize, n: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f64> {

@@ -218,6 +218,10 @@ pub struct Record {
     /// [`Record::gflops`] as a percentage of the matrix-product peak at the same thread count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent_of_matmul_peak: Option<f64>,
+    /// The share of the training steps whose kernels split across the pool
+    /// (`training.adaptive_splitting`; a training workload only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_share: Option<f64>,
 }
 
 /// What `nash bench speed` was asked to do.
@@ -412,6 +416,11 @@ trait Timed {
     fn step(&mut self) -> anyhow::Result<()>;
     /// A value the last step computed, read back to the host (a loss): it must be finite.
     fn read_back(&mut self) -> f64;
+    /// The share of the steps so far whose kernels split across the pool, where a
+    /// [`crate::threads::SplitGovernor`] decides it.
+    fn split_share(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// A training run built as `nash train` builds it, stepped as `nash train` steps it.
@@ -421,6 +430,7 @@ struct Training {
     rng: Rng,
     step: u64,
     loss: f64,
+    governor: crate::threads::SplitGovernor,
 }
 
 impl Training {
@@ -459,6 +469,10 @@ impl Training {
             rng,
             step: 0,
             loss: f64::NAN,
+            governor: crate::threads::SplitGovernor::new(
+                rayon::current_num_threads(),
+                pipeline.training.adaptive_splitting,
+            ),
         })
     }
 }
@@ -474,16 +488,20 @@ impl Timed for Training {
             optimizers: &mut run.optimizers,
             stabilizers: &mut run.stabilizers,
         };
-        let mut report = run
-            .model
-            .train_step(&batch, &mut ctx)
-            .with_context(|| format!("training step {} failed", self.step))?;
-        let mut hooks = HookContext {
-            step: self.step,
-            device: &run.device,
-            rng: &mut self.rng,
-        };
-        run.stabilizers.end_step(&mut report, &mut hooks)?;
+        let step = self.step;
+        let report = self.governor.step(|| -> anyhow::Result<_> {
+            let mut report = run
+                .model
+                .train_step(&batch, &mut ctx)
+                .with_context(|| format!("training step {step} failed"))?;
+            let mut hooks = HookContext {
+                step,
+                device: &run.device,
+                rng: ctx.rng,
+            };
+            ctx.stabilizers.end_step(&mut report, &mut hooks)?;
+            Ok(report)
+        })?;
         self.loss = report.losses.values().sum();
         self.step += 1;
         Ok(())
@@ -491,6 +509,10 @@ impl Timed for Training {
 
     fn read_back(&mut self) -> f64 {
         self.loss
+    }
+
+    fn split_share(&self) -> Option<f64> {
+        Some(self.governor.split_share())
     }
 }
 
@@ -655,6 +677,7 @@ fn measure_on_pool(m: &Measurement, extra_plugins: &[PathBuf]) -> anyhow::Result
         gflop_per_step: flop.map(|f| f / 1e9),
         gflops: flop.map(|f| f * median / 1e9),
         percent_of_matmul_peak: None,
+        split_share: timed.split_share(),
     })
 }
 
@@ -858,6 +881,7 @@ mod tests {
             gflop_per_step: None,
             gflops,
             percent_of_matmul_peak: percent,
+            split_share: None,
         };
         let t = table(
             &[

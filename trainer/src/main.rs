@@ -121,6 +121,21 @@ enum Benchmark {
     /// One measurement of `nash bench speed`, printed as a JSON line (run by `nash bench speed`).
     #[command(hide = true)]
     SpeedChild(SpeedChildArgs),
+    /// The round trip of a cache line between the first two CPUs this process may run on (pin
+    /// them with `taskset -c`): the cost of every hand-off between compute threads. On virtual
+    /// machines it can double or triple for seconds to minutes at a time, and multi-thread
+    /// training slows with it; `bench/run.sh` probes it around each multi-thread measurement.
+    Cores(CoresArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CoresArgs {
+    /// How long to measure, in milliseconds (in windows of 10 ms).
+    #[arg(long, default_value_t = 200)]
+    millis: u64,
+    /// Print the measurement as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -138,7 +153,7 @@ struct SpeedArgs {
     #[arg(long = "width", value_name = "W,W,...", value_delimiter = ',', default_value = "1")]
     widths: Vec<f64>,
     /// Untimed steps before the timed runs.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     warmup: u64,
     /// Steps per timed run (default: as many as last about half a second).
     #[arg(long)]
@@ -176,7 +191,7 @@ struct SpeedChildArgs {
     #[arg(long, default_value_t = 1.0)]
     width: f64,
     /// Untimed steps first.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     warmup: u64,
     /// Steps per timed run (default: calibrated).
     #[arg(long)]
@@ -460,7 +475,23 @@ fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         Benchmark::Stability(args) => bench_stability(cli, args),
         Benchmark::Speed(args) => bench_speed(cli, args),
         Benchmark::SpeedChild(args) => bench_speed_child(cli, args),
+        Benchmark::Cores(args) => bench_cores(args),
     }
+}
+
+/// `nash bench cores`: one probe of the link between two CPUs.
+fn bench_cores(args: &CoresArgs) -> anyhow::Result<()> {
+    let link = nash_trainer::bench_cores::measure(std::time::Duration::from_millis(args.millis))?;
+    if args.json {
+        return print_out(&(serde_json::to_string(&link)? + "\n"));
+    }
+    print_out(&format!(
+        "CPU {} <-> CPU {}: {:.0} ns per round trip (median of {} windows)\n",
+        link.cpus[0],
+        link.cpus[1],
+        link.round_trip_ns,
+        link.windows_ns.len()
+    ))
 }
 
 /// `nash bench speed`: the table (or `--json`), and `--out`.

@@ -70,6 +70,10 @@ pub struct TrainingConfig {
     /// Threads of the run's compute pool: matrix products, optimizer updates, convolution patches
     /// (default: one per core, or `RAYON_NUM_THREADS`).
     pub threads: Option<usize>,
+    /// Measure every few seconds whether splitting a step's kernels across the threads makes it
+    /// faster, and keep steps on one thread while it does not (a virtual machine's CPUs that
+    /// share no cache for a while, a busy machine); `false` splits every step large enough.
+    pub adaptive_splitting: bool,
     /// The run folder (default: `runs/<name>-<YYYYmmdd-HHMMSS>`).
     pub out_dir: Option<PathBuf>,
     /// Checkpoints: how often, how many are kept, which is the best (`[training.checkpoint]`).
@@ -89,6 +93,7 @@ impl Default for TrainingConfig {
             sample_every: 0,
             sample_count: 64,
             threads: None,
+            adaptive_splitting: true,
             out_dir: None,
             checkpoint: crate::checkpoint::CheckpointConfig::default(),
             health: crate::health::HealthConfig::default(),

@@ -78,6 +78,11 @@ pub struct Summary {
     pub wall_time_s: f64,
     /// Training steps per second, evaluations excluded.
     pub steps_per_s: f64,
+    /// The share of this session's training steps whose kernels split their work across the
+    /// compute pool (1 with one thread; `training.adaptive_splitting` keeps steps on one thread
+    /// while splitting does not pay).
+    #[serde(default = "every_step")]
+    pub split_share: f64,
     /// The losses of the last training step.
     pub final_losses: BTreeMap<String, f64>,
     /// The diagnostics of the last training step.
@@ -99,6 +104,11 @@ pub struct Summary {
     /// reference split, sample count), by metric name.
     #[serde(default)]
     pub metric_provenance: MetricProvenance,
+}
+
+/// The default [`Summary::split_share`] of summaries written before it existed.
+fn every_step() -> f64 {
+    1.0
 }
 
 /// Provenance of metric values: metric name → key → value ([`nash_core::metric::Metric::provenance`]).
@@ -405,6 +415,7 @@ fn train_on_pool(
         epochs: loader.epoch(),
         wall_time_s: 0.0,
         steps_per_s: 0.0,
+        split_share: 1.0,
         final_losses: BTreeMap::new(),
         final_diagnostics: BTreeMap::new(),
         final_eval: BTreeMap::new(),
@@ -470,6 +481,7 @@ fn train_on_pool(
                 summary.health.rollbacks,
             ));
         }
+        let mut governor = crate::threads::SplitGovernor::new(rayon::current_num_threads(), cfg.adaptive_splitting);
         let mut step = start_step;
         while step < steps {
             let batch = loader.next_batch(run.data.as_ref(), &run.device)?;
@@ -482,26 +494,26 @@ fn train_on_pool(
             };
             // A step that refuses a non-finite value is handed to the health policy like a step
             // that reports one.
-            let report = match run.model.train_step(&batch, &mut ctx) {
-                Ok(mut report) => match run.stabilizers.end_step(
+            let report = governor.step(|| match run.model.train_step(&batch, &mut ctx) {
+                Ok(mut report) => match ctx.stabilizers.end_step(
                     &mut report,
                     &mut HookContext {
                         step,
                         device: &run.device,
-                        rng: &mut rng,
+                        rng: ctx.rng,
                     },
                 ) {
-                    Ok(()) => report,
+                    Ok(()) => Ok(report),
                     Err(e) => non_finite_report(&e).ok_or_else(|| {
                         anyhow::Error::from(e).context(TrainingFailed::new(format!(
                             "a stabilizer failed at the end of step {step}"
                         )))
-                    })?,
+                    }),
                 },
                 Err(e) => non_finite_report(&e).ok_or_else(|| {
                     anyhow::Error::from(e).context(TrainingFailed::new(format!("training step {step} failed")))
-                })?,
-            };
+                }),
+            })?;
             let done = step + 1;
             let mut events = monitor.observe_step(done, &report);
             let go_on = decide(&events, &summary.health, &cfg.health).is_none_or(|a| a == Action::Warn);
@@ -637,6 +649,7 @@ fn train_on_pool(
             step = done;
         }
         drop(progress);
+        summary.split_share = governor.split_share();
         let train_time = start.elapsed().as_secs_f64() - eval_time;
         summary.steps_per_s = if train_time > 0.0 {
             (summary.steps - start_step) as f64 / train_time

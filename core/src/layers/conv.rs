@@ -219,7 +219,7 @@ pub mod kernels {
             return cols;
         }
         cols.par_chunks_mut(n)
-            .with_min_len(MIN_ITEMS_PER_TASK)
+            .with_min_len(crate::kernels::min_items_per_task(MIN_ITEMS_PER_TASK))
             .enumerate()
             .for_each(|(row, out_row)| {
                 let Some(p) = patch_row(g, row) else { return };
@@ -260,7 +260,10 @@ pub mod kernels {
         let rows: Vec<(usize, PatchRow)> = (0..g.patch_len())
             .filter_map(|row| patch_row(g, row).map(|p| (row, p)))
             .collect();
-        x.par_chunks_mut(g.in_len()).enumerate().for_each(|(b, xs)| {
+        let tasks = x
+            .par_chunks_mut(g.in_len())
+            .with_min_len(crate::kernels::min_items_per_task(1));
+        tasks.enumerate().for_each(|(b, xs)| {
             for (row, p) in &rows {
                 let width = p.columns.len();
                 let xb = &mut xs[p.ci * plane..][..plane];

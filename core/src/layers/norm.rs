@@ -16,10 +16,11 @@ use crate::tensor::{Activation, FeatureShape, Param, ParamRole, Parameterized, T
 #[cfg(not(feature = "cuda"))]
 const MIN_VALUES_PER_TASK: usize = 1 << 14;
 
-/// The least number of items (channels or samples of `values_per_item` values each) per task.
+/// The least number of items (channels or samples of `values_per_item` values each) per task
+/// (all of them while splitting is suspended, [`crate::kernels::with_splitting`]).
 #[cfg(not(feature = "cuda"))]
 fn min_items_per_task(values_per_item: usize) -> usize {
-    MIN_VALUES_PER_TASK.div_ceil(values_per_item.max(1))
+    crate::kernels::min_items_per_task(MIN_VALUES_PER_TASK.div_ceil(values_per_item.max(1)))
 }
 
 type Tensor3<T = Tape> = Tensor<(usize, usize, usize), f32, crate::tensor::Device, T>;

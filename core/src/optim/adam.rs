@@ -210,7 +210,7 @@ const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 /// The chunk length that splits `n` elements evenly across the pool's threads, or `None` to
 /// update them on the calling thread (one thread, or too few elements).
 fn parallel_chunk(n: usize) -> Option<usize> {
-    let threads = rayon::current_num_threads();
+    let threads = crate::kernels::split_threads();
     (threads > 1 && n >= PARALLEL_MIN_ELEMENTS).then(|| n.div_ceil(threads))
 }
 
