@@ -33,15 +33,17 @@ CURVE_REPEATS = 3
 TIMEOUT_S = 600
 #: A multi-thread measurement is repeated (up to LINK_RETRIES times, LINK_WAIT_S apart) when the round trip of a
 #: cache line between its CPUs (`nash bench cores`, probed before and after it) was more than LINK_FACTOR times the
-#: run's typical one (the median of every probe), or less than its inverse. On the virtual machines measured here
-#: the host moves the two CPUs apart (about 150 ns becomes 330-500 ns) or onto one core (about 30 ns) for seconds
-#: to minutes, and every framework's two-thread speed changes with it (docs/performance.md): the comparison is made
-#: in the machine's usual state, and a measurement that never got it is marked.
+#: run's usual one, or less than its inverse. On the virtual machines measured here the host moves the two CPUs
+#: apart (60-160 ns becomes 300-520 ns) or onto one core (about 30 ns) for seconds to minutes, and every framework's
+#: two-thread speed changes with it (docs/performance.md): the comparison is made at the machine's usual link, and a
+#: measurement that never got it is marked. The usual link is the lower quartile of every probe so far: the far
+#: periods are the minority of the time but can last through the first probes, which the median would then take
+#: for the usual state.
 LINK_FACTOR = 1.6
 LINK_RETRIES = 3
 LINK_WAIT_S = 15.0
 #: Probes taken at the start, a second apart, before the first multi-thread measurement.
-LINK_BASELINE_PROBES = 5
+LINK_BASELINE_PROBES = 10
 
 
 @dataclass(frozen=True)
@@ -234,11 +236,15 @@ class LinkWatch:
     def add(self, *values: float | None) -> None:
         self.probes += [v for v in values if v is not None]
 
-    def typical(self) -> float | None:
-        return statistics.median(self.probes) if self.probes else None
+    def usual(self) -> float | None:
+        """The lower quartile of the probes so far."""
+        if not self.probes:
+            return None
+        ordered = sorted(self.probes)
+        return ordered[(len(ordered) - 1) // 4]
 
     def unusual(self, *values: float | None) -> bool:
-        typical = self.typical()
+        typical = self.usual()
         if typical is None:
             return False
         return any(v is not None and not typical / LINK_FACTOR <= v <= typical * LINK_FACTOR for v in values)
@@ -264,7 +270,7 @@ def run_watched(point: Point, args: argparse.Namespace, watch: LinkWatch) -> lis
         if not unusual or attempt == LINK_RETRIES:
             return got
         print(
-            f" link {before or 0:.0f}/{after or 0:.0f} ns against a typical {watch.typical():.0f} ns: "
+            f" link {before or 0:.0f}/{after or 0:.0f} ns against a usual {watch.usual():.0f} ns: "
             f"again in {LINK_WAIT_S:.0f} s ...",
             end="",
             file=sys.stderr,
@@ -337,9 +343,9 @@ def main() -> int:
         for _ in range(LINK_BASELINE_PROBES):
             watch.add(probe_link(cpus, args))
             time.sleep(1.0)
-        typical = watch.typical()
+        usual = watch.usual()
         print(
-            f"core link (CPUs {cpus}): {'unknown' if typical is None else f'{typical:.0f} ns'} per round trip",
+            f"core link (CPUs {cpus}): {'unknown' if usual is None else f'{usual:.0f} ns'} per round trip",
             file=sys.stderr,
         )
     for n, point in enumerate((p for _ in range(args.rounds) for p in points), 1):

@@ -250,16 +250,21 @@ pub fn matmul(
         c_row_stride: n as isize,
         accumulate,
     };
-    let threads = split_threads();
+    // The blocks depend on the pool's size only, not on whether this thread may split now: the
+    // element sums of gemm's microkernels depend on the block shapes, and a training step must give
+    // the same bits whatever the split governor decided. Unsplit, the blocks run one after the
+    // other on this thread.
+    let threads = rayon::current_num_threads();
     let parts = if threads > 1 && m * k * n >= PARALLEL_MIN_WORK {
         threads.min(m.max(n) / SPLIT_ALIGN).max(1)
     } else {
         1
     };
+    let parallel = split_threads() > 1;
     // SAFETY: the assert above keeps every index `i * rs + j * cs` of each operand in bounds
     // (row-major `[m, k]` / `[k, m]` for `a`, `[k, n]` / `[n, k]` for `b`, `[m, n]` for `c`), and
     // `c` is borrowed mutably, so it aliases neither input.
-    unsafe { product.split((m, k, n), parts) }
+    unsafe { product.split((m, k, n), parts, parallel) }
 }
 
 /// Raw operands of one `c (+)= op(a)·op(b)` product, or of a block of it, in gemm's
@@ -281,12 +286,13 @@ unsafe impl Send for Product {}
 unsafe impl Sync for Product {}
 
 impl Product {
-    /// Computes the `[m, n]` block in `parts` blocks along its longer side, in parallel.
+    /// Computes the `[m, n]` block in `parts` blocks along its longer side, in parallel when
+    /// `parallel`, else one after the other.
     ///
     /// # Safety
     /// The operands must hold the `[m, k]`, `[k, n]` and `[m, n]` matrices at their strides, and
     /// nothing else may access `c`'s block meanwhile.
-    unsafe fn split(self, (m, k, n): (usize, usize, usize), parts: usize) {
+    unsafe fn split(self, (m, k, n): (usize, usize, usize), parts: usize, parallel: bool) {
         if parts <= 1 || m.max(n) < 2 {
             return self.gemm((m, k, n));
         }
@@ -308,11 +314,15 @@ impl Product {
             };
             (((m, k, n1), self), ((m, k, n - n1), rest))
         };
-        rayon::join(
-            // SAFETY: the blocks partition `c`'s block; each keeps its operands' strides.
-            || unsafe { first.1.split(first.0, left_parts) },
-            || unsafe { second.1.split(second.0, parts - left_parts) },
-        );
+        // SAFETY: the blocks partition `c`'s block; each keeps its operands' strides.
+        let first = || unsafe { first.1.split(first.0, left_parts, parallel) };
+        let second = || unsafe { second.1.split(second.0, parts - left_parts, parallel) };
+        if parallel {
+            rayon::join(first, second);
+        } else {
+            first();
+            second();
+        }
     }
 
     /// One single-threaded gemm call.
@@ -470,6 +480,39 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_split_product_gives_the_same_bits_as_an_unsplit_one() {
+        // The split governor decides from timings whether a step splits, so a run's results must
+        // not depend on it: unsplit, the product is cut into the same blocks, computed one after
+        // the other (gemm's sums depend on the block shapes). The reference workloads' shapes
+        // (autoencoder, MLP GAN, DCGAN products), plain and transposed operands.
+        let shapes = [
+            (64, 784, 128),
+            (784, 64, 128),
+            (64, 128, 784),
+            (64, 512, 784),
+            (256, 64, 784),
+            (128, 1024, 196),
+        ];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(m, k, n) in &shapes {
+            for (ta, tb) in [(false, false), (true, false), (false, true)] {
+                let (a, b) = (values(m * k, 3), values(k * n, 7));
+                let product = |split: bool| {
+                    let mut c = values(m * n, 11);
+                    pool.install(|| with_splitting(split, || matmul((m, k, n), &a, ta, &b, tb, &mut c, true)));
+                    c
+                };
+                let (split, unsplit) = (product(true), product(false));
+                let same = split.iter().zip(&unsplit).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{m}x{k}x{n} {ta} {tb}: the split product differs from the unsplit one"
+                );
             }
         }
     }

@@ -2,12 +2,13 @@
 //!
 //! Every hand-off between compute threads (a stolen half of a split, the data one thread wrote and
 //! the other reads) costs this round trip. On the virtual machines measured here it is not fixed:
-//! for seconds to minutes at a time it rises from about 150 ns to 330-500 ns, which looks like the
-//! host running the two virtual CPUs on cores that share no cache, and in those periods every
-//! two-thread training step, nash's and the Python peers', runs at half speed or less while
-//! one-thread steps do not change (docs/performance.md). `bench/` probes the link before and after
-//! each multi-thread measurement so that a comparison is not decided by which side ran in such a
-//! period.
+//! for seconds to minutes at a time it rises from 60-160 ns to 300-520 ns, which looks like the
+//! host running the two virtual CPUs on cores that share no cache (or falls to about 30 ns: one
+//! core's two hardware threads). In the far periods a two-thread nash step split across both cores
+//! ran at half the one-thread speed, the Python peers' slowed less, and one-thread steps did not
+//! change (docs/performance.md); the trainer's split governor keeps steps on one core then.
+//! `bench/` probes the link before and after each multi-thread measurement so that a comparison is
+//! not decided by which side ran in such a period.
 //!
 //! The probe pins two threads to the first two CPUs this thread may run on and bounces a counter
 //! between them: one makes it odd, the other answers by making it even, and the round trip is

@@ -94,13 +94,13 @@ fn with_awake_helpers<R: Send>(helpers: usize, body: impl FnOnce() -> R + Send) 
 /// ([`nash_core::kernels::with_splitting`]), from the measured time of the steps.
 ///
 /// A second thread pays only while handing work between the cores is cheap. On the virtual
-/// machines measured here the round trip of a cache line between the two CPUs rises from about
-/// 150 ns to 330-500 ns for seconds to minutes at a time (`nash bench cores`), and a step split
+/// machines measured here the round trip of a cache line between the two CPUs rises from
+/// 60-160 ns to 300-520 ns for seconds to minutes at a time (`nash bench cores`), and a step split
 /// across both then runs at half the one-thread speed or less (docs/performance.md). So the
 /// governor compares, every few seconds, a few split steps with a few unsplit ones and runs the
 /// faster way until the next comparison, or sooner when the split steps slow down. The
 /// comparison costs a few steps in the slower way per [`HOLD_SECONDS`] or [`HOLD_STEPS`] steps,
-/// whichever is longer (under 3% of the time when a step takes 0.1 s, less when it takes less).
+/// whichever is longer: under 1% of the time for the reference workloads.
 ///
 /// Step times come from the caller, so that the decisions are reproducible in tests.
 #[derive(Debug)]
@@ -418,7 +418,7 @@ mod tests {
             (false, _) => 0.16,
         });
         let first = first_choice(0.1);
-        // `nash bench speed` and bench/ warm up for 10 steps.
+        // `nash bench speed` and bench/ warm up for 20 steps: the first choice is made well within.
         assert!(first <= 10, "the first choice holds from step {first}");
         assert_eq!(steps[..first], [true, true, true, true, true, false, false]);
         assert!(steps[first..30].iter().all(|&s| s));
