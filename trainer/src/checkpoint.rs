@@ -230,7 +230,10 @@ pub struct TrainingState {
 pub fn pipeline_hash(pipeline: &impl Serialize) -> anyhow::Result<String> {
     let mut value = serde_json::to_value(pipeline)?;
     if let Some(t) = value.get_mut("training").and_then(Value::as_object_mut) {
-        for k in ["steps", "out_dir", "checkpoint"] {
+        // `adaptive_splitting` changes how fast a step runs, never its numbers (the split governor
+        // keeps the bits), so a run may resume with it changed, and checkpoints written before it
+        // existed still resume.
+        for k in ["steps", "out_dir", "checkpoint", "adaptive_splitting"] {
             t.remove(k);
         }
     }
@@ -763,6 +766,18 @@ mod tests {
             "step-00000007\n"
         );
         let _ = std::fs::remove_dir_all(&run);
+    }
+
+    #[test]
+    fn the_pipeline_hash_ignores_what_cannot_change_the_numbers() {
+        let pipeline = |training: serde_json::Value| serde_json::json!({"seed": 3, "training": training});
+        let base = pipeline_hash(&pipeline(serde_json::json!({"batch_size": 64, "threads": 2}))).unwrap();
+        let same = pipeline(serde_json::json!({
+            "batch_size": 64, "threads": 2, "steps": 10, "adaptive_splitting": false, "out_dir": "x"
+        }));
+        assert_eq!(pipeline_hash(&same).unwrap(), base);
+        let other = pipeline(serde_json::json!({"batch_size": 32, "threads": 2}));
+        assert_ne!(pipeline_hash(&other).unwrap(), base);
     }
 
     /// An undefined metric (NaN: a reverse KL with no mode captured) is written as JSON `null` and

@@ -519,6 +519,7 @@ fn train_on_pool(
             let go_on = decide(&events, &summary.health, &cfg.health).is_none_or(|a| a == Action::Warn);
             if go_on {
                 summary.steps = done;
+                summary.split_share = governor.split_share();
                 summary.epochs = loader.epoch();
                 if cfg.log_every > 0 && done.is_multiple_of(cfg.log_every) {
                     let lr: BTreeMap<&str, f64> = run
@@ -649,7 +650,6 @@ fn train_on_pool(
             step = done;
         }
         drop(progress);
-        summary.split_share = governor.split_share();
         let train_time = start.elapsed().as_secs_f64() - eval_time;
         summary.steps_per_s = if train_time > 0.0 {
             (summary.steps - start_step) as f64 / train_time
