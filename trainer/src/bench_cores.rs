@@ -75,11 +75,10 @@ pub fn measure(duration: Duration) -> anyhow::Result<CoreLink> {
             .map_err(|_| anyhow::anyhow!("the probe's answering thread panicked"))?;
         answered?;
         let windows_ns = asked?;
-        let mut sorted = windows_ns.clone();
-        sorted.sort_by(f64::total_cmp);
         Ok(CoreLink {
             cpus: [first, second],
-            round_trip_ns: sorted[sorted.len() / 2],
+            // At least one window was timed.
+            round_trip_ns: crate::median(windows_ns.iter().copied()).unwrap_or(f64::NAN),
             windows_ns,
         })
     })

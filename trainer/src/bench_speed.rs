@@ -594,13 +594,7 @@ fn timed_runs(timed: &mut dyn Timed, n: u64, repeats: usize) -> anyhow::Result<V
 
 /// The median of `values` (the mean of the middle two for an even count); NaN for none.
 pub fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+    crate::median(values.iter().copied()).unwrap_or(f64::NAN)
 }
 
 /// This process's peak resident set in MiB (`VmHWM` of /proc/self/status, what `getrusage`'s

@@ -35,6 +35,22 @@ pub use train::{RunOptions, Summary};
 /// The pipeline `nash train` runs when given none: 8 Gaussian modes on a ring, learned by a GAN.
 pub const DEFAULT_PIPELINE: &str = include_str!("../../examples/ring_gan.toml");
 
+/// The median of `values` (the mean of the middle two for an even count), `None` when there are
+/// none: the health monitor's baselines, the benchmark's runs, the split governor's step times.
+pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
 /// The embedded default pipeline as a source (plugin paths relative to the current folder).
 pub fn default_pipeline_source() -> PipelineSource {
     PipelineSource::from_text(

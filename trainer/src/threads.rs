@@ -161,7 +161,7 @@ enum Phase {
         /// Step time and steps left before the next comparison.
         seconds_left: f64,
         steps_left: u64,
-        /// The last [`TRIAL_STEPS`] step times (a ring).
+        /// The last [`TRIAL_STEPS`] step times, oldest first.
         recent: Vec<f64>,
     },
 }
@@ -288,8 +288,7 @@ impl SplitGovernor {
                 *seconds_left -= seconds;
                 *steps_left = steps_left.saturating_sub(1);
                 if recent.len() == TRIAL_STEPS {
-                    recent.rotate_left(1);
-                    recent.pop();
+                    recent.remove(0);
                 }
                 recent.push(seconds);
                 let slowed = *split && recent.len() == TRIAL_STEPS && median(recent) > *reference * SLOWDOWN;
@@ -310,11 +309,9 @@ impl SplitGovernor {
     }
 }
 
-/// The median of a few values (the upper one of an even count's middle two).
+/// The median of a comparison block's or of the last steps' times, which are never empty.
 fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
+    crate::median(values.iter().copied()).expect("a comparison block and the last steps hold step times")
 }
 
 /// Sets the flag when dropped, so that the helpers stop even when the body panics.
