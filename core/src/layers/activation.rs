@@ -66,31 +66,47 @@ impl ActivationFn {
 
     /// Replaces every value `x` by `f(x)` and returns the slopes `f'(x)`, in one pass.
     pub fn apply_in_place(&self, values: &mut [f32]) -> Vec<f32> {
+        let mut slopes = vec![0.0; values.len()];
+        self.apply_with_slopes(values, &mut slopes);
+        slopes
+    }
+
+    /// Replaces every value `x` by `f(x)` and writes the slopes `f'(x)` into `slopes` (as long as
+    /// `values`), in one pass on the widest vectors, split across the pool's threads in tasks of
+    /// [`crate::kernels::ELEMENTWISE_VALUES_PER_TASK`] values.
+    pub fn apply_with_slopes(&self, values: &mut [f32], slopes: &mut [f32]) {
+        use rayon::prelude::*;
         #[inline(always)]
-        fn run(values: &mut [f32], f: impl Fn(f32) -> (f32, f32)) -> Vec<f32> {
-            let mut slopes = vec![0.0; values.len()];
-            // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
-            crate::kernels::on_widest_vectors(
-                #[inline(always)]
-                || {
-                    let slopes = &mut slopes[..values.len()];
-                    for i in 0..values.len() {
-                        let (value, slope) = f(values[i]);
-                        values[i] = value;
-                        slopes[i] = slope;
-                    }
-                },
-            );
-            slopes
+        fn run(values: &mut [f32], slopes: &mut [f32], f: impl Fn(f32) -> (f32, f32) + Sync) {
+            let per_task = crate::kernels::ELEMENTWISE_VALUES_PER_TASK;
+            values
+                .par_chunks_mut(per_task)
+                .zip(slopes.par_chunks_mut(per_task))
+                .with_min_len(crate::kernels::min_items_per_task(1))
+                .for_each(|(values, slopes)| {
+                    // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
+                    crate::kernels::on_widest_vectors(
+                        #[inline(always)]
+                        || {
+                            let slopes = &mut slopes[..values.len()];
+                            for i in 0..values.len() {
+                                let (value, slope) = f(values[i]);
+                                values[i] = value;
+                                slopes[i] = slope;
+                            }
+                        },
+                    )
+                });
         }
+        assert_eq!(values.len(), slopes.len(), "one slope per value");
         // One closure per variant, so that each loop is compiled for its function.
         match *self {
-            ActivationFn::Relu => run(values, |v| ActivationFn::Relu.value_and_slope(v)),
-            ActivationFn::LeakyRelu(s) => run(values, |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
-            ActivationFn::Elu(a) => run(values, |v| ActivationFn::Elu(a).value_and_slope(v)),
-            ActivationFn::Tanh => run(values, |v| ActivationFn::Tanh.value_and_slope(v)),
-            ActivationFn::Sigmoid => run(values, |v| ActivationFn::Sigmoid.value_and_slope(v)),
-            ActivationFn::Gelu => run(values, |v| ActivationFn::Gelu.value_and_slope(v)),
+            ActivationFn::Relu => run(values, slopes, |v| ActivationFn::Relu.value_and_slope(v)),
+            ActivationFn::LeakyRelu(s) => run(values, slopes, |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
+            ActivationFn::Elu(a) => run(values, slopes, |v| ActivationFn::Elu(a).value_and_slope(v)),
+            ActivationFn::Tanh => run(values, slopes, |v| ActivationFn::Tanh.value_and_slope(v)),
+            ActivationFn::Sigmoid => run(values, slopes, |v| ActivationFn::Sigmoid.value_and_slope(v)),
+            ActivationFn::Gelu => run(values, slopes, |v| ActivationFn::Gelu.value_and_slope(v)),
         }
     }
 

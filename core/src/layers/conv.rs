@@ -17,7 +17,7 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::init::Init;
-use super::{BuildContext, ForwardContext, Layer, LayerConfig};
+use super::{ActivationFn, BuildContext, ForwardContext, Layer, LayerConfig};
 use crate::error::{Error, Result};
 use crate::tensor::{Activation, Device, FeatureShape, Matrix, Param, ParamRole, Parameterized, Tape, Vector};
 
@@ -151,187 +151,155 @@ pub mod kernels {
 
     use super::ConvGeometry;
 
-    /// `op(a)·op(b)` through [`crate::kernels::matmul`]; `a` is stored `a_shape`, `op` transposes
-    /// when asked (through strides, without a copy).
-    pub fn gemm(
-        a: &[f32],
-        a_shape: (usize, usize),
-        ta: bool,
-        b: &[f32],
-        b_shape: (usize, usize),
-        tb: bool,
-    ) -> Vec<f32> {
-        let (m, k) = if ta { (a_shape.1, a_shape.0) } else { a_shape };
-        let n = if tb { b_shape.0 } else { b_shape.1 };
-        let mut c = vec![0.0; m * n];
-        crate::kernels::matmul((m, k, n), a, ta, b, tb, &mut c, false);
-        c
-    }
-
-    /// The output positions `lo..hi` along one side whose input position `o·stride + kpos −
-    /// padding` lies inside `0..input_side` (the others read padding), for the kernel offset `kpos`
-    /// along that side, so that the copy loops carry no bounds test.
-    fn valid_outputs(g: &ConvGeometry, input_side: usize, output_side: usize, kpos: usize) -> (usize, usize) {
-        let (s, p) = (g.stride, g.padding);
-        // o·s + kpos ≥ p  ⇔  o ≥ ⌈(p − kpos)/s⌉;   o·s + kpos − p < n  ⇔  o < ⌈(n + p − kpos)/s⌉.
-        let lo = p.saturating_sub(kpos).div_ceil(s);
-        let hi = ((input_side + p).saturating_sub(kpos)).div_ceil(s).min(output_side);
-        (lo.min(hi), hi)
-    }
-
-    /// Where row `row = (ci·k + ki)·k + kj` of the column matrix reads the input: its channel
-    /// `ci`, the output rows and columns whose input pixel lies inside the image, and the input
-    /// row and column the first of them reads (the next ones are `stride` apart); `None` when the
-    /// row reads only padding.
-    fn patch_row(g: &ConvGeometry, row: usize) -> Option<PatchRow> {
-        let k = g.kernel;
-        let (ci, ki, kj) = (row / (k * k), row / k % k, row % k);
-        let (row_lo, row_hi) = valid_outputs(g, g.h_in, g.h_out, ki);
-        let (lo, hi) = valid_outputs(g, g.w_in, g.w_out, kj);
-        (row_lo < row_hi && lo < hi).then(|| PatchRow {
-            ci,
-            first_ih: row_lo * g.stride + ki - g.padding,
-            rows: row_lo..row_hi,
-            first_iw: lo * g.stride + kj - g.padding,
-            columns: lo..hi,
-        })
-    }
-
-    /// One row of the column matrix, as [`patch_row`] finds it.
-    struct PatchRow {
-        ci: usize,
-        first_ih: usize,
-        rows: std::ops::Range<usize>,
-        first_iw: usize,
-        columns: std::ops::Range<usize>,
-    }
-
-    /// Rows of the column matrix per task when the pool splits [`im2col`]: enough to outweigh
-    /// handing a task to another thread.
-    const MIN_ITEMS_PER_TASK: usize = 8;
-
-    /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`. Rows are filled
-    /// in parallel on the pool's threads.
-    pub fn im2col(g: &ConvGeometry, batch: usize, x: &[f32]) -> Vec<f32> {
-        let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
-        let mut cols = vec![0.0; g.patch_len() * n];
-        if n == 0 {
-            return cols;
-        }
-        cols.par_chunks_mut(n)
-            .with_min_len(crate::kernels::min_items_per_task(MIN_ITEMS_PER_TASK))
-            .enumerate()
-            .for_each(|(row, out_row)| {
-                let Some(p) = patch_row(g, row) else { return };
-                let width = p.columns.len();
-                for b in 0..batch {
-                    let xb = &x[b * g.in_len() + p.ci * plane..][..plane];
-                    let out = &mut out_row[b * g.out_pixels()..][..g.out_pixels()];
-                    for (r, oh) in p.rows.clone().enumerate() {
-                        let src = &xb[(p.first_ih + r * s) * g.w_in + p.first_iw..];
-                        let dst = &mut out[oh * g.w_out + p.columns.start..][..width];
-                        if s == 1 {
-                            dst.copy_from_slice(&src[..width]);
+    /// The gather table of [`im2col`] and [`col2im_adding`]: entry `t·out_pixels + p`, for the
+    /// kernel offset `t = ki·k + kj` and the output pixel `p = oh·w_out + ow`, is the input pixel
+    /// `ih·w_in + iw` that `p` reads through `t`, or `h_in·w_in` (one past the plane) where it
+    /// reads padding. The kernels gather from (and scatter into) a copy of one input plane followed
+    /// by one zero, so that their loops carry no padding test and no stride arithmetic: the
+    /// per-element strided copies of the earlier version took twice as long at the DCGAN's
+    /// stride-2 shapes.
+    fn taps(g: &ConvGeometry) -> Vec<usize> {
+        let (k, s, p) = (g.kernel, g.stride, g.padding);
+        let outside = g.h_in * g.w_in;
+        let mut table = Vec::with_capacity(k * k * g.out_pixels());
+        for ki in 0..k {
+            for kj in 0..k {
+                for oh in 0..g.h_out {
+                    for ow in 0..g.w_out {
+                        let (ih, iw) = ((oh * s + ki).wrapping_sub(p), (ow * s + kj).wrapping_sub(p));
+                        table.push(if ih < g.h_in && iw < g.w_in {
+                            ih * g.w_in + iw
                         } else {
-                            for (j, d) in dst.iter_mut().enumerate() {
-                                *d = src[j * s];
-                            }
-                        }
+                            outside
+                        });
                     }
                 }
-            });
+            }
+        }
+        table
+    }
+
+    /// Patches of the input space as columns: `[c_in·k·k, batch·h_out·w_out]`. Input channels
+    /// are filled in parallel on the pool's threads.
+    pub fn im2col(g: &ConvGeometry, batch: usize, x: &[f32]) -> Vec<f32> {
+        let mut cols = vec![0.0; g.patch_len() * batch * g.out_pixels()];
+        im2col_into(g, batch, x, &mut cols);
         cols
     }
 
+    /// [`im2col`] written into the first `c_in·k·k · batch·h_out·w_out` values of `cols`, every
+    /// one of them (the buffer's old contents do not matter).
+    pub fn im2col_into(g: &ConvGeometry, batch: usize, x: &[f32], cols: &mut [f32]) {
+        let (n, pixels, plane) = (batch * g.out_pixels(), g.out_pixels(), g.h_in * g.w_in);
+        if n == 0 {
+            return;
+        }
+        let taps = taps(g);
+        cols[..g.patch_len() * n]
+            .par_chunks_mut(g.kernel * g.kernel * n)
+            .with_min_len(crate::kernels::min_items_per_task(1))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0; plane + 1],
+                |padded, (ci, rows)| {
+                    for b in 0..batch {
+                        padded[..plane].copy_from_slice(&x[b * g.in_len() + ci * plane..][..plane]);
+                        for (tap, row) in taps.chunks_exact(pixels).zip(rows.chunks_exact_mut(n)) {
+                            for (out, &i) in row[b * pixels..][..pixels].iter_mut().zip(tap) {
+                                *out = padded[i];
+                            }
+                        }
+                    }
+                },
+            );
+    }
+
     /// The adjoint of [`im2col`]: sums columns back into the input space, `[batch, c_in·h_in·w_in]`.
-    /// Samples are summed in parallel on the pool's threads.
+    /// Input planes are summed in parallel on the pool's threads.
     pub fn col2im(g: &ConvGeometry, batch: usize, cols: &[f32]) -> Vec<f32> {
         let mut x = vec![0.0; batch * g.in_len()];
         col2im_adding(g, batch, cols, &mut x);
         x
     }
 
-    /// [`col2im`] added into `x` (`[batch, c_in·h_in·w_in]`) instead of a new buffer.
+    /// Input planes per task when the pool splits [`col2im_adding`].
+    const MIN_PLANES_PER_TASK: usize = 4;
+
+    /// [`col2im`] added into `x` (`[batch, c_in·h_in·w_in]`) instead of a new buffer. Each input
+    /// value receives its terms in the order of the column matrix's rows, on any number of threads.
     pub fn col2im_adding(g: &ConvGeometry, batch: usize, cols: &[f32], x: &mut [f32]) {
-        let (s, n, plane) = (g.stride, batch * g.out_pixels(), g.h_in * g.w_in);
-        if g.in_len() == 0 {
+        let (n, pixels, plane) = (batch * g.out_pixels(), g.out_pixels(), g.h_in * g.w_in);
+        let taps_per_channel = g.kernel * g.kernel;
+        if n == 0 {
             return;
         }
-        let rows: Vec<(usize, PatchRow)> = (0..g.patch_len())
-            .filter_map(|row| patch_row(g, row).map(|p| (row, p)))
-            .collect();
-        let tasks = x
-            .par_chunks_mut(g.in_len())
-            .with_min_len(crate::kernels::min_items_per_task(1));
-        tasks.enumerate().for_each(|(b, xs)| {
-            for (row, p) in &rows {
-                let width = p.columns.len();
-                let xb = &mut xs[p.ci * plane..][..plane];
-                let src_plane = &cols[row * n + b * g.out_pixels()..][..g.out_pixels()];
-                for (r, oh) in p.rows.clone().enumerate() {
-                    let src = &src_plane[oh * g.w_out + p.columns.start..][..width];
-                    let dst = &mut xb[(p.first_ih + r * s) * g.w_in + p.first_iw..];
-                    if s == 1 {
-                        for (d, v) in dst[..width].iter_mut().zip(src) {
-                            *d += v;
-                        }
-                    } else {
-                        for (j, v) in src.iter().enumerate() {
-                            dst[j * s] += v;
+        let taps = taps(g);
+        x[..batch * g.in_len()]
+            .par_chunks_mut(plane)
+            .with_min_len(crate::kernels::min_items_per_task(MIN_PLANES_PER_TASK))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0; plane + 1],
+                |padded, (sample_channel, xs)| {
+                    let (b, ci) = (sample_channel / g.c_in, sample_channel % g.c_in);
+                    padded[..plane].copy_from_slice(xs);
+                    let rows = &cols[ci * taps_per_channel * n..][..taps_per_channel * n];
+                    for (tap, row) in taps.chunks_exact(pixels).zip(rows.chunks_exact(n)) {
+                        for (&i, v) in tap.iter().zip(&row[b * pixels..][..pixels]) {
+                            padded[i] += v;
                         }
                     }
-                }
-            }
-        });
+                    xs.copy_from_slice(&padded[..plane]);
+                },
+            );
     }
 
-    /// `[batch, c, pixels]` to `[c, batch·pixels]`.
-    pub fn to_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize) -> Vec<f32> {
-        let mut out = vec![0.0; v.len()];
+    /// `[batch, c, pixels]` to `[c, batch·pixels]`, written into the first `v.len()` values of `out`.
+    pub fn to_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
         for b in 0..batch {
             for ch in 0..c {
                 out[(ch * batch + b) * pixels..][..pixels].copy_from_slice(&v[(b * c + ch) * pixels..][..pixels]);
             }
         }
-        out
     }
 
-    /// `[c, batch·pixels]` to `[batch, c, pixels]`, adding `bias[c]` if given.
-    pub fn from_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, bias: Option<&[f32]>) -> Vec<f32> {
-        let mut out = vec![0.0; v.len()];
-        from_channel_rows_into(v, batch, c, pixels, bias, &mut out);
-        out
-    }
-
-    /// [`from_channel_rows`] written into `out` (`[batch, c, pixels]`) instead of a new buffer.
-    pub fn from_channel_rows_into(
+    /// `[c, batch·pixels]` to `[batch, c, pixels]`, appended to `out`, adding `bias[c]` if given
+    /// (appended rather than written over a zero-filled buffer: the output is written once).
+    pub fn extend_from_channel_rows(
         v: &[f32],
         batch: usize,
         c: usize,
         pixels: usize,
         bias: Option<&[f32]>,
-        out: &mut [f32],
+        out: &mut Vec<f32>,
     ) {
         for b in 0..batch {
             for ch in 0..c {
                 let add = bias.map_or(0.0, |bb| bb[ch]);
+                out.extend(v[(ch * batch + b) * pixels..][..pixels].iter().map(|s| s + add));
+            }
+        }
+    }
+
+    /// `[c, batch·pixels]` added into `out` (`[batch, c, pixels]`).
+    pub fn add_from_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
+        for b in 0..batch {
+            for ch in 0..c {
                 let dst = &mut out[(b * c + ch) * pixels..][..pixels];
                 for (d, s) in dst.iter_mut().zip(&v[(ch * batch + b) * pixels..][..pixels]) {
-                    *d = s + add;
+                    *d += s;
                 }
             }
         }
     }
 
-    /// Per-channel sums of `[batch, c, pixels]` (the bias gradient).
-    pub fn channel_sums(v: &[f32], batch: usize, c: usize, pixels: usize) -> Vec<f32> {
-        let mut out = vec![0.0; c];
+    /// Per-channel sums of `[batch, c, pixels]` (the bias gradient), added into `out` (length `c`).
+    pub fn add_channel_sums(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
         for b in 0..batch {
             for (ch, o) in out.iter_mut().enumerate() {
                 *o += v[(b * c + ch) * pixels..][..pixels].iter().sum::<f32>();
             }
         }
-        out
     }
 
     /// Values of the column matrix ([`im2col`]) of one chunk of samples: the kernels below go
@@ -342,40 +310,82 @@ pub mod kernels {
     /// 2^18 at 2 threads, whose products had too few columns to split well, and 2^16 10% slower.
     const CHUNK_VALUES: usize = 1 << 19;
 
-    /// Calls `f(first, count)` for consecutive chunks of the `batch` samples, each with at most
-    /// [`CHUNK_VALUES`] column values (at least one sample).
-    fn chunks(g: &ConvGeometry, batch: usize, mut f: impl FnMut(usize, usize)) {
-        let per_sample = (g.patch_len() * g.out_pixels()).max(1);
-        let size = (CHUNK_VALUES / per_sample).max(1);
+    /// Samples per chunk (see [`CHUNK_VALUES`]; at least one).
+    fn chunk_samples(g: &ConvGeometry) -> usize {
+        (CHUNK_VALUES / (g.patch_len() * g.out_pixels()).max(1)).max(1)
+    }
+
+    /// Calls `f(first, count, cols, channel_rows)` for consecutive chunks of the `batch` samples,
+    /// each with at most [`CHUNK_VALUES`] column values (at least one sample), with the
+    /// [`Scratch`] buffers cut to the chunk: `cols` `[c_in·k·k, count·h_out·w_out]` and
+    /// `channel_rows` `[c_out, count·h_out·w_out]`, whose old contents are left for `f` to write over.
+    fn for_each_chunk(g: &ConvGeometry, batch: usize, mut f: impl FnMut(usize, usize, &mut [f32], &mut [f32])) {
+        let size = chunk_samples(g);
+        let mut scratch = Scratch::take(g, batch);
         let mut first = 0;
         while first < batch {
             let count = size.min(batch - first);
-            f(first, count);
+            let n = count * g.out_pixels();
+            f(
+                first,
+                count,
+                &mut scratch.cols[..g.patch_len() * n],
+                &mut scratch.channel_rows[..g.c_out * n],
+            );
             first += count;
+        }
+        scratch.give_back();
+    }
+
+    /// Buffers the chunks of one kernel call share, written over by each chunk (no zero-fill per
+    /// chunk). A call takes the buffers the previous call on its thread gave back
+    /// ([`Scratch::give_back`]), so that a training step zero-fills and page-faults none of them.
+    #[derive(Default)]
+    struct Scratch {
+        /// A column matrix, `[c_in·k·k, chunk·h_out·w_out]`.
+        cols: Vec<f32>,
+        /// A chunk in the output space as channel rows, `[c_out, chunk·h_out·w_out]`.
+        channel_rows: Vec<f32>,
+    }
+
+    thread_local! {
+        /// The scratch buffers of the last kernel call on this thread, for the next one.
+        static SPARE_SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+    }
+
+    impl Scratch {
+        /// Buffers for the largest chunk of `batch` samples.
+        fn take(g: &ConvGeometry, batch: usize) -> Scratch {
+            let n = chunk_samples(g).min(batch) * g.out_pixels();
+            let mut scratch = SPARE_SCRATCH.take().unwrap_or_default();
+            for (buffer, len) in [
+                (&mut scratch.cols, g.patch_len() * n),
+                (&mut scratch.channel_rows, g.c_out * n),
+            ] {
+                if buffer.len() < len {
+                    buffer.resize(len, 0.0);
+                }
+            }
+            scratch
+        }
+
+        /// Keeps the buffers for the next call on this thread, unless a chunk of one sample
+        /// outgrew [`CHUNK_VALUES`] (a large image), whose buffers are freed.
+        fn give_back(self) {
+            if self.cols.len() <= CHUNK_VALUES {
+                SPARE_SCRATCH.set(Some(self));
+            }
         }
     }
 
     /// Convolution: `x` `[batch, in_len]`, `w` `[c_out, c_in·k·k]` → `[batch, out_len]`.
     pub fn conv_forward(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-        let mut y = vec![0.0; batch * g.out_len()];
-        chunks(g, batch, |first, count| {
-            let cols = im2col(g, count, &x[first * g.in_len()..][..count * g.in_len()]);
-            let ym = gemm(
-                w,
-                (g.c_out, g.patch_len()),
-                false,
-                &cols,
-                (g.patch_len(), count * g.out_pixels()),
-                false,
-            );
-            from_channel_rows_into(
-                &ym,
-                count,
-                g.c_out,
-                g.out_pixels(),
-                bias,
-                &mut y[first * g.out_len()..][..count * g.out_len()],
-            );
+        let mut y = Vec::with_capacity(batch * g.out_len());
+        for_each_chunk(g, batch, |first, count, cols, ym| {
+            let n = count * g.out_pixels();
+            im2col_into(g, count, &x[first * g.in_len()..][..count * g.in_len()], cols);
+            crate::kernels::matmul((g.c_out, g.patch_len(), n), w, false, cols, false, ym, false);
+            extend_from_channel_rows(ym, count, g.c_out, g.out_pixels(), bias, &mut y);
         });
         y
     }
@@ -412,8 +422,42 @@ pub mod kernels {
         pub bias: Option<Vec<f32>>,
     }
 
+    /// The gradient buffers a backward pass adds into, each `None` where it is not wanted: the
+    /// training step's own buffers, so that no gradient is computed into a buffer of its own and
+    /// then copied.
+    #[derive(Debug, Default)]
+    pub struct GradientsMut<'a> {
+        /// Of the input, `[batch, input values]`.
+        pub input: Option<&'a mut [f32]>,
+        /// Of the weight, `[c_out, c_in·k·k]`.
+        pub weight: Option<&'a mut [f32]>,
+        /// Of the bias.
+        pub bias: Option<&'a mut [f32]>,
+    }
+
+    impl Gradients {
+        /// Zero-filled buffers for the `wanted` gradients of a layer whose input, weight and bias
+        /// take `lens` values.
+        pub fn zeros(wanted: Wanted, (input, weight, bias): (usize, usize, usize)) -> Gradients {
+            Gradients {
+                input: wanted.input.then(|| vec![0.0; input]),
+                weight: wanted.weight.then(|| vec![0.0; weight]),
+                bias: wanted.bias.then(|| vec![0.0; bias]),
+            }
+        }
+
+        /// The buffers, for a backward pass to add into.
+        pub fn buffers_mut(&mut self) -> GradientsMut<'_> {
+            GradientsMut {
+                input: self.input.as_deref_mut(),
+                weight: self.weight.as_deref_mut(),
+                bias: self.bias.as_deref_mut(),
+            }
+        }
+    }
+
     /// Gradients of [`conv_forward`] from `dy` `[batch, out_len]`: `dx` `[batch, in_len]`, `dw`
-    /// and `db` (length `c_out`), each as `wanted`.
+    /// and `db` (length `c_out`), each as `wanted`, in buffers of their own.
     pub fn conv_backward(
         g: &ConvGeometry,
         batch: usize,
@@ -422,32 +466,39 @@ pub mod kernels {
         dy: &[f32],
         wanted: Wanted,
     ) -> Gradients {
+        let mut grads = Gradients::zeros(wanted, (batch * g.in_len(), g.weight_len(), g.c_out));
+        conv_backward_adding(g, batch, x, w, dy, grads.buffers_mut());
+        grads
+    }
+
+    /// [`conv_backward`] added into the given buffers.
+    pub fn conv_backward_adding(
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        mut out: GradientsMut<'_>,
+    ) {
         let k = g.patch_len();
-        let mut dx = wanted.input.then(|| vec![0.0; batch * g.in_len()]);
-        let mut dw = wanted.weight.then(|| vec![0.0; g.weight_len()]);
-        if dx.is_some() || dw.is_some() {
-            chunks(g, batch, |first, count| {
+        if out.input.is_some() || out.weight.is_some() {
+            for_each_chunk(g, batch, |first, count, cols, dym| {
                 let n = count * g.out_pixels();
-                let dym = to_channel_rows(
-                    &dy[first * g.out_len()..][..count * g.out_len()],
-                    count,
-                    g.c_out,
-                    g.out_pixels(),
-                );
-                if let Some(dw) = dw.as_mut() {
-                    let cols = im2col(g, count, &x[first * g.in_len()..][..count * g.in_len()]);
-                    crate::kernels::matmul((g.c_out, n, k), &dym, false, &cols, true, dw, true);
+                let dy_chunk = &dy[first * g.out_len()..][..count * g.out_len()];
+                to_channel_rows(dy_chunk, count, g.c_out, g.out_pixels(), dym);
+                if let Some(dw) = out.weight.as_deref_mut() {
+                    im2col_into(g, count, &x[first * g.in_len()..][..count * g.in_len()], cols);
+                    crate::kernels::matmul((g.c_out, n, k), dym, false, cols, true, dw, true);
                 }
-                if let Some(dx) = dx.as_mut() {
-                    let dcols = gemm(w, (g.c_out, k), true, &dym, (g.c_out, n), false);
-                    col2im_adding(g, count, &dcols, &mut dx[first * g.in_len()..][..count * g.in_len()]);
+                if let Some(dx) = out.input.as_deref_mut() {
+                    // The column matrix's gradient, summed back into the input space.
+                    crate::kernels::matmul((k, g.c_out, n), w, true, dym, false, cols, false);
+                    col2im_adding(g, count, cols, &mut dx[first * g.in_len()..][..count * g.in_len()]);
                 }
             });
         }
-        Gradients {
-            input: dx,
-            weight: dw,
-            bias: wanted.bias.then(|| channel_sums(dy, batch, g.c_out, g.out_pixels())),
+        if let Some(db) = out.bias {
+            add_channel_sums(dy, batch, g.c_out, g.out_pixels(), db);
         }
     }
 
@@ -461,22 +512,17 @@ pub mod kernels {
         bias: Option<&[f32]>,
     ) -> Vec<f32> {
         let mut y = vec![0.0; batch * g.in_len()];
-        chunks(g, batch, |first, count| {
-            let xm = to_channel_rows(
+        for_each_chunk(g, batch, |first, count, dcols, xm| {
+            let n = count * g.out_pixels();
+            to_channel_rows(
                 &x[first * g.out_len()..][..count * g.out_len()],
                 count,
                 g.c_out,
                 g.out_pixels(),
+                xm,
             );
-            let dcols = gemm(
-                w,
-                (g.c_out, g.patch_len()),
-                true,
-                &xm,
-                (g.c_out, count * g.out_pixels()),
-                false,
-            );
-            col2im_adding(g, count, &dcols, &mut y[first * g.in_len()..][..count * g.in_len()]);
+            crate::kernels::matmul((g.patch_len(), g.c_out, n), w, true, xm, false, dcols, false);
+            col2im_adding(g, count, dcols, &mut y[first * g.in_len()..][..count * g.in_len()]);
         });
         if let Some(bias) = bias {
             let px = g.h_in * g.w_in;
@@ -488,7 +534,7 @@ pub mod kernels {
     }
 
     /// Gradients of [`conv_transpose_forward`] from `dy` `[batch, in_len]`: `dx` `[batch,
-    /// out_len]`, `dw` and `db` (length `c_in`), each as `wanted`.
+    /// out_len]`, `dw` and `db` (length `c_in`), each as `wanted`, in buffers of their own.
     pub fn conv_transpose_backward(
         g: &ConvGeometry,
         batch: usize,
@@ -497,52 +543,46 @@ pub mod kernels {
         dy: &[f32],
         wanted: Wanted,
     ) -> Gradients {
+        let mut grads = Gradients::zeros(wanted, (batch * g.out_len(), g.weight_len(), g.c_in));
+        conv_transpose_backward_adding(g, batch, x, w, dy, grads.buffers_mut());
+        grads
+    }
+
+    /// [`conv_transpose_backward`] added into the given buffers.
+    pub fn conv_transpose_backward_adding(
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        mut out: GradientsMut<'_>,
+    ) {
         let k = g.patch_len();
-        let mut dx = wanted.input.then(|| vec![0.0; batch * g.out_len()]);
-        let mut dw = wanted.weight.then(|| vec![0.0; g.weight_len()]);
-        if dx.is_some() || dw.is_some() {
-            chunks(g, batch, |first, count| {
+        if out.input.is_some() || out.weight.is_some() {
+            for_each_chunk(g, batch, |first, count, cols, rows| {
                 let n = count * g.out_pixels();
-                let cols = im2col(g, count, &dy[first * g.in_len()..][..count * g.in_len()]);
-                if let Some(dw) = dw.as_mut() {
-                    let xm = to_channel_rows(
-                        &x[first * g.out_len()..][..count * g.out_len()],
-                        count,
-                        g.c_out,
-                        g.out_pixels(),
-                    );
-                    crate::kernels::matmul((g.c_out, n, k), &xm, false, &cols, true, dw, true);
+                im2col_into(g, count, &dy[first * g.in_len()..][..count * g.in_len()], cols);
+                if let Some(dw) = out.weight.as_deref_mut() {
+                    let x_chunk = &x[first * g.out_len()..][..count * g.out_len()];
+                    to_channel_rows(x_chunk, count, g.c_out, g.out_pixels(), rows);
+                    crate::kernels::matmul((g.c_out, n, k), rows, false, cols, true, dw, true);
                 }
-                if let Some(dx) = dx.as_mut() {
-                    let dxm = gemm(w, (g.c_out, k), false, &cols, (k, n), false);
-                    from_channel_rows_into(
-                        &dxm,
+                if let Some(dx) = out.input.as_deref_mut() {
+                    crate::kernels::matmul((g.c_out, k, n), w, false, cols, false, rows, false);
+                    add_from_channel_rows(
+                        rows,
                         count,
                         g.c_out,
                         g.out_pixels(),
-                        None,
                         &mut dx[first * g.out_len()..][..count * g.out_len()],
                     );
                 }
             });
         }
-        Gradients {
-            input: dx,
-            weight: dw,
-            bias: wanted.bias.then(|| channel_sums(dy, batch, g.c_in, g.h_in * g.w_in)),
+        if let Some(db) = out.bias {
+            add_channel_sums(dy, batch, g.c_in, g.h_in * g.w_in, db);
         }
     }
-}
-
-/// Adds host values into the gradient of a tensor or ghost (`$t`) inside a backward op.
-#[cfg(not(feature = "cuda"))]
-macro_rules! accumulate {
-    ($grads:expr, $t:expr, $src:expr) => {{
-        let dst = $grads.get_or_alloc_mut($t)?;
-        for (d, s) in dst.iter_mut().zip($src.iter()) {
-            *d += *s;
-        }
-    }};
 }
 
 /// Adds host values into the gradient of a tensor or ghost (`$t`) inside a backward op
@@ -560,20 +600,63 @@ macro_rules! accumulate {
     }};
 }
 
-/// One custom op: a convolution (`transpose == false`) or its adjoint, on the tape of `x`, with
-/// the `wanted` gradients into `x`, `w` (whose own tape, if any, is merged) and `bias`.
+/// The gradient before a fused activation: `dy ⊙ f'` from the `slopes` `f'` kept by the forward
+/// pass, or `dy` itself when no activation was fused.
+fn before_activation<'a>(dy: &'a [f32], slopes: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    match slopes {
+        Some(slopes) => std::borrow::Cow::Owned(crate::kernels::elementwise_product(dy, slopes)),
+        None => std::borrow::Cow::Borrowed(dy),
+    }
+}
+
+/// What one [`conv_op`] computes, besides its operands.
+#[derive(Clone, Copy, Debug)]
+struct ConvOp {
+    /// The convolution's geometry.
+    geometry: ConvGeometry,
+    /// The adjoint (a transposed convolution) instead of the convolution.
+    transpose: bool,
+    /// The gradients the backward pass computes.
+    wanted: kernels::Wanted,
+    /// The activation applied to the output, fused into the op.
+    activation: Option<ActivationFn>,
+}
+
+impl ConvOp {
+    /// The plain convolution (or its adjoint) with every gradient and no activation.
+    fn plain(geometry: ConvGeometry, transpose: bool) -> ConvOp {
+        ConvOp {
+            geometry,
+            transpose,
+            wanted: kernels::Wanted::ALL,
+            activation: None,
+        }
+    }
+}
+
+/// One custom op: a convolution or its adjoint (`op.transpose`), on the tape of `x`, with the
+/// `op.wanted` gradients into `x`, `w` (whose own tape, if any, is merged) and `bias`, followed by
+/// `op.activation` when given (applied in place to the output, its slopes kept for the backward
+/// pass: no separate pass, buffer or tape op). The kernel's values are `w_values` when given (a
+/// parameter's shared host copy, which `w`'s own values may lag behind; not copied per pass) and
+/// `w`'s otherwise.
 fn conv_op<T>(
     x: Matrix<Tape>,
     w: Tensor<(usize,), f32, Device, T>,
+    w_values: Option<std::sync::Arc<Vec<f32>>>,
     bias: Option<&Vector>,
-    g: ConvGeometry,
-    transpose: bool,
-    wanted: kernels::Wanted,
+    op: ConvOp,
 ) -> Result<Matrix<Tape>>
 where
     T: dfdx::tensor::Tape<f32, Device>,
     Tape: Merge<T>,
 {
+    let ConvOp {
+        geometry: g,
+        transpose,
+        wanted,
+        activation,
+    } = op;
     let what = if transpose { "conv_transpose2d" } else { "conv2d" };
     let (in_len, out_len, bias_len) = if transpose {
         (g.out_len(), g.in_len(), g.c_in)
@@ -596,38 +679,79 @@ where
     let x = x.try_reshape_like(&(batch, in_len))?;
     let (x, xtape) = x.split_tape();
     let (w, wtape) = w.split_tape();
-    let w = w.try_reshape_like(&(g.weight_len(),))?;
     let dev = x.device().clone();
-    let (xv, wv) = (crate::kernels::host(&x), crate::kernels::host(&w));
+    let xv = crate::kernels::host(&x);
+    let wv = w_values.unwrap_or_else(|| std::sync::Arc::new(crate::kernels::host(&w)));
     let bv = bias.map(|b| b.as_vec());
-    let y = if transpose {
+    let mut y = if transpose {
         kernels::conv_transpose_forward(&g, batch, &xv, &wv, bv.as_deref())
     } else {
         kernels::conv_forward(&g, batch, &xv, &wv, bv.as_deref())
     };
+    let slopes = activation.map(|f| f.apply_in_place(&mut y));
     let y = dev.tensor_from_vec(y, (batch, out_len));
     let (xg, wg, yg, bg) = (x.ghost(), w.ghost(), y.ghost(), bias.map(|b| b.ghost()));
     let mut tape = xtape.merge(wtape);
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
-        grads.try_alloc_for(&yg)?;
-        let dy = crate::kernels::host(&grads.get(&yg));
         let wanted = kernels::Wanted {
             bias: wanted.bias && bg.is_some(),
             ..wanted
         };
-        let computed = if transpose {
-            kernels::conv_transpose_backward(&g, batch, &xv, &wv, &dy, wanted)
+        let backward = if transpose {
+            kernels::conv_transpose_backward_adding
         } else {
-            kernels::conv_backward(&g, batch, &xv, &wv, &dy, wanted)
+            kernels::conv_backward_adding
         };
-        if let Some(dx) = computed.input {
-            accumulate!(grads, &xg, dx);
+        // The output's gradient and the wanted ones are moved out of the gradient store, added
+        // into by the kernels and moved back, not copied (dfdx lends one `&mut` at a time).
+        #[cfg(not(feature = "cuda"))]
+        {
+            let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
+            let mut dx = match wanted.input {
+                true => std::mem::take(&mut **grads.get_or_alloc_mut(&xg)?),
+                false => Vec::new(),
+            };
+            let mut dw = match wanted.weight {
+                true => std::mem::take(&mut **grads.get_or_alloc_mut(&wg)?),
+                false => Vec::new(),
+            };
+            let mut db = match (&bg, wanted.bias) {
+                (Some(bg), true) => std::mem::take(&mut **grads.get_or_alloc_mut(bg)?),
+                _ => Vec::new(),
+            };
+            let out = kernels::GradientsMut {
+                input: wanted.input.then_some(&mut dx[..]),
+                weight: wanted.weight.then_some(&mut dw[..]),
+                bias: wanted.bias.then_some(&mut db[..]),
+            };
+            backward(&g, batch, &xv, &wv, &before_activation(&dy, slopes.as_deref()), out);
+            **grads.get_or_alloc_mut(&yg)? = dy;
+            if wanted.input {
+                **grads.get_or_alloc_mut(&xg)? = dx;
+            }
+            if wanted.weight {
+                **grads.get_or_alloc_mut(&wg)? = dw;
+            }
+            if let (Some(bg), true) = (&bg, wanted.bias) {
+                **grads.get_or_alloc_mut(bg)? = db;
+            }
         }
-        if let Some(dw) = computed.weight {
-            accumulate!(grads, &wg, dw);
-        }
-        if let (Some(bg), Some(db)) = (&bg, computed.bias) {
-            accumulate!(grads, bg, db);
+        #[cfg(feature = "cuda")]
+        {
+            grads.try_alloc_for(&yg)?;
+            let dy = crate::kernels::host(&grads.get(&yg));
+            let mut computed = kernels::Gradients::zeros(wanted, (batch * in_len, g.weight_len(), bias_len));
+            let dy = before_activation(&dy, slopes.as_deref());
+            backward(&g, batch, &xv, &wv, &dy, computed.buffers_mut());
+            if let Some(dx) = computed.input {
+                accumulate!(grads, &xg, dx);
+            }
+            if let Some(dw) = computed.weight {
+                accumulate!(grads, &wg, dw);
+            }
+            if let (Some(bg), Some(db)) = (&bg, computed.bias) {
+                accumulate!(grads, bg, db);
+            }
         }
         Ok(())
     });
@@ -646,7 +770,7 @@ where
     T: dfdx::tensor::Tape<f32, Device>,
     Tape: Merge<T>,
 {
-    conv_op(x, weight, bias, *g, false, kernels::Wanted::ALL)
+    conv_op(x, weight, None, bias, ConvOp::plain(*g, false))
 }
 
 /// Transposed convolution, the adjoint of [`conv2d`] with geometry `g`: `x` is
@@ -662,7 +786,7 @@ where
     T: dfdx::tensor::Tape<f32, Device>,
     Tape: Merge<T>,
 {
-    conv_op(x, weight, bias, *g, true, kernels::Wanted::ALL)
+    conv_op(x, weight, None, bias, ConvOp::plain(*g, true))
 }
 
 /// `{ type = "conv2d", out_channels = 64, kernel_size = 4, stride = 2, padding = 1 }`.
@@ -910,7 +1034,7 @@ pub struct ConvTranspose2d {
 }
 
 macro_rules! conv_params {
-    ($t:ty) => {
+    ($t:ty, $transpose:expr) => {
         impl Parameterized for $t {
             fn named_params(&self) -> Vec<(String, &Param)> {
                 let mut v = vec![("weight".to_string(), &self.weight)];
@@ -940,11 +1064,29 @@ macro_rules! conv_params {
             pub fn bias(&self) -> Option<&Param> {
                 self.bias.as_ref()
             }
+            /// The layer's op on `input`, followed by `activation` when given (fused into the op).
+            fn run(&self, input: Activation, activation: Option<ActivationFn>) -> Result<Activation> {
+                let shape = self.output_shape(input.shape)?;
+                let wanted = wanted_gradients(&input, &self.weight, self.bias.as_ref());
+                let y = conv_op(
+                    input.value,
+                    self.weight.with_id(Vector::clone),
+                    Some(self.weight.host_values()),
+                    self.bias.as_ref().map(|b| b.value()),
+                    ConvOp {
+                        geometry: self.geom,
+                        transpose: $transpose,
+                        wanted,
+                        activation,
+                    },
+                )?;
+                Activation::new(y, shape)
+            }
         }
     };
 }
-conv_params!(Conv2d);
-conv_params!(ConvTranspose2d);
+conv_params!(Conv2d, false);
+conv_params!(ConvTranspose2d, true);
 
 fn check_input(what: &str, expected: FeatureShape, input: FeatureShape) -> Result<FeatureShape> {
     if input != expected {
@@ -978,17 +1120,20 @@ impl Layer for Conv2d {
         Ok(FeatureShape::image(g.c_out, g.h_out, g.w_out))
     }
     fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
-        let shape = self.output_shape(input.shape)?;
-        let wanted = wanted_gradients(&input, &self.weight, self.bias.as_ref());
-        let y = conv_op(
-            input.value,
-            self.weight.value().clone(),
-            self.bias.as_ref().map(|b| b.value()),
-            self.geom,
-            false,
-            wanted,
-        )?;
-        Activation::new(y, shape)
+        self.run(input, None)
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn forward_activated(
+        &mut self,
+        input: Activation,
+        f: ActivationFn,
+        _ctx: &mut ForwardContext<'_>,
+    ) -> Result<Activation> {
+        self.run(input, Some(f))
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
         self.output_shape(input.shape)?;
@@ -1015,17 +1160,20 @@ impl Layer for ConvTranspose2d {
         Ok(FeatureShape::image(g.c_in, g.h_in, g.w_in))
     }
     fn forward(&mut self, input: Activation, _ctx: &mut ForwardContext<'_>) -> Result<Activation> {
-        let shape = self.output_shape(input.shape)?;
-        let wanted = wanted_gradients(&input, &self.weight, self.bias.as_ref());
-        let y = conv_op(
-            input.value,
-            self.weight.value().clone(),
-            self.bias.as_ref().map(|b| b.value()),
-            self.geom,
-            true,
-            wanted,
-        )?;
-        Activation::new(y, shape)
+        self.run(input, None)
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn forward_activated(
+        &mut self,
+        input: Activation,
+        f: ActivationFn,
+        _ctx: &mut ForwardContext<'_>,
+    ) -> Result<Activation> {
+        self.run(input, Some(f))
     }
     fn input_grad(&self, input: &Activation, grad_output: Activation) -> Result<Activation> {
         self.output_shape(input.shape)?;

@@ -7,7 +7,7 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{BuildContext, ForwardContext, Layer, LayerConfig, Mode};
+use super::{ActivationFn, BuildContext, ForwardContext, Layer, LayerConfig, Mode};
 use crate::error::{Error, Result};
 use crate::tensor::{Activation, FeatureShape, Param, ParamRole, Parameterized, Tape};
 
@@ -170,8 +170,12 @@ impl BatchNorm {
     /// Returns `(y, μ, σ²)`; equal to [`BatchNorm::composite_normalize_batch`] up to rounding (tested).
     /// The sums run per channel and the elementwise passes per sample, each in parallel on the
     /// pool's threads and on the widest vectors. CPU only: gradient buffers are host slices.
+    ///
+    /// With `activation`, the op goes on to apply it to `y` in place and keeps its slopes, whose
+    /// product with the output's gradient then stands for `dy` in the backward pass (as a linear
+    /// layer fuses the activation after it: no separate pass, buffer or tape op).
     #[cfg(not(feature = "cuda"))]
-    fn normalize_batch(&self, x: Tensor3) -> Result<Normalized> {
+    fn normalize_batch(&self, x: Tensor3, activation: Option<ActivationFn>) -> Result<Normalized> {
         use rayon::prelude::*;
         let (batch, channels, pixels) = *x.shape();
         let (x, mut tape) = x.split_tape();
@@ -233,6 +237,7 @@ impl BatchNorm {
                     },
                 )
             });
+        let slopes = activation.map(|f| f.apply_in_place(&mut y));
         let y = x.device().tensor_from_vec(y, (batch, channels, pixels));
         let (xg, yg) = (x.ghost(), y.ghost());
         // A frozen `γ` or `β` (`Param::requires_grad`) gets no gradient.
@@ -244,7 +249,16 @@ impl BatchNorm {
         let (wg, bg) = (ghost(&self.weight), ghost(&self.bias));
         dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
             // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
-            let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
+            let dy_store = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
+            // Before a fused activation: dy ⊙ f'.
+            let dz: Vec<f32>;
+            let dy: &[f32] = match &slopes {
+                Some(slopes) => {
+                    dz = crate::kernels::elementwise_product(&dy_store, slopes);
+                    &dz
+                }
+                None => &dy_store,
+            };
             // Per channel (in parallel over channels): Σ dy and Σ dy·x̂.
             let sums: Vec<(f64, f64)> = (0..channels)
                 .into_par_iter()
@@ -293,7 +307,7 @@ impl BatchNorm {
                         },
                     )
                 });
-            **grads.get_or_alloc_mut(&yg)? = dy;
+            **grads.get_or_alloc_mut(&yg)? = dy_store;
             Ok(())
         });
         Ok((y.put_tape(tape), mean, var))
@@ -328,34 +342,15 @@ impl Parameterized for BatchNorm {
     }
 }
 
-impl Layer for BatchNorm {
-    fn describe(&self) -> String {
-        if self.spatial == 1 {
-            format!("batch_norm1d({})", self.channels)
-        } else {
-            format!("batch_norm2d({} channels)", self.channels)
-        }
-    }
-    fn output_shape(&self, input: FeatureShape) -> Result<FeatureShape> {
-        let ok = match input {
-            FeatureShape::Flat(n) => self.spatial == 1 && n == self.channels,
-            FeatureShape::Image {
-                channels,
-                height,
-                width,
-            } => channels == self.channels && height * width == self.spatial,
-        };
-        if !ok {
-            let expected = if self.spatial == 1 {
-                format!("[{}] features", self.channels)
-            } else {
-                format!("{} channels of {} pixels", self.channels, self.spatial)
-            };
-            return Err(Error::shape("batch_norm", expected, input));
-        }
-        Ok(input)
-    }
-    fn forward(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+impl BatchNorm {
+    /// The layer's pass, followed by `activation` when given: fused into the training-mode
+    /// kernel (`normalize_batch`), the activation's own op otherwise.
+    fn run(
+        &mut self,
+        input: Activation,
+        ctx: &mut ForwardContext<'_>,
+        activation: Option<ActivationFn>,
+    ) -> Result<Activation> {
         let shape = self.output_shape(input.shape)?;
         let b = input.batch_size();
         let (c, hw) = (self.channels, self.spatial);
@@ -372,7 +367,7 @@ impl Layer for BatchNorm {
                     ));
                 }
                 #[cfg(not(feature = "cuda"))]
-                let (y, mean_host, var_host) = self.normalize_batch(x)?;
+                let (y, mean_host, var_host) = self.normalize_batch(x, activation)?;
                 #[cfg(feature = "cuda")]
                 let (y, mean_host, var_host) = self.composite_normalize_batch(x)?;
                 // PyTorch: running stats use the unbiased variance. While re-estimating, the n-th
@@ -418,7 +413,59 @@ impl Layer for BatchNorm {
             }
         };
         self.last_mode = Some(ctx.mode);
-        Activation::new(y.try_reshape_like(&(b, c * hw))?, shape)
+        let y = y.try_reshape_like(&(b, c * hw))?;
+        // Fused in the training-mode kernel; the activation's own op otherwise.
+        let fused = cfg!(not(feature = "cuda")) && ctx.mode == Mode::Train;
+        let y = match activation {
+            Some(f) if !fused => f.apply(y)?,
+            _ => y,
+        };
+        Activation::new(y, shape)
+    }
+}
+
+impl Layer for BatchNorm {
+    fn describe(&self) -> String {
+        if self.spatial == 1 {
+            format!("batch_norm1d({})", self.channels)
+        } else {
+            format!("batch_norm2d({} channels)", self.channels)
+        }
+    }
+    fn output_shape(&self, input: FeatureShape) -> Result<FeatureShape> {
+        let ok = match input {
+            FeatureShape::Flat(n) => self.spatial == 1 && n == self.channels,
+            FeatureShape::Image {
+                channels,
+                height,
+                width,
+            } => channels == self.channels && height * width == self.spatial,
+        };
+        if !ok {
+            let expected = if self.spatial == 1 {
+                format!("[{}] features", self.channels)
+            } else {
+                format!("{} channels of {} pixels", self.channels, self.spatial)
+            };
+            return Err(Error::shape("batch_norm", expected, input));
+        }
+        Ok(input)
+    }
+    fn forward(&mut self, input: Activation, ctx: &mut ForwardContext<'_>) -> Result<Activation> {
+        self.run(input, ctx, None)
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+    #[cfg(not(feature = "cuda"))]
+    fn forward_activated(
+        &mut self,
+        input: Activation,
+        f: ActivationFn,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Activation> {
+        self.run(input, ctx, Some(f))
     }
     fn set_statistics_reestimation(&mut self, on: bool) -> bool {
         self.reestimated_batches = on.then_some(0);
@@ -729,12 +776,12 @@ mod tests {
         set_affine(&mut bn, &mut h);
         let xv = h.values(batch * channels * pixels);
         let rv = h.values(batch * channels * pixels);
-        let run = |threads: usize| {
+        let run = |threads: usize, activation: Option<ActivationFn>| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
                 let x = h.dev.tensor_from_vec(xv.clone(), (batch, channels, pixels));
                 let r = h.dev.tensor_from_vec(rv.clone(), (batch, channels, pixels));
-                let (y, mean, var) = bn.normalize_batch(x.leaky_trace()).unwrap();
+                let (y, mean, var) = bn.normalize_batch(x.leaky_trace(), activation).unwrap();
                 let mut out = vec![y.with_empty_tape().as_vec(), mean, var];
                 let mut grads = (y * r).sum::<(), _>().backward();
                 out.push(grads.get(&x).as_vec());
@@ -746,7 +793,9 @@ mod tests {
                     .collect::<Vec<_>>()
             })
         };
-        assert_eq!(run(3), run(1));
+        for activation in [None, Some(ActivationFn::Elu(1.0))] {
+            assert_eq!(run(3, activation), run(1, activation));
+        }
     }
 
     #[test]
@@ -780,15 +829,28 @@ mod tests {
                 }
                 out
             };
-            let fused = run(&|x| bn.normalize_batch(x));
-            let composite = run(&|x| bn.composite_normalize_batch(x));
-            assert_eq!(fused.len(), if affine { 6 } else { 4 });
-            for (what, (a, b)) in ["y", "mean", "var", "dx", "dgamma", "dbeta"]
-                .iter()
-                .zip(fused.iter().zip(&composite))
-            {
-                let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
-                assert_close(what, a, &b64, 1e-4, 1e-5);
+            // Without an activation, and with one fused into the kernel against the activation's
+            // own op after the composite path.
+            for activation in [None, Some(ActivationFn::LeakyRelu(0.2)), Some(ActivationFn::Tanh)] {
+                let fused = run(&|x| bn.normalize_batch(x, activation));
+                let composite = run(&|x| {
+                    let (y, mean, var) = bn.composite_normalize_batch(x)?;
+                    let y = match activation {
+                        Some(f) => f
+                            .apply(y.try_reshape_like(&(batch, channels * pixels))?)?
+                            .try_reshape_like(&(batch, channels, pixels))?,
+                        None => y,
+                    };
+                    Ok((y, mean, var))
+                });
+                assert_eq!(fused.len(), if affine { 6 } else { 4 });
+                for (what, (a, b)) in ["y", "mean", "var", "dx", "dgamma", "dbeta"]
+                    .iter()
+                    .zip(fused.iter().zip(&composite))
+                {
+                    let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+                    assert_close(&format!("{what} ({activation:?})"), a, &b64, 1e-4, 1e-5);
+                }
             }
         }
     }

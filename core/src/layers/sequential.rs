@@ -295,7 +295,7 @@ impl Layer for Sequential {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::activation::{LeakyReluConfig, TanhConfig};
+    use crate::layers::activation::{LeakyReluConfig, ReluConfig, TanhConfig};
     use crate::layers::conv::{Conv2dConfig, ConvTranspose2dConfig};
     use crate::layers::linear::LinearConfig;
     use crate::layers::norm::BatchNormConfig;
@@ -417,6 +417,53 @@ mod tests {
                 let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
                 assert_close(&format!("{act}: output {i}"), a, &b64, 1e-6, 1e-7);
             }
+        }
+    }
+
+    #[test]
+    fn convolutions_and_batch_norm_fuse_the_activation_after_them_without_changing_the_result() {
+        // Each host-kernel layer followed by an activation: conv + leaky ReLU, batch norm (training
+        // mode) + ReLU, transposed conv with a bias + tanh.
+        let mut h = Harness::new(9);
+        let cfg = SequentialConfig::default()
+            .push(Conv2dConfig::new(3, 3).with_padding(1))
+            .push(LeakyReluConfig::default())
+            .push(BatchNormConfig::new())
+            .push(ReluConfig::default())
+            .push(
+                ConvTranspose2dConfig::new(2, 4)
+                    .with_stride(2)
+                    .with_padding(1)
+                    .with_bias(true),
+            )
+            .push(TanhConfig::default());
+        let mut net = cfg
+            .build(FeatureShape::image(2, 4, 4), &mut h.build_ctx(), "net")
+            .unwrap();
+        let x0 = h.values(3 * 2 * 4 * 4);
+        let r = h.values(3 * 2 * 8 * 8);
+        let pass = |net: &mut Sequential, h: &mut Harness, fused: bool| {
+            let x = h.input(x0.clone(), 3, FeatureShape::image(2, 4, 4));
+            let leaf = x.detach();
+            let mut ctx = h.fwd_ctx(Mode::Train);
+            let y = if fused {
+                net.forward(x, &mut ctx).unwrap()
+            } else {
+                net.forward_for_input_grad(x, &mut ctx).unwrap()
+            };
+            let values = y.detach().as_vec();
+            let weights = h.dev.tensor_from_vec(r.clone(), (3, 2 * 8 * 8));
+            let grads: Grads = (y.value * weights).sum::<(), _>().backward();
+            let mut all = vec![values, grads.get(&leaf).as_vec()];
+            all.extend(net.named_params().iter().map(|(_, p)| grad_or_zeros(&grads, p.value())));
+            all
+        };
+        let fused = pass(&mut net, &mut h, true);
+        let separate = pass(&mut net, &mut h, false);
+        assert_eq!(fused.len(), separate.len());
+        for (i, (a, b)) in fused.iter().zip(&separate).enumerate() {
+            let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("output {i}"), a, &b64, 1e-6, 1e-7);
         }
     }
 
