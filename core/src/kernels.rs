@@ -77,27 +77,33 @@ pub fn sum_and_dot_in_lanes(a: &[f32], b: &[f32]) -> (f64, f64) {
     (sum, dot)
 }
 
-/// `a ⊙ b`, elementwise, into a new vector (of the shorter length).
+/// `a ⊙ b`, elementwise, into a new vector (of the shorter length), split across the pool's
+/// threads in tasks of [`ELEMENTWISE_VALUES_PER_TASK`] values when longer than one task.
 pub fn elementwise_product(a: &[f32], b: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
     let n = a.len().min(b.len());
     let mut out = vec![0.0; n];
+    let serial = |out: &mut [f32], a: &[f32], b: &[f32]| {
+        on_widest_vectors(
+            #[inline(always)]
+            || {
+                let n = out.len();
+                let (a, b) = (&a[..n], &b[..n]);
+                for i in 0..n {
+                    out[i] = a[i] * b[i];
+                }
+            },
+        )
+    };
+    if n <= ELEMENTWISE_VALUES_PER_TASK {
+        serial(&mut out, a, b);
+        return out;
+    }
     out.par_chunks_mut(ELEMENTWISE_VALUES_PER_TASK)
         .zip(a[..n].par_chunks(ELEMENTWISE_VALUES_PER_TASK))
         .zip(b[..n].par_chunks(ELEMENTWISE_VALUES_PER_TASK))
         .with_min_len(min_items_per_task(1))
-        .for_each(|((out, a), b)| {
-            on_widest_vectors(
-                #[inline(always)]
-                || {
-                    let n = out.len();
-                    let (a, b) = (&a[..n], &b[..n]);
-                    for i in 0..n {
-                        out[i] = a[i] * b[i];
-                    }
-                },
-            )
-        });
+        .for_each(|((out, a), b)| serial(out, a, b));
     out
 }
 

@@ -78,25 +78,29 @@ impl ActivationFn {
         use rayon::prelude::*;
         #[inline(always)]
         fn run(values: &mut [f32], slopes: &mut [f32], f: impl Fn(f32) -> (f32, f32) + Sync) {
+            let serial = |values: &mut [f32], slopes: &mut [f32]| {
+                // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
+                crate::kernels::on_widest_vectors(
+                    #[inline(always)]
+                    || {
+                        let slopes = &mut slopes[..values.len()];
+                        for i in 0..values.len() {
+                            let (value, slope) = f(values[i]);
+                            values[i] = value;
+                            slopes[i] = slope;
+                        }
+                    },
+                )
+            };
             let per_task = crate::kernels::ELEMENTWISE_VALUES_PER_TASK;
+            if values.len() <= per_task {
+                return serial(values, slopes);
+            }
             values
                 .par_chunks_mut(per_task)
                 .zip(slopes.par_chunks_mut(per_task))
                 .with_min_len(crate::kernels::min_items_per_task(1))
-                .for_each(|(values, slopes)| {
-                    // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
-                    crate::kernels::on_widest_vectors(
-                        #[inline(always)]
-                        || {
-                            let slopes = &mut slopes[..values.len()];
-                            for i in 0..values.len() {
-                                let (value, slope) = f(values[i]);
-                                values[i] = value;
-                                slopes[i] = slope;
-                            }
-                        },
-                    )
-                });
+                .for_each(|(values, slopes)| serial(values, slopes));
         }
         assert_eq!(values.len(), slopes.len(), "one slope per value");
         // One closure per variant, so that each loop is compiled for its function.
@@ -483,9 +487,12 @@ mod tests {
 
     #[test]
     fn the_wide_vector_pass_gives_the_portable_bits() {
-        // `apply_in_place` runs compiled for AVX-512 or AVX2 where the CPU has them; this test's
-        // own loop is the portable build. 1003 values: whole vectors and a tail.
-        let xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 501.0) * 0.027).collect();
+        // `apply_in_place` runs compiled for AVX-512 or AVX2 where the CPU has them, split across
+        // a pool's threads in tasks of `ELEMENTWISE_VALUES_PER_TASK` values; this test's own loop
+        // is the portable build on one thread. 3 full tasks and a part: whole vectors and a tail.
+        let n = 3 * crate::kernels::ELEMENTWISE_VALUES_PER_TASK + 1003;
+        let xs: Vec<f32> = (0..n).map(|i| (i % 1003) as f32 * 0.027 - 13.5).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let functions = [
             ActivationFn::Relu,
             ActivationFn::LeakyRelu(0.2),
@@ -496,7 +503,7 @@ mod tests {
         ];
         for f in functions {
             let mut values = xs.clone();
-            let slopes = f.apply_in_place(&mut values);
+            let slopes = pool.install(|| f.apply_in_place(&mut values));
             for (i, &x) in xs.iter().enumerate() {
                 let (value, slope) = std::hint::black_box(f).value_and_slope(x);
                 assert_eq!(
