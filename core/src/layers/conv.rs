@@ -321,7 +321,7 @@ pub mod kernels {
     /// `channel_rows` `[c_out, count·h_out·w_out]`, whose old contents are left for `f` to write over.
     fn for_each_chunk(g: &ConvGeometry, batch: usize, mut f: impl FnMut(usize, usize, &mut [f32], &mut [f32])) {
         let size = chunk_samples(g);
-        let mut scratch = Scratch::take(g, batch);
+        let mut scratch = Scratch::new(g, batch);
         let mut first = 0;
         while first < batch {
             let count = size.min(batch - first);
@@ -334,13 +334,12 @@ pub mod kernels {
             );
             first += count;
         }
-        scratch.give_back();
     }
 
-    /// Buffers the chunks of one kernel call share, written over by each chunk (no zero-fill per
-    /// chunk). A call takes the buffers the previous call on its thread gave back
-    /// ([`Scratch::give_back`]), so that a training step zero-fills and page-faults none of them.
-    #[derive(Default)]
+    /// Buffers the chunks of one kernel call share, allocated once per call for its largest chunk
+    /// and written over by each chunk (no allocation or zero-fill per chunk). Keeping them on the
+    /// thread from one call to the next as well was measured twice (2026-11-28, 2026-11-29) and
+    /// gained nothing measurable at 1 or 2 threads, for 2-10 MB more peak memory.
     struct Scratch {
         /// A column matrix, `[c_in·k·k, chunk·h_out·w_out]`.
         cols: Vec<f32>,
@@ -348,32 +347,13 @@ pub mod kernels {
         channel_rows: Vec<f32>,
     }
 
-    thread_local! {
-        /// The scratch buffers of the last kernel call on this thread, for the next one.
-        static SPARE_SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
-    }
-
     impl Scratch {
         /// Buffers for the largest chunk of `batch` samples.
-        fn take(g: &ConvGeometry, batch: usize) -> Scratch {
+        fn new(g: &ConvGeometry, batch: usize) -> Scratch {
             let n = chunk_samples(g).min(batch) * g.out_pixels();
-            let mut scratch = SPARE_SCRATCH.take().unwrap_or_default();
-            for (buffer, len) in [
-                (&mut scratch.cols, g.patch_len() * n),
-                (&mut scratch.channel_rows, g.c_out * n),
-            ] {
-                if buffer.len() < len {
-                    buffer.resize(len, 0.0);
-                }
-            }
-            scratch
-        }
-
-        /// Keeps the buffers for the next call on this thread, unless a chunk of one sample
-        /// outgrew [`CHUNK_VALUES`] (a large image), whose buffers are freed.
-        fn give_back(self) {
-            if self.cols.len() <= CHUNK_VALUES {
-                SPARE_SCRATCH.set(Some(self));
+            Scratch {
+                cols: vec![0.0; g.patch_len() * n],
+                channel_rows: vec![0.0; g.c_out * n],
             }
         }
     }
