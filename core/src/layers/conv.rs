@@ -155,9 +155,9 @@ pub mod kernels {
     /// kernel offset `t = ki·k + kj` and the output pixel `p = oh·w_out + ow`, is the input pixel
     /// `ih·w_in + iw` that `p` reads through `t`, or `h_in·w_in` (one past the plane) where it
     /// reads padding. The kernels gather from (and scatter into) a copy of one input plane followed
-    /// by one zero, so that their loops carry no padding test and no stride arithmetic: the
-    /// per-element strided copies of the earlier version took twice as long at the DCGAN's
-    /// stride-2 shapes.
+    /// by one zero, so that their loops carry no padding test and no stride arithmetic (at the
+    /// DCGAN's stride-2 shapes, 8% faster than per-row valid ranges and strided copies; both are
+    /// bound by writing the column matrix, which does not fit the L2 cache).
     fn taps(g: &ConvGeometry) -> Vec<usize> {
         let (k, s, p) = (g.kernel, g.stride, g.padding);
         let outside = g.h_in * g.w_in;
@@ -417,7 +417,7 @@ pub mod kernels {
 
     impl Gradients {
         /// Zero-filled buffers for the `wanted` gradients of a layer whose input, weight and bias
-        /// take `lens` values.
+        /// take `input`, `weight` and `bias` values.
         pub fn zeros(wanted: Wanted, (input, weight, bias): (usize, usize, usize)) -> Gradients {
             Gradients {
                 input: wanted.input.then(|| vec![0.0; input]),
