@@ -107,6 +107,15 @@ pub fn elementwise_product(a: &[f32], b: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The gradient before a fused activation: `dy ⊙ f'` from the `slopes` `f'` that the forward pass
+/// kept, or `dy` itself when no activation was fused (the linear, convolution and batch-norm ops).
+pub fn before_activation<'a>(dy: &'a [f32], slopes: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    match slopes {
+        Some(slopes) => std::borrow::Cow::Owned(elementwise_product(dy, slopes)),
+        None => std::borrow::Cow::Borrowed(dy),
+    }
+}
+
 /// Values per task when an elementwise pass splits across the pool's threads: a pass over fewer
 /// (the dense models' activations, 50,176 values at batch 64) stays on its thread, where handing
 /// half of it to another thread would cost about what it saves; the DCGAN's 400,000-800,000-value

@@ -580,15 +580,6 @@ macro_rules! accumulate {
     }};
 }
 
-/// The gradient before a fused activation: `dy ⊙ f'` from the `slopes` `f'` kept by the forward
-/// pass, or `dy` itself when no activation was fused.
-fn before_activation<'a>(dy: &'a [f32], slopes: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
-    match slopes {
-        Some(slopes) => std::borrow::Cow::Owned(crate::kernels::elementwise_product(dy, slopes)),
-        None => std::borrow::Cow::Borrowed(dy),
-    }
-}
-
 /// What one [`conv_op`] computes, besides its operands.
 #[derive(Clone, Copy, Debug)]
 struct ConvOp {
@@ -704,7 +695,14 @@ where
                 weight: wanted.weight.then_some(&mut dw[..]),
                 bias: wanted.bias.then_some(&mut db[..]),
             };
-            backward(&g, batch, &xv, &wv, &before_activation(&dy, slopes.as_deref()), out);
+            backward(
+                &g,
+                batch,
+                &xv,
+                &wv,
+                &crate::kernels::before_activation(&dy, slopes.as_deref()),
+                out,
+            );
             **grads.get_or_alloc_mut(&yg)? = dy;
             if wanted.input {
                 **grads.get_or_alloc_mut(&xg)? = dx;
@@ -721,7 +719,7 @@ where
             grads.try_alloc_for(&yg)?;
             let dy = crate::kernels::host(&grads.get(&yg));
             let mut computed = kernels::Gradients::zeros(wanted, (batch * in_len, g.weight_len(), bias_len));
-            let dy = before_activation(&dy, slopes.as_deref());
+            let dy = crate::kernels::before_activation(&dy, slopes.as_deref());
             backward(&g, batch, &xv, &wv, &dy, computed.buffers_mut());
             if let Some(dx) = computed.input {
                 accumulate!(grads, &xg, dx);

@@ -264,14 +264,8 @@ fn affine(
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
         let dy_store = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
-        let dz: Vec<f32>;
-        let dy: &[f32] = match &slopes {
-            Some(slopes) => {
-                dz = crate::kernels::elementwise_product(&dy_store, slopes);
-                &dz
-            }
-            None => &dy_store,
-        };
+        let dz = crate::kernels::before_activation(&dy_store, slopes.as_deref());
+        let dy: &[f32] = &dz;
         if let Some(wg) = &wg {
             let dw = grads.get_or_alloc_mut(wg)?;
             crate::kernels::matmul((inputs, batch, outputs), &xv, true, dy, false, &mut dw[..], true);

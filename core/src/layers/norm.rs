@@ -251,14 +251,7 @@ impl BatchNorm {
             // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
             let dy_store = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
             // Before a fused activation: dy ⊙ f'.
-            let dz: Vec<f32>;
-            let dy: &[f32] = match &slopes {
-                Some(slopes) => {
-                    dz = crate::kernels::elementwise_product(&dy_store, slopes);
-                    &dz
-                }
-                None => &dy_store,
-            };
+            let dy = crate::kernels::before_activation(&dy_store, slopes.as_deref());
             // Per channel (in parallel over channels): Σ dy and Σ dy·x̂.
             let sums: Vec<(f64, f64)> = (0..channels)
                 .into_par_iter()
