@@ -12,6 +12,10 @@ use dfdx::prelude::*;
 
 use crate::tensor::Device;
 
+mod transpose;
+
+pub use transpose::transpose_into;
+
 /// The values of a contiguous tensor in logical order: a plain copy, unlike the strided iterator
 /// of `as_vec` (dfdx lends no borrowed slice of a tensor's data).
 pub fn host<S: Shape, T>(t: &Tensor<S, f32, Device, T>) -> Vec<f32> {
@@ -267,9 +271,13 @@ pub fn matmul(
         }
         return;
     }
+    if transpose_b && !transpose_a && transposing_beats_gathering((m, k, n)) {
+        return matmul_through_transposes((m, k, n), a, b, c, accumulate);
+    }
     // gemm's strides: element (i, j) of an operand lives at `i * rs + j * cs`.
     let (a_rs, a_cs) = if transpose_a { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if transpose_b { (1, k) } else { (n, 1) };
+    configure_gemm();
     let product = Product {
         a: a.as_ptr(),
         a_strides: (a_rs as isize, a_cs as isize),
@@ -294,6 +302,61 @@ pub fn matmul(
     // (row-major `[m, k]` / `[k, m]` for `a`, `[k, n]` / `[n, k]` for `b`, `[m, n]` for `c`), and
     // `c` is borrowed mutably, so it aliases neither input.
     unsafe { product.split((m, k, n), parts, parallel) }
+}
+
+/// Whether `c = a·bᵀ` (`b` stored `[n, k]`) is faster as `(b·aᵀ)ᵀ`: true when `a` has at most 64
+/// rows (a batch of the dense layers' input gradient `dy·Wᵀ`) and the product is not tiny.
+///
+/// gemm's microkernel runs its vectors along the output's rows; for `a·bᵀ` neither operand is
+/// contiguous along them (both run along `k`), so gemm packs `b` element by element into panels
+/// and reuses each panel for only `m / 6` microkernel calls. Transposing `a` (`m·k` values) and
+/// the result (`m·n`) in 8x8 register tiles instead leaves gemm two operands it reads in place.
+/// Measured single-threaded (µs, gemm's gather → through transposes): `m = 64` with `(k, n)` of
+/// `(512, 256)` 406 → 154, `(784, 512)` 577 → 488, `(128, 784)` 143 → 117, `(64, 128)` 11.7 →
+/// 10.7; `m = 128`: `(490, 1024)` 1,270 → 1,327, `(784, 512)` 1,025 → 978; `m = 1024`: 7-15%
+/// slower. Under 64 inner or output columns the transposes outweigh the product.
+fn transposing_beats_gathering((m, k, n): (usize, usize, usize)) -> bool {
+    m <= 64 && k.min(n) >= 64
+}
+
+thread_local! {
+    /// [`matmul_through_transposes`]'s buffers for `aᵀ` and `(a·bᵀ)ᵀ`, kept on the thread so that
+    /// a training step does not allocate (and fault in) them for every product.
+    static TRANSPOSED: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// `c (+)= a·bᵀ` computed as `cᵀ = b·aᵀ`, whose operands gemm reads along its vectors without
+/// packing `b` (see [`transposing_beats_gathering`]): `a` is transposed into a buffer, the
+/// product runs through [`matmul`] (split across the pool as any product of its shape), and its
+/// transpose is written or added into `c`.
+fn matmul_through_transposes((m, k, n): (usize, usize, usize), a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    // The buffers are taken out of the thread-local for the call: a rayon worker waiting on a split
+    // may run another product on this thread meanwhile, which then allocates its own.
+    let (mut a_t, mut c_t) = TRANSPOSED.take();
+    for (buffer, len) in [(&mut a_t, k * m), (&mut c_t, n * m)] {
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        }
+    }
+    transpose_into(a, (m, k), &mut a_t, false);
+    matmul((n, k, m), b, false, &a_t, false, &mut c_t, false);
+    transpose_into(&c_t, (n, m), c, accumulate);
+    TRANSPOSED.set((a_t, c_t));
+}
+
+/// Sets gemm's process-wide tuning for nash's shapes, once per process.
+///
+/// gemm copies its left operand (after its own transposition, the one along whose rows the
+/// microkernel's vectors run: the weight in a forward product at batch 64) into packed panels
+/// whenever the product spans more than 8 microkernel widths (48 columns) single-threaded, even
+/// when that operand is contiguous along the vectors already. At 16 widths (96 columns) the
+/// batch-64 forward products read their weight in place: 7-9% faster each in isolation (e.g.
+/// 256 → 512 outputs, 159 → 146 µs), and gemm's packing fell from 8% to 1% of the MLP GAN's
+/// samples (the wider products, the convolutions', still pack). nash calls gemm 0.19 only
+/// single-threaded (`Parallelism::None`), so the multi-thread threshold stays as it is.
+fn configure_gemm() {
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| gemm::set_lhs_packing_threshold_single_thread(16));
 }
 
 /// Raw operands of one `c (+)= op(a)·op(b)` product, or of a block of it, in gemm's
@@ -465,7 +528,9 @@ mod tests {
 
     #[test]
     fn matches_the_triple_loop_for_every_transpose_and_accumulates() {
-        for &(m, k, n) in &[(1, 1, 1), (3, 5, 2), (17, 33, 9), (64, 70, 130)] {
+        // `a·bᵀ` at the last two shapes goes through transposes (`transposing_beats_gathering`).
+        assert!(transposing_beats_gathering((64, 70, 130)) && transposing_beats_gathering((9, 64, 71)));
+        for &(m, k, n) in &[(1, 1, 1), (3, 5, 2), (17, 33, 9), (9, 64, 71), (64, 70, 130)] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let (a, b) = (values(m * k, 1), values(k * n, 7));
                 let want = reference(m, k, n, &a, ta, &b, tb);
@@ -491,13 +556,15 @@ mod tests {
     #[test]
     fn a_product_split_across_threads_matches_the_triple_loop() {
         // Each shape has at least PARALLEL_MIN_WORK multiply-adds: split along n (m < n), along m,
-        // and one too narrow to split (both sides under two blocks of SPLIT_ALIGN).
+        // and one too narrow to split (both sides under two blocks of SPLIT_ALIGN). `a·bᵀ` at the
+        // first shape goes through transposes (`transposing_beats_gathering`).
         let shapes = [(40, 100, 70), (130, 90, 33), (20, 1000, 20)];
+        assert!(transposing_beats_gathering(shapes[0]));
         for threads in [2, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for &(m, k, n) in &shapes {
                 assert!(m * k * n >= PARALLEL_MIN_WORK);
-                for (ta, tb) in [(false, false), (true, true)] {
+                for (ta, tb) in [(false, false), (true, true), (false, true)] {
                     let (a, b) = (values(m * k, 2), values(k * n, 5));
                     let want = reference(m, k, n, &a, ta, &b, tb);
                     let mut c = vec![1.0; m * n];
