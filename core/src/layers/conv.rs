@@ -505,9 +505,9 @@ pub mod kernels {
             col2im_adding(g, count, dcols, &mut y[first * g.in_len()..][..count * g.in_len()]);
         });
         if let Some(bias) = bias {
-            let px = g.h_in * g.w_in;
-            for (i, v) in y.iter_mut().enumerate() {
-                *v += bias[(i / px) % g.c_in];
+            let planes = y.chunks_exact_mut(g.h_in * g.w_in);
+            for (plane, b) in planes.zip(bias.iter().cycle()) {
+                plane.iter_mut().for_each(|v| *v += b);
             }
         }
         y
