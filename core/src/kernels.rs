@@ -3,8 +3,9 @@
 //!
 //! [`matmul`] calls gemm 0.19, which picks the widest instruction set the CPU has at run time
 //! (AVX-512 through its `x86-v4` feature, AVX2/FMA, or portable code), reads transposed operands
-//! through strides instead of copying them, and can accumulate into its destination, so a
-//! backward pass adds its products straight into gradient buffers. dfdx 0.13's own matmul uses
+//! through strides instead of copying them (except the batch-sized operand of `a·bᵀ`, see
+//! [`matmul`]), and can accumulate into its destination, so a backward pass adds its products
+//! straight into gradient buffers. dfdx 0.13's own matmul uses
 //! gemm 0.15 (no AVX-512 on stable: ~82 against ~219 GFLOP/s per core measured here, DESIGN.md).
 //! It runs on the rayon pool that `training.threads` sizes.
 
@@ -241,7 +242,8 @@ const SPLIT_ALIGN: usize = 16;
 /// [`PARALLEL_MIN_WORK`] multiply-adds is cut along the longer side of `c` into one block per
 /// thread, each computed single-threaded by gemm (`rayon::join`). At the batch-64 shapes of the
 /// reference workloads this beat gemm's own rayon split by up to 1.8x (its split leaves one
-/// thread idle when `m` is 64 and `k` is large); see docs/performance.md.
+/// thread idle when `m` is 64 and `k` is large); see docs/performance.md. `a·bᵀ` with a
+/// batch-sized `a` runs as `(b·aᵀ)ᵀ` (`matmul_through_transposes`).
 ///
 /// # Panics
 /// When a slice is shorter than its matrix (a bug in the calling kernel, never user input).
