@@ -307,18 +307,21 @@ pub fn matmul(
 }
 
 /// Whether `c = a·bᵀ` (`b` stored `[n, k]`) is faster as `(b·aᵀ)ᵀ`: true when `a` has at most 64
-/// rows (a batch of the dense layers' input gradient `dy·Wᵀ`) and the product is not tiny.
+/// rows (a batch of the dense layers' input gradient `dy·Wᵀ`) and the product is not tiny, or at
+/// most 256 rows when `b`'s rows lie a multiple of 256 values (1 KB) apart.
 ///
 /// gemm's microkernel runs its vectors along the output's rows; for `a·bᵀ` neither operand is
 /// contiguous along them (both run along `k`), so gemm packs `b` element by element into panels
-/// and reuses each panel for only `m / 6` microkernel calls. Transposing `a` (`m·k` values) and
-/// the result (`m·n`) in 8x8 register tiles instead leaves gemm two operands it reads in place.
-/// Measured single-threaded (µs, gemm's gather → through transposes): `m = 64` with `(k, n)` of
-/// `(512, 256)` 406 → 154, `(784, 512)` 577 → 488, `(128, 784)` 143 → 117, `(64, 128)` 11.7 →
-/// 10.7; `m = 128`: `(490, 1024)` 1,270 → 1,327, `(784, 512)` 1,025 → 978; `m = 1024`: 7-15%
-/// slower. Under 64 inner or output columns the transposes outweigh the product.
+/// and reuses each panel for only `m / 6` microkernel calls; when `b`'s rows are a multiple of
+/// 1 KB apart, the gather's loads also fall into a few cache sets. Transposing `a` (`m·k` values)
+/// and the result (`m·n`) in 8x8 register tiles instead leaves gemm two operands it reads in place.
+/// Measured single-threaded (gemm's gather / through transposes, 2026-11-29): at `m = 64` 1.10-3.3x
+/// faster for every `(k, n)` of the reference workloads' layers (`(512, 256)`: 402 → 157 µs); at
+/// `m = 128` and `256`, 1.11-2.1x where `k` is a multiple of 256 and `n` at least 128 (0.99x at
+/// `(256, 128)`, `m = 256`), 0.91-1.09x otherwise; at `m = 512` 0.77-1.19x; under 64 inner or
+/// output columns the transposes outweigh the product.
 fn transposing_beats_gathering((m, k, n): (usize, usize, usize)) -> bool {
-    m <= 64 && k.min(n) >= 64
+    (m <= 64 && k.min(n) >= 64) || (m <= 256 && k % 256 == 0 && n >= 128)
 }
 
 thread_local! {
@@ -530,9 +533,18 @@ mod tests {
 
     #[test]
     fn matches_the_triple_loop_for_every_transpose_and_accumulates() {
-        // `a·bᵀ` at the last two shapes goes through transposes (`transposing_beats_gathering`).
-        assert!(transposing_beats_gathering((64, 70, 130)) && transposing_beats_gathering((9, 64, 71)));
-        for &(m, k, n) in &[(1, 1, 1), (3, 5, 2), (17, 33, 9), (9, 64, 71), (64, 70, 130)] {
+        // `a·bᵀ` at the last three shapes goes through transposes (`transposing_beats_gathering`).
+        for shape in [(9, 64, 71), (64, 70, 130), (200, 256, 130)] {
+            assert!(transposing_beats_gathering(shape), "{shape:?}");
+        }
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 2),
+            (17, 33, 9),
+            (9, 64, 71),
+            (64, 70, 130),
+            (200, 256, 130),
+        ] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let (a, b) = (values(m * k, 1), values(k * n, 7));
                 let want = reference(m, k, n, &a, ta, &b, tb);
@@ -587,7 +599,8 @@ mod tests {
         // The split governor decides from timings whether a step splits, so a run's results must
         // not depend on it: unsplit, the product is cut into the same blocks, computed one after
         // the other (gemm's sums depend on the block shapes). The reference workloads' shapes
-        // (autoencoder, MLP GAN, DCGAN products), plain and transposed operands.
+        // (autoencoder, MLP GAN, DCGAN products, and the MLP GAN's at batch 128), plain and transposed
+        // operands.
         let shapes = [
             (64, 784, 128),
             (784, 64, 128),
@@ -595,6 +608,7 @@ mod tests {
             (64, 512, 784),
             (256, 64, 784),
             (128, 1024, 196),
+            (128, 512, 256),
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for &(m, k, n) in &shapes {
