@@ -13,6 +13,7 @@ use dfdx::prelude::*;
 
 use crate::tensor::Device;
 
+pub mod implicit_conv;
 mod transpose;
 
 pub use transpose::transpose_into;

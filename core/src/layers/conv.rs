@@ -150,6 +150,181 @@ pub mod kernels {
     use rayon::prelude::*;
 
     use super::ConvGeometry;
+    use crate::kernels::implicit_conv::{self, Gather, Microkernel, PackedWeights, PaddedPlanes, Scatter};
+
+    /// The microkernel of the implicit-GEMM route ([`implicit_conv`]) for a product with `rows`
+    /// output channels and a contraction `depth` deep, or `None` for the column-matrix route
+    /// (im2col / col2im and gemm): the CPU has no AVX-512, or the product is too small to repay
+    /// gathering each patch into a panel and writing each tile back (at one output channel, the
+    /// transposed convolution into the DCGAN's image, the gather is as much work as the product).
+    fn implicit_route(rows: usize, depth: usize) -> Option<Microkernel> {
+        Microkernel::fastest().filter(|_| rows >= implicit_conv::MIN_ROWS && depth >= implicit_conv::MIN_DEPTH)
+    }
+
+    /// About the contraction depth of one output phase of the transposed convolution `g`.
+    fn phase_depth(g: &ConvGeometry) -> usize {
+        g.c_out * (g.kernel / g.stride).max(1).pow(2)
+    }
+
+    /// `out (+)=` the convolution `g` of `x` (`[batch, c_in·h_in·w_in]` → `[batch, c_out·h_out·w_out]`)
+    /// with `w` (`[c_out, c_in·k·k]`) and `bias`, as one implicit GEMM: the patches are gathered
+    /// from zero-padded copies of the input planes, no column matrix.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn implicit_conv(
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        accumulate: bool,
+        kernel: Microkernel,
+    ) {
+        let taps = conv_taps(g);
+        let (gather, planes) = conv_patches(g, batch, x, &taps);
+        let weights = PackedWeights::new(g.c_out, g.patch_len(), |m, j| w[m * g.patch_len() + j]);
+        let scatter = Scatter {
+            planes: (g.h_out, g.w_out),
+            stride: 1,
+            offset: (0, 0),
+        };
+        implicit_conv::convolve(&planes, &gather, &weights, bias, &scatter, out, accumulate, kernel);
+    }
+
+    /// The taps of the convolution `g`: input offsets `(ki − p, kj − p)`, row-major over the kernel.
+    fn conv_taps(g: &ConvGeometry) -> Vec<(isize, isize)> {
+        let p = g.padding as isize;
+        (0..g.kernel as isize)
+            .flat_map(|ki| (0..g.kernel as isize).map(move |kj| (ki - p, kj - p)))
+            .collect()
+    }
+
+    /// Where the convolution `g` reads its patches, and zero-padded copies of the planes of `x`
+    /// (`[batch, c_in·h_in·w_in]`) that hold them.
+    fn conv_patches<'t>(
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        taps: &'t [(isize, isize)],
+    ) -> (Gather<'t>, PaddedPlanes) {
+        let gather = Gather {
+            stride: g.stride,
+            taps,
+            grid: (g.h_out, g.w_out),
+        };
+        let (before, after) = gather.padding((g.h_in, g.w_in));
+        (
+            gather,
+            PaddedPlanes::new(x, (batch, g.c_in), (g.h_in, g.w_in), before, after),
+        )
+    }
+
+    /// `dw +=` the weight gradient of the convolution `g` of `x` (`[batch, c_in·h_in·w_in]`) from the
+    /// gradient of its output `dy` (`[batch, c_out·h_out·w_out]`), as one implicit GEMM.
+    pub(super) fn implicit_weight_gradient(
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+        kernel: Microkernel,
+    ) {
+        let taps = conv_taps(g);
+        let (gather, planes) = conv_patches(g, batch, x, &taps);
+        implicit_conv::weight_gradient(&planes, &gather, dy, g.c_out, dw, kernel);
+    }
+
+    /// The kernel offsets `ki` (or `kj`) that reach output phase `r` (pixels `q·s + r`) of the
+    /// transposed convolution, each with the input offset `(r + p − ki) / s` it reads at.
+    fn phase_taps(g: &ConvGeometry, r: usize) -> Vec<(usize, isize)> {
+        let (s, p) = (g.stride, g.padding);
+        ((r + p) % s..g.kernel)
+            .step_by(s)
+            .map(|ki| (ki, (r as isize + p as isize - ki as isize) / s as isize))
+            .collect()
+    }
+
+    /// `out +=` the transposed convolution (the adjoint of `g`) of `x` (`[batch, c_out·h_out·w_out]`
+    /// → `[batch, c_in·h_in·w_in]`) with `w` (`[c_out, c_in·k·k]`), as one implicit GEMM per output
+    /// phase `(ry, rx)`: the pixels `(q·s + ry, q'·s + rx)` are a stride-1 convolution of `x` with
+    /// the kernel taps that reach them, so every output value is one sum (no col2im scatter).
+    pub(super) fn implicit_conv_transpose(
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        kernel: Microkernel,
+    ) {
+        let s = g.stride;
+        let phases: Vec<OutputPhase> = (0..s.min(g.h_in))
+            .flat_map(|ry| (0..s.min(g.w_in)).map(move |rx| OutputPhase::new(g, (ry, rx))))
+            .collect();
+        // One padded copy of the input that covers every phase's taps.
+        let (mut before, mut after) = ((0, 0), (0, 0));
+        for phase in &phases {
+            let (b, a) = phase.gather().padding((g.h_out, g.w_out));
+            before = (before.0.max(b.0), before.1.max(b.1));
+            after = (after.0.max(a.0), after.1.max(a.1));
+        }
+        let planes = PaddedPlanes::new(x, (batch, g.c_out), (g.h_out, g.w_out), before, after);
+        let k2 = g.kernel * g.kernel;
+        for phase in phases.iter().filter(|phase| !phase.taps.is_empty()) {
+            // (Phases no tap reaches exist when the kernel is smaller than the stride.)
+            let taps = phase.taps.len();
+            let weights = PackedWeights::new(g.c_in, g.c_out * taps, |m, j| {
+                let (co, (ki, kj)) = (j / taps, phase.kernel_offsets[j % taps]);
+                w[co * g.patch_len() + m * k2 + ki * g.kernel + kj]
+            });
+            let scatter = Scatter {
+                planes: (g.h_in, g.w_in),
+                stride: s,
+                offset: phase.offset,
+            };
+            implicit_conv::convolve(&planes, &phase.gather(), &weights, None, &scatter, out, true, kernel);
+        }
+    }
+
+    /// The output pixels `(q·s + ry, q'·s + rx)` of a transposed convolution (phase `(ry, rx)`),
+    /// computed as a stride-1 convolution of its input.
+    struct OutputPhase {
+        /// `(ry, rx)`.
+        offset: (usize, usize),
+        /// The input offsets of the kernel taps that reach the phase, row-major.
+        taps: Vec<(isize, isize)>,
+        /// The kernel's `(ki, kj)` of each tap.
+        kernel_offsets: Vec<(usize, usize)>,
+        /// The phase's pixels, `(rows, columns)`.
+        grid: (usize, usize),
+    }
+
+    impl OutputPhase {
+        /// Phase `(ry, rx)` of the adjoint of `g`.
+        fn new(g: &ConvGeometry, (ry, rx): (usize, usize)) -> OutputPhase {
+            let (rows, cols) = (phase_taps(g, ry), phase_taps(g, rx));
+            OutputPhase {
+                offset: (ry, rx),
+                taps: rows
+                    .iter()
+                    .flat_map(|&(_, dy)| cols.iter().map(move |&(_, dx)| (dy, dx)))
+                    .collect(),
+                kernel_offsets: rows
+                    .iter()
+                    .flat_map(|&(ki, _)| cols.iter().map(move |&(kj, _)| (ki, kj)))
+                    .collect(),
+                grid: ((g.h_in - ry).div_ceil(g.stride), (g.w_in - rx).div_ceil(g.stride)),
+            }
+        }
+
+        /// Where the phase reads its patches.
+        fn gather(&self) -> Gather<'_> {
+            Gather {
+                stride: 1,
+                taps: &self.taps,
+                grid: self.grid,
+            }
+        }
+    }
 
     /// The gather table of [`im2col`] and [`col2im_adding`]: entry `t·out_pixels + p`, for the
     /// kernel offset `t = ki·k + kj` and the output pixel `p = oh·w_out + ow`, is the input pixel
@@ -360,6 +535,11 @@ pub mod kernels {
 
     /// Convolution: `x` `[batch, in_len]`, `w` `[c_out, c_in·k·k]` → `[batch, out_len]`.
     pub fn conv_forward(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        if let Some(kernel) = implicit_route(g.c_out, g.patch_len()) {
+            let mut y = vec![0.0; batch * g.out_len()];
+            implicit_conv(g, batch, x, w, bias, &mut y, false, kernel);
+            return y;
+        }
         let mut y = Vec::with_capacity(batch * g.out_len());
         for_each_chunk(g, batch, |first, count, cols, ym| {
             let n = count * g.out_pixels();
@@ -461,6 +641,16 @@ pub mod kernels {
         mut out: GradientsMut<'_>,
     ) {
         let k = g.patch_len();
+        if let Some(kernel) = implicit_route(g.c_in, phase_depth(g)) {
+            if let Some(dx) = out.input.take() {
+                implicit_conv_transpose(g, batch, dy, w, dx, kernel);
+            }
+        }
+        if let Some(kernel) = implicit_route(g.c_out, g.patch_len()) {
+            if let Some(dw) = out.weight.take() {
+                implicit_weight_gradient(g, batch, x, dy, dw, kernel);
+            }
+        }
         if out.input.is_some() || out.weight.is_some() {
             for_each_chunk(g, batch, |first, count, cols, dym| {
                 let n = count * g.out_pixels();
@@ -492,6 +682,22 @@ pub mod kernels {
         bias: Option<&[f32]>,
     ) -> Vec<f32> {
         let mut y = vec![0.0; batch * g.in_len()];
+        if let Some(kernel) = implicit_route(g.c_in, phase_depth(g)) {
+            implicit_conv_transpose(g, batch, x, w, &mut y, kernel);
+        } else {
+            conv_transpose_through_columns(g, batch, x, w, &mut y);
+        }
+        if let Some(bias) = bias {
+            let planes = y.chunks_exact_mut(g.h_in * g.w_in);
+            for (plane, b) in planes.zip(bias.iter().cycle()) {
+                plane.iter_mut().for_each(|v| *v += b);
+            }
+        }
+        y
+    }
+
+    /// `y +=` the transposed convolution of `x` through column matrices (`Wᵀ·x`, then col2im).
+    fn conv_transpose_through_columns(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
         for_each_chunk(g, batch, |first, count, dcols, xm| {
             let n = count * g.out_pixels();
             to_channel_rows(
@@ -504,13 +710,6 @@ pub mod kernels {
             crate::kernels::matmul((g.patch_len(), g.c_out, n), w, true, xm, false, dcols, false);
             col2im_adding(g, count, dcols, &mut y[first * g.in_len()..][..count * g.in_len()]);
         });
-        if let Some(bias) = bias {
-            let planes = y.chunks_exact_mut(g.h_in * g.w_in);
-            for (plane, b) in planes.zip(bias.iter().cycle()) {
-                plane.iter_mut().for_each(|v| *v += b);
-            }
-        }
-        y
     }
 
     /// Gradients of [`conv_transpose_forward`] from `dy` `[batch, in_len]`: `dx` `[batch,
@@ -538,6 +737,16 @@ pub mod kernels {
         mut out: GradientsMut<'_>,
     ) {
         let k = g.patch_len();
+        if let Some(kernel) = implicit_route(g.c_out, g.patch_len()) {
+            if let Some(dx) = out.input.take() {
+                implicit_conv(g, batch, dy, w, None, dx, true, kernel);
+            }
+            if let Some(dw) = out.weight.take() {
+                // The adjoint's weight gradient is the convolution's, with the roles of its
+                // input (the patches, here of `dy`) and output gradient (here `x`) swapped.
+                implicit_weight_gradient(g, batch, dy, x, dw, kernel);
+            }
+        }
         if out.input.is_some() || out.weight.is_some() {
             for_each_chunk(g, batch, |first, count, cols, rows| {
                 let n = count * g.out_pixels();
@@ -1163,6 +1372,7 @@ impl Layer for ConvTranspose2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::implicit_conv;
     use crate::layers::testing::*;
 
     /// im2col with a bounds test per element (the definition), for [`kernels::im2col`] and its
@@ -1532,6 +1742,88 @@ mod tests {
         }
         close("conv dw", &dw, &dw_sum);
         close("conv_t dw", &tdw, &tdw_sum);
+    }
+
+    /// The microkernels a test can run here: the portable one, and AVX-512's where the CPU has it.
+    fn microkernels() -> Vec<implicit_conv::Microkernel> {
+        let mut all = vec![implicit_conv::Microkernel::Portable];
+        all.extend(implicit_conv::Microkernel::fastest());
+        all
+    }
+
+    #[test]
+    fn implicit_gemm_convolutions_match_the_definitions() {
+        let mut h = Harness::new(11);
+        // (c_in, h, w, c_out, kernel, stride, padding): the DCGAN's shapes, tiles' edges (rows past
+        // 12 and 24, grids past 32 points), kernels smaller than the stride (output phases no tap
+        // reaches), paddings past the kernel, one input channel, wide strides.
+        for (c_in, hh, ww, c_out, k, s, p) in [
+            (3, 7, 5, 13, 4, 2, 1),
+            (2, 5, 5, 26, 3, 1, 1),
+            (1, 9, 7, 5, 5, 2, 0),
+            (4, 8, 8, 3, 3, 3, 2),
+            (2, 3, 5, 2, 1, 2, 0),
+            (3, 2, 2, 25, 2, 1, 3),
+            (16, 14, 14, 12, 4, 2, 1),
+        ] {
+            let g = ConvGeometry::conv(c_in, hh, ww, c_out, k, s, p).unwrap();
+            let batch = 3;
+            let x = h.values(batch * g.in_len());
+            let w = h.values(g.weight_len());
+            let bias = h.values(c_out);
+            let dy = h.values(batch * g.out_len());
+            let start_in = h.values(batch * g.in_len());
+            let start_out = h.values(batch * g.out_len());
+            let start_w = h.values(g.weight_len());
+            let conv = naive_conv(&x, &w, &bias, &g, batch);
+            let no_bias = vec![0.0; c_in.max(c_out)];
+            // The adjoint of `g` applied to `dy` (weights [c_out, c_in, k, k] as its own); the
+            // shapes above have one output padding for both sides, as `naive_conv_t` takes.
+            let op = (hh + 2 * p - k) % s;
+            let (transposed, ho, wo) =
+                naive_conv_t(&dy, &w, &no_bias, (c_out, g.h_out, g.w_out), c_in, (k, s, p, op), batch);
+            assert_eq!((ho, wo), (hh, ww));
+            // dW[o, c·k·k + t] = Σ_b,pixel dy[b, o, pixel] · im2col(x)[c·k·k + t, b·pixels + pixel].
+            let cols = im2col_reference(&g, batch, &x);
+            let n = batch * g.out_pixels();
+            let mut dw = start_w.clone();
+            for o in 0..c_out {
+                for (r, row) in cols.chunks_exact(n).enumerate() {
+                    let mut sum = 0.0f64;
+                    for b in 0..batch {
+                        for q in 0..g.out_pixels() {
+                            sum += (dy[(b * c_out + o) * g.out_pixels() + q] * row[b * g.out_pixels() + q]) as f64;
+                        }
+                    }
+                    dw[o * g.patch_len() + r] += sum as f32;
+                }
+            }
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                assert_eq!(got.len(), want.len());
+                for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{what} {g:?} at {i}: {a} vs {b}"
+                    );
+                }
+            };
+            for kernel in microkernels() {
+                let mut y = vec![f32::NAN; batch * g.out_len()];
+                kernels::implicit_conv(&g, batch, &x, &w, Some(&bias), &mut y, false, kernel);
+                close(&y, &conv, &format!("{kernel:?} convolution"));
+                let mut added = start_out.clone();
+                kernels::implicit_conv(&g, batch, &x, &w, Some(&bias), &mut added, true, kernel);
+                let want: Vec<f32> = start_out.iter().zip(&conv).map(|(a, b)| a + b).collect();
+                close(&added, &want, &format!("{kernel:?} convolution added"));
+                let mut t = start_in.clone();
+                kernels::implicit_conv_transpose(&g, batch, &dy, &w, &mut t, kernel);
+                let want: Vec<f32> = start_in.iter().zip(&transposed).map(|(a, b)| a + b).collect();
+                close(&t, &want, &format!("{kernel:?} transposed convolution added"));
+                let mut grad = start_w.clone();
+                kernels::implicit_weight_gradient(&g, batch, &x, &dy, &mut grad, kernel);
+                close(&grad, &dw, &format!("{kernel:?} weight gradient added"));
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,779 @@
+//! Implicit-GEMM convolution: a convolution computed as the product of a weight matrix and the
+//! input's patches, with the patches gathered straight from the (zero-padded) input planes into
+//! the microkernel's panels instead of a materialized column matrix (im2col), and every tile of
+//! the result written straight to its place in the output tensor.
+//!
+//! One call computes, for every sample `b`, output row `m` and grid point `(oy, ox)`:
+//!
+//! ```text
+//! out[b, m, oy·so + ry, ox·so + rx] (+)= bias[m] + Σ_c Σ_t a[m, c·T + t] · in[b, c, oy·si + dy_t, ox·si + dx_t]
+//! ```
+//!
+//! with the input zero outside its planes, `T` taps `(dy_t, dx_t)`, input stride `si` ([`Gather`])
+//! and output stride `so` at offset `(ry, rx)` ([`Scatter`]). A convolution is one call
+//! (`si` = its stride, taps `(ki − p, kj − p)`, `so` = 1); a transposed convolution (the adjoint of a
+//! convolution of stride `s`) is `s²` calls, one per phase `(ry, rx)` of its output, each a stride-1
+//! convolution of its input with the taps of the kernel that reach that phase (`so` = `s`): every
+//! output value is then written once, by one sum, instead of scattered into by `k²` columns (col2im).
+//!
+//! The product runs in tiles of up to [`TILE_ROWS`] output rows by [`TILE_COLUMNS`] grid points:
+//! a task packs the patches of 32 grid points (all `C·T` contraction rows) into a panel, then runs
+//! the microkernel once per block of rows against the packed weights ([`PackedWeights`]) over the
+//! whole contraction, with the tile's 24 accumulators in AVX-512 registers, and writes (or adds)
+//! the tile into the output. Each output value is one sum in contraction order, so the bits do not
+//! depend on the number of threads. Tasks (blocks of grid points) split across the pool.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+/// Grid points per tile: two AVX-512 registers of `f32`.
+pub const TILE_COLUMNS: usize = 32;
+
+/// Output rows per tile at most: 24 accumulator registers of the 32 AVX-512 has, leaving room
+/// for the two panel vectors and the broadcast weight.
+pub const TILE_ROWS: usize = 12;
+
+/// Output rows below which a convolution is faster through a column matrix and gemm: the panel
+/// of patches is gathered once per tile and used by every row.
+pub const MIN_ROWS: usize = 16;
+
+/// Contraction depth below which a convolution is faster through a column matrix and gemm: a
+/// tile's gather and write-back are repaid by its multiply-adds (the DCGAN's first convolution,
+/// depth 16, ran 1.3-1.5x slower implicitly).
+pub const MIN_DEPTH: usize = 64;
+
+/// Tiles' worth of grid points per task when the pool splits a call (the smallest task).
+const MIN_BLOCKS_PER_TASK: usize = 2;
+
+/// The microkernel that multiplies a weight block by a panel of patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Microkernel {
+    /// AVX-512 fused multiply-adds, the panel's 32 columns in two registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// Plain Rust (multiply, then add), for CPUs without AVX-512 and for the tests.
+    Portable,
+}
+
+impl Microkernel {
+    /// The AVX-512 microkernel where the CPU has AVX-512, else `None`: elsewhere im2col and gemm
+    /// (which has AVX2 and portable microkernels of its own) are the faster route.
+    pub fn fastest() -> Option<Microkernel> {
+        #[cfg(target_arch = "x86_64")]
+        if super::wide_vectors::avx512() {
+            return Some(Microkernel::Avx512);
+        }
+        None
+    }
+}
+
+/// Input planes `[batch, channels, h, w]` with zero borders: the input pixel `(y, x)` of a plane
+/// lives at `(y + origin.0, x + origin.1)` of the padded plane.
+#[derive(Debug)]
+pub struct PaddedPlanes {
+    data: Vec<f32>,
+    batch: usize,
+    channels: usize,
+    /// Padded `(height, width)`.
+    size: (usize, usize),
+    /// Where the input's pixel `(0, 0)` lies in a padded plane.
+    origin: (usize, usize),
+}
+
+impl PaddedPlanes {
+    /// Copies `x` (`[batch, channels, h, w]`) into planes with `before` zero rows and columns above
+    /// and left of each plane and `after` below and right of it. Planes are copied in parallel on
+    /// the pool's threads.
+    ///
+    /// # Panics
+    /// When `x` holds fewer than `batch·channels·h·w` values (a bug in the calling kernel).
+    pub fn new(
+        x: &[f32],
+        (batch, channels): (usize, usize),
+        (h, w): (usize, usize),
+        before: (usize, usize),
+        after: (usize, usize),
+    ) -> PaddedPlanes {
+        let plane = h * w;
+        assert!(x.len() >= batch * channels * plane, "padded planes: input too short");
+        let size = (before.0 + h + after.0, before.1 + w + after.1);
+        let padded_plane = size.0 * size.1;
+        let total = batch * channels * padded_plane;
+        if plane == 0 {
+            let data = vec![0.0; total];
+            return PaddedPlanes {
+                data,
+                batch,
+                channels,
+                size,
+                origin: before,
+            };
+        }
+        // Written once, borders and copies, without zero-filling the whole buffer first.
+        let mut data: Vec<f32> = Vec::with_capacity(total);
+        let zero = MaybeUninit::new(0.0f32);
+        data.spare_capacity_mut()[..total]
+            .par_chunks_mut(padded_plane)
+            .zip(x[..batch * channels * plane].par_chunks(plane))
+            .with_min_len(super::min_items_per_task(16))
+            .for_each(|(padded, plane)| {
+                let (top, rest) = padded.split_at_mut(before.0 * size.1);
+                let (middle, bottom) = rest.split_at_mut(h * size.1);
+                top.fill(zero);
+                bottom.fill(zero);
+                for (row, source) in middle.chunks_exact_mut(size.1).zip(plane.chunks_exact(w)) {
+                    let (left, rest) = row.split_at_mut(before.1);
+                    let (inside, right) = rest.split_at_mut(w);
+                    left.fill(zero);
+                    right.fill(zero);
+                    inside.write_copy_of_slice(source);
+                }
+            });
+        // SAFETY: the loop above wrote every one of the `total` values (each padded plane is its
+        // top rows, `h` rows of left border, copy and right border, and its bottom rows).
+        unsafe { data.set_len(total) };
+        PaddedPlanes {
+            data,
+            batch,
+            channels,
+            size,
+            origin: before,
+        }
+    }
+
+    /// Values per padded sample.
+    fn sample_len(&self) -> usize {
+        self.channels * self.size.0 * self.size.1
+    }
+}
+
+/// Where the patches come from: input pixel `(oy·stride + dy, ox·stride + dx)` for grid point
+/// `(oy, ox)` and tap `(dy, dx)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gather<'t> {
+    /// Input pixels between neighbouring grid points.
+    pub stride: usize,
+    /// The taps' offsets, `(dy, dx)`, in contraction order within each input channel.
+    pub taps: &'t [(isize, isize)],
+    /// The grid's `(rows, columns)`.
+    pub grid: (usize, usize),
+}
+
+impl Gather<'_> {
+    /// The zero rows and columns `(before, after)` an input of `size` needs on each side so that
+    /// every tap of every grid point lands inside its padded plane.
+    pub fn padding(&self, size: (usize, usize)) -> ((usize, usize), (usize, usize)) {
+        let side = |n: usize, grid: usize, offset: fn(&(isize, isize)) -> isize| {
+            let lowest = self.taps.iter().map(offset).min().unwrap_or(0);
+            let highest = self.taps.iter().map(offset).max().unwrap_or(0);
+            let last = (grid.max(1) - 1) as isize * self.stride as isize + highest;
+            ((-lowest).max(0) as usize, (last - (n as isize - 1)).max(0) as usize)
+        };
+        let (top, bottom) = side(size.0, self.grid.0, |t| t.0);
+        let (left, right) = side(size.1, self.grid.1, |t| t.1);
+        ((top, left), (bottom, right))
+    }
+}
+
+/// Where the results go: grid point `(oy, ox)` of output row `m` and sample `b` is the output
+/// tensor's (`[batch, rows, height, width]`) pixel `(oy·stride + offset.0, ox·stride + offset.1)`
+/// of plane `(b, m)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Scatter {
+    /// The output planes' `(height, width)`.
+    pub planes: (usize, usize),
+    /// Output pixels between neighbouring grid points.
+    pub stride: usize,
+    /// The output pixel of grid point `(0, 0)`.
+    pub offset: (usize, usize),
+}
+
+/// A `[rows, depth]` weight matrix in the microkernel's order: blocks of [`TILE_ROWS`] rows (the
+/// last one shorter), each stored depth-major (`[depth, block rows]`), so that a tile reads one
+/// contiguous run of weights.
+#[derive(Debug)]
+pub struct PackedWeights {
+    data: Vec<f32>,
+    rows: usize,
+    depth: usize,
+}
+
+impl PackedWeights {
+    /// Packs the matrix whose element `(m, j)` is `weight(m, j)`.
+    pub fn new(rows: usize, depth: usize, weight: impl Fn(usize, usize) -> f32) -> PackedWeights {
+        let mut data = Vec::with_capacity(rows * depth);
+        for first in (0..rows).step_by(TILE_ROWS) {
+            let block = TILE_ROWS.min(rows - first);
+            for j in 0..depth {
+                data.extend((first..first + block).map(|m| weight(m, j)));
+            }
+        }
+        PackedWeights { data, rows, depth }
+    }
+
+    /// The packed block of rows `first..first + TILE_ROWS.min(rows − first)`.
+    fn block(&self, first: usize) -> &[f32] {
+        let rows = TILE_ROWS.min(self.rows - first);
+        &self.data[first * self.depth..][..rows * self.depth]
+    }
+}
+
+/// The raw output pointer shared by the tasks, which write disjoint values (one per grid point and
+/// row, and different tasks hold different grid points).
+#[derive(Clone, Copy)]
+struct SharedOutput(*mut f32);
+// SAFETY: see the type's documentation; the pointer outlives the parallel loop that uses it.
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    /// The pointer to value `index` (the closures of the tasks capture the whole `SharedOutput`
+    /// through this method, not the bare pointer, which is neither `Send` nor `Sync`).
+    ///
+    /// # Safety
+    /// `index` must lie inside the output.
+    unsafe fn at(self, index: usize) -> *mut f32 {
+        self.0.add(index)
+    }
+}
+
+/// Computes `out (+)= bias + a·patches(input)` (see the module documentation) for `batch` samples.
+/// `weights` is `[rows, channels·taps]`; `out` is `[batch, rows, planes.0, planes.1]`; `bias` (one
+/// value per row) is added when given; with `accumulate` the results are added to `out`, else they
+/// replace the values at the grid's pixels (and no others).
+///
+/// # Panics
+/// When the operands do not have these shapes, the padding does not cover every tap, or the grid
+/// does not fit in the output planes (bugs in the calling kernel, never user input).
+#[allow(clippy::too_many_arguments)]
+pub fn convolve(
+    input: &PaddedPlanes,
+    gather: &Gather<'_>,
+    weights: &PackedWeights,
+    bias: Option<&[f32]>,
+    scatter: &Scatter,
+    out: &mut [f32],
+    accumulate: bool,
+    kernel: Microkernel,
+) {
+    let (batch, rows, depth) = (input.batch, weights.rows, weights.depth);
+    let (grid_pixels, out_plane) = (gather.grid.0 * gather.grid.1, scatter.planes.0 * scatter.planes.1);
+    assert_eq!(depth, input.channels * gather.taps.len(), "implicit conv: weight depth");
+    assert!(out.len() >= batch * rows * out_plane, "implicit conv: output too short");
+    assert!(bias.is_none_or(|b| b.len() >= rows), "implicit conv: bias too short");
+    let columns = batch * grid_pixels;
+    if columns == 0 || rows == 0 {
+        return;
+    }
+    let last = |g: usize, stride: usize, offset: usize| (g - 1) * stride + offset;
+    assert!(
+        last(gather.grid.0, scatter.stride, scatter.offset.0) < scatter.planes.0
+            && last(gather.grid.1, scatter.stride, scatter.offset.1) < scatter.planes.1,
+        "implicit conv: the grid does not fit the output planes"
+    );
+    let row_offsets = row_offsets(input, gather);
+    let width = input.size.1;
+    let sample_len = input.sample_len();
+    // Whether the gather's indices fit the AVX-512 gather's 32-bit offsets.
+    let small_indices = batch * sample_len <= i32::MAX as usize;
+    let output = SharedOutput(out.as_mut_ptr());
+    let blocks = columns.div_ceil(TILE_COLUMNS);
+    (0..blocks)
+        .into_par_iter()
+        .with_min_len(super::min_items_per_task(MIN_BLOCKS_PER_TASK))
+        .for_each_init(
+            || (vec![0.0f32; depth * TILE_COLUMNS], [0.0f32; TILE_ROWS * TILE_COLUMNS]),
+            |(panel, tile), block| {
+                let first = block * TILE_COLUMNS;
+                let valid = TILE_COLUMNS.min(columns - first);
+                // Each grid point's patch origin in the padded input, and its output pixel; the
+                // points past the last repeat the first (their results are dropped).
+                let mut patch_origins = [0usize; TILE_COLUMNS];
+                let mut out_pixels = [0usize; TILE_COLUMNS];
+                for (j, (patch, pixel)) in patch_origins.iter_mut().zip(&mut out_pixels).enumerate().take(valid) {
+                    let column = first + j;
+                    let (b, p) = (column / grid_pixels, column % grid_pixels);
+                    let (oy, ox) = (p / gather.grid.1, p % gather.grid.1);
+                    *patch = b * sample_len + oy * gather.stride * width + ox * gather.stride;
+                    let (y, x) = (
+                        oy * scatter.stride + scatter.offset.0,
+                        ox * scatter.stride + scatter.offset.1,
+                    );
+                    *pixel = b * rows * out_plane + y * scatter.planes.1 + x;
+                }
+                for j in valid..TILE_COLUMNS {
+                    patch_origins[j] = patch_origins[0];
+                }
+                #[cfg(target_arch = "x86_64")]
+                if kernel == Microkernel::Avx512 && gather.stride == 1 {
+                    // SAFETY: the CPU has AVX-512; each run's lanes read `patch_origins[j] +
+                    // row_offsets[i]`, inside the input (checked by `row_offsets`); the panel
+                    // holds `depth·32` values.
+                    unsafe {
+                        avx512::pack_patch_runs(&input.data, &row_offsets, &Runs::of(&patch_origins, valid), panel)
+                    };
+                } else {
+                    pack_patches(kernel, &input.data, &row_offsets, &patch_origins, panel, small_indices);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                pack_patches(kernel, &input.data, &row_offsets, &patch_origins, panel, small_indices);
+                #[cfg(target_arch = "x86_64")]
+                let output_runs =
+                    (kernel == Microkernel::Avx512 && scatter.stride == 1).then(|| Runs::of(&out_pixels, valid));
+                for first_row in (0..rows).step_by(TILE_ROWS) {
+                    let block_rows = TILE_ROWS.min(rows - first_row);
+                    tile.fill(0.0);
+                    multiply_tile(kernel, block_rows, depth, weights.block(first_row), panel, tile);
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(runs) = &output_runs {
+                        for r in 0..block_rows {
+                            let m = first_row + r;
+                            let add = bias.map_or(0.0, |b| b[m]);
+                            // SAFETY: the CPU has AVX-512; each run's lanes write the output values
+                            // of their grid points in row `m`, inside `out` (asserted above), which
+                            // no other task writes.
+                            unsafe {
+                                avx512::write_runs(
+                                    &tile[r * TILE_COLUMNS..][..TILE_COLUMNS],
+                                    add,
+                                    runs,
+                                    output.at(m * out_plane),
+                                    accumulate,
+                                )
+                            };
+                        }
+                        continue;
+                    }
+                    for r in 0..block_rows {
+                        let m = first_row + r;
+                        let add = bias.map_or(0.0, |b| b[m]);
+                        for (j, &pixel) in out_pixels[..valid].iter().enumerate() {
+                            let value = tile[r * TILE_COLUMNS + j] + add;
+                            // SAFETY: `pixel + m·out_plane` is the output value of grid point
+                            // `first + j` and row `m`, inside `out` (asserted above), and no other
+                            // task writes it.
+                            unsafe {
+                                let dst = output.at(pixel + m * out_plane);
+                                *dst = if accumulate { *dst + value } else { value };
+                            }
+                        }
+                    }
+                }
+            },
+        );
+}
+
+/// Grid points per step of [`weight_gradient`]'s reduction: a panel of their patches (32
+/// contraction rows each, 32 KB) stays in the L1 cache while every block of rows uses it.
+const REDUCTION_STEP: usize = 256;
+
+/// `dw += grad · patches(input)ᵀ`: the gradient of [`convolve`]'s weights (`[rows, channels·taps]`,
+/// row-major) from `grad`, the gradient of its output on the grid (`[batch, rows, grid pixels]`, the
+/// output of a convolution with [`Scatter`] stride 1 and offset 0). The contraction runs over every
+/// sample's grid points, [`REDUCTION_STEP`] at a time, in one order whatever the threads; tasks
+/// (blocks of 32 contraction rows, i.e. of `dw`'s columns) split across the pool.
+///
+/// # Panics
+/// As [`convolve`], when the operands do not have these shapes or the padding does not cover the taps.
+pub fn weight_gradient(
+    input: &PaddedPlanes,
+    gather: &Gather<'_>,
+    grad: &[f32],
+    rows: usize,
+    dw: &mut [f32],
+    kernel: Microkernel,
+) {
+    let (batch, grid_pixels) = (input.batch, gather.grid.0 * gather.grid.1);
+    let (depth, columns) = (input.channels * gather.taps.len(), batch * grid_pixels);
+    assert!(grad.len() >= rows * columns, "implicit conv: output gradient too short");
+    assert!(dw.len() >= rows * depth, "implicit conv: weight gradient too short");
+    if columns == 0 || rows == 0 || depth == 0 {
+        return;
+    }
+    let row_offsets = row_offsets(input, gather);
+    // The output gradient packed as the microkernel's weights: blocks of TILE_ROWS rows, each
+    // `[columns, block rows]`.
+    let mut packed_grad: Vec<f32> = Vec::with_capacity(rows * columns);
+    packed_grad.spare_capacity_mut()[..rows * columns]
+        .par_chunks_mut(TILE_ROWS * columns)
+        .with_min_len(super::min_items_per_task(4))
+        .enumerate()
+        .for_each(|(block, packed)| {
+            let first = block * TILE_ROWS;
+            let block_rows = TILE_ROWS.min(rows - first);
+            for (column, values) in packed.chunks_exact_mut(block_rows).enumerate() {
+                let (b, p) = (column / grid_pixels, column % grid_pixels);
+                let start = b * rows * grid_pixels + first * grid_pixels + p;
+                for (r, value) in values.iter_mut().enumerate() {
+                    value.write(grad[start + r * grid_pixels]);
+                }
+            }
+        });
+    // SAFETY: every block of rows wrote each of its `columns · block rows` values above.
+    unsafe { packed_grad.set_len(rows * columns) };
+    let sample_len = input.sample_len();
+    let small_indices = batch * sample_len <= i32::MAX as usize;
+    let (height, width) = input.size;
+    let patch_origin = |column: usize| {
+        let (b, p) = (column / grid_pixels, column % grid_pixels);
+        let (oy, ox) = (p / gather.grid.1, p % gather.grid.1);
+        b * sample_len + oy * gather.stride * width + ox * gather.stride
+    };
+    debug_assert!(height > 0);
+    let output = SharedOutput(dw.as_mut_ptr());
+    (0..depth.div_ceil(TILE_COLUMNS))
+        .into_par_iter()
+        .with_min_len(super::min_items_per_task(1))
+        .for_each_init(
+            || {
+                (
+                    vec![0.0f32; REDUCTION_STEP * TILE_COLUMNS],
+                    [0.0f32; TILE_ROWS * TILE_COLUMNS],
+                )
+            },
+            |(panel, tile), block| {
+                let first_column = block * TILE_COLUMNS;
+                let valid = TILE_COLUMNS.min(depth - first_column);
+                // Contraction rows past the last repeat the first (their sums are dropped).
+                let offsets: [usize; TILE_COLUMNS] =
+                    std::array::from_fn(|i| row_offsets[first_column + if i < valid { i } else { 0 }]);
+                for start in (0..columns).step_by(REDUCTION_STEP) {
+                    let step = REDUCTION_STEP.min(columns - start);
+                    pack_transposed_patches(
+                        kernel,
+                        &input.data,
+                        (start..start + step).map(patch_origin),
+                        &offsets,
+                        panel,
+                        small_indices,
+                    );
+                    for first_row in (0..rows).step_by(TILE_ROWS) {
+                        let block_rows = TILE_ROWS.min(rows - first_row);
+                        for r in 0..block_rows {
+                            // SAFETY: `dw` holds `rows·depth` values (asserted above); this task
+                            // alone touches columns `first_column..first_column + valid`.
+                            let row = unsafe {
+                                std::slice::from_raw_parts(output.at((first_row + r) * depth + first_column), valid)
+                            };
+                            tile[r * TILE_COLUMNS..][..valid].copy_from_slice(row);
+                        }
+                        let weights = &packed_grad[first_row * columns + start * block_rows..][..step * block_rows];
+                        multiply_tile(kernel, block_rows, step, weights, panel, tile);
+                        for r in 0..block_rows {
+                            // SAFETY: as above.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(output.at((first_row + r) * depth + first_column), valid)
+                            };
+                            row.copy_from_slice(&tile[r * TILE_COLUMNS..][..valid]);
+                        }
+                    }
+                }
+            },
+        );
+}
+
+/// Offset of contraction row `c·T + t` from its grid point's patch origin in a padded sample, after
+/// checking that every tap of every grid point lands inside the padded planes.
+fn row_offsets(input: &PaddedPlanes, gather: &Gather<'_>) -> Vec<usize> {
+    let (height, width) = input.size;
+    for &(dy, dx) in gather.taps {
+        let fits = |origin: usize, offset: isize, grid: usize, size: usize| {
+            let first = origin as isize + offset;
+            first >= 0 && first + (((grid.max(1) - 1) * gather.stride) as isize) < (size as isize)
+        };
+        assert!(
+            fits(input.origin.0, dy, gather.grid.0, height) && fits(input.origin.1, dx, gather.grid.1, width),
+            "implicit conv: tap ({dy}, {dx}) reaches past the padded planes"
+        );
+    }
+    (0..input.channels)
+        .flat_map(|c| {
+            gather.taps.iter().map(move |&(dy, dx)| {
+                let y = (input.origin.0 as isize + dy) as usize;
+                let x = (input.origin.1 as isize + dx) as usize;
+                c * height * width + y * width + x
+            })
+        })
+        .collect()
+}
+
+/// Gathers, for each grid point whose patch origin `patch_origins` yields, the 32 contraction rows
+/// at `row_offsets` into one row of `panel` (`[grid points, 32]`).
+fn pack_transposed_patches(
+    kernel: Microkernel,
+    input: &[f32],
+    patch_origins: impl Iterator<Item = usize>,
+    row_offsets: &[usize; TILE_COLUMNS],
+    panel: &mut [f32],
+    small_indices: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Microkernel::Avx512 && small_indices {
+        // SAFETY: the CPU has AVX-512 (the microkernel was chosen for it); every index
+        // `origin + row_offsets[i]` lies inside `input` (checked by `row_offsets`) and fits 32
+        // bits; `panel` holds 32 values per grid point.
+        unsafe { avx512::pack_transposed_patches(input, patch_origins, row_offsets, panel) };
+        return;
+    }
+    let _ = (kernel, small_indices);
+    for (row, origin) in panel.chunks_exact_mut(TILE_COLUMNS).zip(patch_origins) {
+        let source = &input[origin..];
+        for (value, &offset) in row.iter_mut().zip(row_offsets) {
+            *value = source[offset];
+        }
+    }
+}
+
+/// The 32 lanes of a tile (two halves of 16) as runs of consecutive positions (consecutive input
+/// or output values for neighbouring grid points of a stride-1 gather or scatter): each run is a
+/// lane mask and the position its lane 0 would have, so that one masked vector load or store
+/// moves the whole run. Lanes past the valid ones belong to no run.
+#[cfg(target_arch = "x86_64")]
+struct Runs {
+    /// Per half: `(lane mask, position of lane 0)` of each run, and the number of runs.
+    halves: [([(u16, usize); 16], usize); 2],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Runs {
+    /// The runs of `positions`' first `valid` lanes.
+    fn of(positions: &[usize; TILE_COLUMNS], valid: usize) -> Runs {
+        let mut halves = [([(0u16, 0usize); 16], 0usize); 2];
+        for (half, (runs, count)) in halves.iter_mut().enumerate() {
+            for lane in 0..16.min(valid.saturating_sub(half * 16)) {
+                let position = positions[half * 16 + lane];
+                if lane > 0 && position == positions[half * 16 + lane - 1].wrapping_add(1) {
+                    runs[*count - 1].0 |= 1 << lane;
+                } else {
+                    runs[*count] = (1 << lane, position.wrapping_sub(lane));
+                    *count += 1;
+                }
+            }
+        }
+        Runs { halves }
+    }
+}
+
+/// Gathers the patches of the 32 grid points whose patch origins are `patch_origins` into `panel`
+/// (`[depth, 32]`): `panel[j·32 + i] = input[patch_origins[i] + row_offsets[j]]`.
+fn pack_patches(
+    kernel: Microkernel,
+    input: &[f32],
+    row_offsets: &[usize],
+    patch_origins: &[usize; TILE_COLUMNS],
+    panel: &mut [f32],
+    small_indices: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Microkernel::Avx512 && small_indices {
+        // SAFETY: the CPU has AVX-512 (the microkernel was chosen for it); every index
+        // `patch_origins[i] + row_offsets[j]` lies inside `input` (checked by `convolve`) and fits
+        // 32 bits; `panel` holds `depth·32` values.
+        unsafe { avx512::pack_patches(input, row_offsets, patch_origins, panel) };
+        return;
+    }
+    let _ = (kernel, small_indices);
+    for (row, &offset) in panel.chunks_exact_mut(TILE_COLUMNS).zip(row_offsets) {
+        let source = &input[offset..];
+        for (value, &origin) in row.iter_mut().zip(patch_origins) {
+            *value = source[origin];
+        }
+    }
+}
+
+/// `tile[r·32 + i] += Σ_j weights[j·rows + r] · panel[j·32 + i]` for `rows` (1 to [`TILE_ROWS`])
+/// rows, the sum in order of `j` after the tile's value.
+fn multiply_tile(
+    kernel: Microkernel,
+    rows: usize,
+    depth: usize,
+    weights: &[f32],
+    panel: &[f32],
+    tile: &mut [f32; TILE_ROWS * TILE_COLUMNS],
+) {
+    assert!(weights.len() >= rows * depth && panel.len() >= depth * TILE_COLUMNS && rows <= TILE_ROWS);
+    macro_rules! dispatch {
+        ($run:ident) => {
+            match rows {
+                1 => $run::<1>(depth, weights, panel, tile),
+                2 => $run::<2>(depth, weights, panel, tile),
+                3 => $run::<3>(depth, weights, panel, tile),
+                4 => $run::<4>(depth, weights, panel, tile),
+                5 => $run::<5>(depth, weights, panel, tile),
+                6 => $run::<6>(depth, weights, panel, tile),
+                7 => $run::<7>(depth, weights, panel, tile),
+                8 => $run::<8>(depth, weights, panel, tile),
+                9 => $run::<9>(depth, weights, panel, tile),
+                10 => $run::<10>(depth, weights, panel, tile),
+                11 => $run::<11>(depth, weights, panel, tile),
+                _ => $run::<12>(depth, weights, panel, tile),
+            }
+        };
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Microkernel::Avx512 => {
+            /// The AVX-512 tile of `R` rows.
+            fn run<const R: usize>(depth: usize, weights: &[f32], panel: &[f32], tile: &mut [f32]) {
+                // SAFETY: the CPU has AVX-512 (the microkernel was chosen for it); the lengths
+                // were asserted by `multiply_tile`.
+                unsafe { avx512::multiply_tile::<R>(depth, weights.as_ptr(), panel.as_ptr(), tile.as_mut_ptr()) }
+            }
+            dispatch!(run)
+        }
+        Microkernel::Portable => dispatch!(portable_tile),
+    }
+}
+
+/// The portable tile of `R` rows (multiply, then add: no fused multiply-add).
+fn portable_tile<const R: usize>(depth: usize, weights: &[f32], panel: &[f32], tile: &mut [f32]) {
+    let mut sums = [[0.0f32; TILE_COLUMNS]; R];
+    for (sum, start) in sums.iter_mut().zip(tile.chunks_exact(TILE_COLUMNS)) {
+        sum.copy_from_slice(start);
+    }
+    for (row_weights, values) in weights
+        .chunks_exact(R)
+        .zip(panel.chunks_exact(TILE_COLUMNS))
+        .take(depth)
+    {
+        for (sum, &w) in sums.iter_mut().zip(row_weights) {
+            for (s, &v) in sum.iter_mut().zip(values) {
+                *s += w * v;
+            }
+        }
+    }
+    for (out, sum) in tile.chunks_exact_mut(TILE_COLUMNS).zip(&sums) {
+        out.copy_from_slice(sum);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::TILE_COLUMNS;
+
+    /// [`super::pack_patches`] with two 16-lane gathers per contraction row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every `patch_origins[i] + row_offsets[j]` must index `input` and
+    /// fit in an `i32`; `panel` must hold `row_offsets.len()·32` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_patches(
+        input: &[f32],
+        row_offsets: &[usize],
+        patch_origins: &[usize; TILE_COLUMNS],
+        panel: &mut [f32],
+    ) {
+        let origins: [i32; TILE_COLUMNS] = std::array::from_fn(|i| patch_origins[i] as i32);
+        let low = _mm512_loadu_si512(origins.as_ptr().cast());
+        let high = _mm512_loadu_si512(origins[16..].as_ptr().cast());
+        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
+        for (j, &offset) in row_offsets.iter().enumerate() {
+            let row = source.add(offset);
+            _mm512_storeu_ps(out.add(j * TILE_COLUMNS), _mm512_i32gather_ps::<4>(low, row.cast()));
+            _mm512_storeu_ps(
+                out.add(j * TILE_COLUMNS + 16),
+                _mm512_i32gather_ps::<4>(high, row.cast()),
+            );
+        }
+    }
+
+    /// [`super::pack_patches`] for a stride-1 gather: one masked load per run of consecutive input
+    /// values (a grid row's worth) instead of a gather.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every lane of every run must read inside `input` at each row
+    /// offset; `panel` must hold `row_offsets.len()·32` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_patch_runs(input: &[f32], row_offsets: &[usize], runs: &super::Runs, panel: &mut [f32]) {
+        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
+        for (j, &offset) in row_offsets.iter().enumerate() {
+            for (half, (half_runs, count)) in runs.halves.iter().enumerate() {
+                let mut values = _mm512_setzero_ps();
+                for &(mask, lane_zero) in &half_runs[..*count] {
+                    // Lane 0's address may lie outside `input`; only the mask's lanes are read.
+                    let at = source.wrapping_add(lane_zero.wrapping_add(offset));
+                    values = _mm512_mask_loadu_ps(values, mask, at);
+                }
+                _mm512_storeu_ps(out.add(j * TILE_COLUMNS + half * 16), values);
+            }
+        }
+    }
+
+    /// Writes (or adds) one row of a tile plus `bias` to the output through its runs: one masked
+    /// store (and load, when adding) per run of consecutive output values.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every lane of every run must address a value of the output
+    /// from `row` that nothing else accesses meanwhile; `tile_row` must hold 32 values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn write_runs(tile_row: &[f32], bias: f32, runs: &super::Runs, row: *mut f32, accumulate: bool) {
+        for (half, (half_runs, count)) in runs.halves.iter().enumerate() {
+            let values = _mm512_add_ps(_mm512_loadu_ps(tile_row.as_ptr().add(half * 16)), _mm512_set1_ps(bias));
+            for &(mask, lane_zero) in &half_runs[..*count] {
+                // Lane 0's address may lie outside the output; only the mask's lanes are accessed.
+                let at = row.wrapping_add(lane_zero);
+                let values = if accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), values)
+                } else {
+                    values
+                };
+                _mm512_mask_storeu_ps(at, mask, values);
+            }
+        }
+    }
+
+    /// [`super::pack_transposed_patches`] with two 16-lane gathers per grid point.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every `origin + row_offsets[i]` must index `input` and fit in an
+    /// `i32`; `panel` must hold 32 values per grid point.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_transposed_patches(
+        input: &[f32],
+        patch_origins: impl Iterator<Item = usize>,
+        row_offsets: &[usize; TILE_COLUMNS],
+        panel: &mut [f32],
+    ) {
+        let offsets: [i32; TILE_COLUMNS] = std::array::from_fn(|i| row_offsets[i] as i32);
+        let low = _mm512_loadu_si512(offsets.as_ptr().cast());
+        let high = _mm512_loadu_si512(offsets[16..].as_ptr().cast());
+        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
+        for (i, origin) in patch_origins.enumerate() {
+            let patch = source.add(origin);
+            _mm512_storeu_ps(out.add(i * TILE_COLUMNS), _mm512_i32gather_ps::<4>(low, patch.cast()));
+            _mm512_storeu_ps(
+                out.add(i * TILE_COLUMNS + 16),
+                _mm512_i32gather_ps::<4>(high, patch.cast()),
+            );
+        }
+    }
+
+    /// [`super::multiply_tile`] for `R` rows: 2·`R` accumulator registers (loaded from the tile and
+    /// stored back), one fused multiply-add per register and contraction row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `weights` must hold `depth·R` values, `panel` `depth·32` and
+    /// `tile` `R·32`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn multiply_tile<const R: usize>(depth: usize, weights: *const f32, panel: *const f32, tile: *mut f32) {
+        let mut low: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(tile.add(r * TILE_COLUMNS)));
+        let mut high: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(tile.add(r * TILE_COLUMNS + 16)));
+        for j in 0..depth {
+            let values_low = _mm512_loadu_ps(panel.add(j * TILE_COLUMNS));
+            let values_high = _mm512_loadu_ps(panel.add(j * TILE_COLUMNS + 16));
+            let row_weights = weights.add(j * R);
+            for r in 0..R {
+                let w = _mm512_set1_ps(*row_weights.add(r));
+                low[r] = _mm512_fmadd_ps(w, values_low, low[r]);
+                high[r] = _mm512_fmadd_ps(w, values_high, high[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(tile.add(r * TILE_COLUMNS), low[r]);
+            _mm512_storeu_ps(tile.add(r * TILE_COLUMNS + 16), high[r]);
+        }
+    }
+}
