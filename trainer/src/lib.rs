@@ -12,6 +12,7 @@ use anyhow::Context;
 use nash_core::tracing;
 
 pub mod bench;
+pub mod bench_conv;
 pub mod bench_cores;
 pub mod bench_speed;
 pub mod checkpoint;

@@ -126,6 +126,29 @@ enum Benchmark {
     /// machines it can double or triple for seconds to minutes at a time, and multi-thread
     /// training slows with it; `bench/run.sh` probes it around each multi-thread measurement.
     Cores(CoresArgs),
+    /// The convolution products of the 28x28 DCGAN, each timed through column matrices (im2col /
+    /// col2im and gemm) and through the fastest route (implicit GEMM where the CPU has AVX-512),
+    /// interleaved in one process: milliseconds per call, the speedup and GFLOP/s.
+    Conv(ConvArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ConvArgs {
+    /// Threads of the compute pool.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Samples per call.
+    #[arg(long, default_value_t = nash_trainer::bench_speed::DEFAULT_BATCH)]
+    batch: usize,
+    /// Timed rounds per route (after one untimed round).
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+    /// Calls per round.
+    #[arg(long, default_value_t = 3)]
+    calls: usize,
+    /// Print the timings as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -476,7 +499,23 @@ fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         Benchmark::Speed(args) => bench_speed(cli, args),
         Benchmark::SpeedChild(args) => bench_speed_child(cli, args),
         Benchmark::Cores(args) => bench_cores(args),
+        Benchmark::Conv(args) => bench_conv(args),
     }
+}
+
+/// `nash bench conv`: the DCGAN's convolution products by route.
+fn bench_conv(args: &ConvArgs) -> anyhow::Result<()> {
+    use nash_trainer::bench_conv;
+    if args.batch == 0 || args.rounds == 0 || args.calls == 0 {
+        anyhow::bail!("--batch, --rounds and --calls must be at least 1");
+    }
+    let timings = nash_trainer::threads::on_pool(Some(args.threads), || {
+        bench_conv::measure(args.batch, args.rounds, args.calls)
+    })?;
+    if args.json {
+        return print_out(&(serde_json::to_string(&timings)? + "\n"));
+    }
+    print_out(&bench_conv::render(&timings, args.batch, args.threads))
 }
 
 /// `nash bench cores`: one probe of the link between two CPUs.

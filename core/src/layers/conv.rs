@@ -158,7 +158,39 @@ pub mod kernels {
     /// gathering each patch into a panel and writing each tile back (at one output channel, the
     /// transposed convolution into the DCGAN's image, the gather is as much work as the product).
     fn implicit_route(rows: usize, depth: usize) -> Option<Microkernel> {
+        if route() == Route::ColumnMatrices {
+            return None;
+        }
         Microkernel::fastest().filter(|_| rows >= implicit_conv::MIN_ROWS && depth >= implicit_conv::MIN_DEPTH)
+    }
+
+    /// How the convolution kernels compute their products, process-wide ([`set_route`]).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Route {
+        /// Implicit GEMM ([`implicit_conv`]) where the CPU has AVX-512 and the product is large
+        /// enough to repay it, column matrices elsewhere: the default.
+        Fastest,
+        /// Column matrices (im2col / col2im) and gemm for every product, the route of CPUs without
+        /// AVX-512: for comparisons (`nash bench conv`).
+        ColumnMatrices,
+    }
+
+    /// Whether [`Route::ColumnMatrices`] is set.
+    static COLUMN_MATRICES_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Sets the route of every convolution kernel called from now on, on every thread. The routes
+    /// compute the same values up to rounding (their sums run in other orders).
+    pub fn set_route(route: Route) {
+        COLUMN_MATRICES_ONLY.store(route == Route::ColumnMatrices, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The route [`set_route`] set ([`Route::Fastest`] unless changed).
+    pub fn route() -> Route {
+        if COLUMN_MATRICES_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+            Route::ColumnMatrices
+        } else {
+            Route::Fastest
+        }
     }
 
     /// About the contraction depth of one output phase of the transposed convolution `g`.
