@@ -127,7 +127,11 @@ impl PaddedPlanes {
                     let (inside, right) = rest.split_at_mut(w);
                     left.fill(zero);
                     right.fill(zero);
-                    inside.write_copy_of_slice(source);
+                    // An inline loop: the rows are short (7 to 28 values at the DCGAN's shapes),
+                    // where a `memcpy` call per row cost more than the copy.
+                    for (value, &x) in inside.iter_mut().zip(source) {
+                        value.write(x);
+                    }
                 }
             });
         // SAFETY: the loop above wrote every one of the `total` values (each padded plane is its
@@ -319,8 +323,8 @@ pub fn convolve(
                 #[cfg(not(target_arch = "x86_64"))]
                 pack_patches(kernel, &input.data, &row_offsets, &patch_origins, panel, small_indices);
                 #[cfg(target_arch = "x86_64")]
-                let output_runs =
-                    (kernel == Microkernel::Avx512 && scatter.stride == 1).then(|| Runs::of(&out_pixels, valid));
+                let output_runs = (kernel == Microkernel::Avx512 && scatter.stride <= MAX_RUN_STRIDE)
+                    .then(|| StridedRuns::of(&out_pixels, valid, scatter.stride));
                 for first_row in (0..rows).step_by(TILE_ROWS) {
                     let block_rows = TILE_ROWS.min(rows - first_row);
                     tile.fill(0.0);
@@ -334,7 +338,7 @@ pub fn convolve(
                             // of their grid points in row `m`, inside `out` (asserted above), which
                             // no other task writes.
                             unsafe {
-                                avx512::write_runs(
+                                avx512::write_strided_runs(
                                     &tile[r * TILE_COLUMNS..][..TILE_COLUMNS],
                                     add,
                                     runs,
@@ -555,6 +559,63 @@ impl Runs {
     }
 }
 
+/// The largest output stride whose runs [`StridedRuns`] writes with vectors (two grid points per
+/// 16-lane store at least).
+#[cfg(target_arch = "x86_64")]
+const MAX_RUN_STRIDE: usize = 8;
+
+/// A run of [`StridedRuns`]: `length` grid points from tile lane `first` on, whose output
+/// positions start at `position`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Default)]
+struct StridedRun {
+    first: usize,
+    length: usize,
+    position: usize,
+}
+
+/// The 32 lanes of a tile (two halves of 16) as runs of grid points whose output positions lie
+/// `stride` apart (neighbours in a grid row), each short enough that its values, spread `stride`
+/// lanes apart, fit one 16-lane vector. Lanes past the valid ones belong to no run.
+#[cfg(target_arch = "x86_64")]
+struct StridedRuns {
+    /// Per half: the runs, and their number.
+    halves: [([StridedRun; 16], usize); 2],
+    /// The positions' stride.
+    stride: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl StridedRuns {
+    /// The runs of `positions`' first `valid` lanes (`stride` at most [`MAX_RUN_STRIDE`]).
+    fn of(positions: &[usize; TILE_COLUMNS], valid: usize, stride: usize) -> StridedRuns {
+        let longest = 16 / stride;
+        let mut halves = [([StridedRun::default(); 16], 0usize); 2];
+        for (half, (runs, count)) in halves.iter_mut().enumerate() {
+            for lane in 0..16.min(valid.saturating_sub(half * 16)) {
+                let position = positions[half * 16 + lane];
+                let extends = *count > 0 && {
+                    let run = runs[*count - 1];
+                    run.first + run.length == lane
+                        && run.length < longest
+                        && position == run.position + run.length * stride
+                };
+                if extends {
+                    runs[*count - 1].length += 1;
+                } else {
+                    runs[*count] = StridedRun {
+                        first: lane,
+                        length: 1,
+                        position,
+                    };
+                    *count += 1;
+                }
+            }
+        }
+        StridedRuns { halves, stride }
+    }
+}
+
 /// Gathers the patches of the 32 grid points whose patch origins are `patch_origins` into `panel`
 /// (`[depth, 32]`): `panel[j·32 + i] = input[patch_origins[i] + row_offsets[j]]`.
 fn pack_patches(
@@ -702,25 +763,44 @@ mod avx512 {
         }
     }
 
-    /// Writes (or adds) one row of a tile plus `bias` to the output through its runs: one masked
-    /// store (and load, when adding) per run of consecutive output values.
+    /// Writes (or adds) one row of a tile plus `bias` to the output through its strided runs: per
+    /// run, the values spread `stride` lanes apart by one permutation, then one masked store (and
+    /// load, when adding).
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; every lane of every run must address a value of the output
-    /// from `row` that nothing else accesses meanwhile; `tile_row` must hold 32 values.
+    /// The CPU must have AVX-512F; every run's positions must address values of the output from
+    /// `row` that nothing else accesses meanwhile; `tile_row` must hold 32 values.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn write_runs(tile_row: &[f32], bias: f32, runs: &super::Runs, row: *mut f32, accumulate: bool) {
+    pub(super) unsafe fn write_strided_runs(
+        tile_row: &[f32],
+        bias: f32,
+        runs: &super::StridedRuns,
+        row: *mut f32,
+        accumulate: bool,
+    ) {
+        let stride = runs.stride;
+        // Lane `l` of a spread run takes value `first + l / stride`; the lanes at multiples of
+        // `stride` are the run's.
+        let ramp: [i32; 16] = std::array::from_fn(|lane| (lane / stride) as i32);
+        let ramp = _mm512_loadu_si512(ramp.as_ptr().cast());
+        let every_stride = (0..16).step_by(stride).fold(0u16, |mask, lane| mask | 1 << lane);
         for (half, (half_runs, count)) in runs.halves.iter().enumerate() {
             let values = _mm512_add_ps(_mm512_loadu_ps(tile_row.as_ptr().add(half * 16)), _mm512_set1_ps(bias));
-            for &(mask, lane_zero) in &half_runs[..*count] {
-                // Lane 0's address may lie outside the output; only the mask's lanes are accessed.
-                let at = row.wrapping_add(lane_zero);
-                let values = if accumulate {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), values)
+            for &super::StridedRun {
+                first,
+                length,
+                position,
+            } in &half_runs[..*count]
+            {
+                let spread = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(first as i32), ramp), values);
+                let mask = every_stride & (u16::MAX >> (15 - (length - 1) * stride));
+                let at = row.add(position);
+                let spread = if accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), spread)
                 } else {
-                    values
+                    spread
                 };
-                _mm512_mask_storeu_ps(at, mask, values);
+                _mm512_mask_storeu_ps(at, mask, spread);
             }
         }
     }
