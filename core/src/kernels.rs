@@ -7,7 +7,8 @@
 //! [`matmul`]), and can accumulate into its destination, so a backward pass adds its products
 //! straight into gradient buffers. dfdx 0.13's own matmul uses
 //! gemm 0.15 (no AVX-512 on stable: ~82 against ~219 GFLOP/s per core measured here, DESIGN.md).
-//! It runs on the rayon pool that `training.threads` sizes.
+//! It runs on the rayon pool that `training.threads` sizes. [`implicit_conv`] holds the
+//! convolutions' implicit-GEMM route with nash's own AVX-512 microkernel.
 
 use dfdx::prelude::*;
 

@@ -52,7 +52,8 @@ pub enum Microkernel {
     /// AVX-512 fused multiply-adds, the panel's 32 columns in two registers.
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// Plain Rust (multiply, then add), for CPUs without AVX-512 and for the tests.
+    /// Plain Rust (multiply, then add): runs the route's packing and write-back logic on any CPU
+    /// in the tests, beside the AVX-512 kernel where the CPU has it. Not chosen by [`Self::fastest`].
     Portable,
 }
 
@@ -127,8 +128,8 @@ impl PaddedPlanes {
                     let (inside, right) = rest.split_at_mut(w);
                     left.fill(zero);
                     right.fill(zero);
-                    // An inline loop: the rows are short (7 to 28 values at the DCGAN's shapes),
-                    // where a `memcpy` call per row cost more than the copy.
+                    // The rows are short (7 to 28 values at the DCGAN's shapes): an inline loop
+                    // rather than a `memcpy` call per row.
                     for (value, &x) in inside.iter_mut().zip(source) {
                         value.write(x);
                     }
@@ -223,8 +224,8 @@ impl PackedWeights {
     }
 }
 
-/// The raw output pointer shared by the tasks, which write disjoint values (one per grid point and
-/// row, and different tasks hold different grid points).
+/// The raw output pointer shared by the tasks of one call, each of which writes values no other
+/// task touches (its grid points' in [`convolve`], its kernel values' in [`weight_gradient`]).
 #[derive(Clone, Copy)]
 struct SharedOutput(*mut f32);
 // SAFETY: see the type's documentation; the pointer outlives the parallel loop that uses it.
@@ -309,18 +310,6 @@ pub fn convolve(
                 for j in valid..TILE_COLUMNS {
                     patch_origins[j] = patch_origins[0];
                 }
-                #[cfg(target_arch = "x86_64")]
-                if kernel == Microkernel::Avx512 && gather.stride == 1 {
-                    // SAFETY: the CPU has AVX-512; each run's lanes read `patch_origins[j] +
-                    // row_offsets[i]`, inside the input (checked by `row_offsets`); the panel
-                    // holds `depth·32` values.
-                    unsafe {
-                        avx512::pack_patch_runs(&input.data, &row_offsets, &Runs::of(&patch_origins, valid), panel)
-                    };
-                } else {
-                    pack_patches(kernel, &input.data, &row_offsets, &patch_origins, panel, small_indices);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
                 pack_patches(kernel, &input.data, &row_offsets, &patch_origins, panel, small_indices);
                 #[cfg(target_arch = "x86_64")]
                 let output_runs = (kernel == Microkernel::Avx512 && scatter.stride <= MAX_RUN_STRIDE)
@@ -369,7 +358,7 @@ pub fn convolve(
 }
 
 /// Grid points per step of [`weight_gradient`]'s reduction: a panel of their patches (32
-/// contraction rows each, 32 KB) stays in the L1 cache while every block of rows uses it.
+/// contraction rows each: 32 KB, about the L1 cache) is reused by every block of rows.
 const REDUCTION_STEP: usize = 256;
 
 /// `dw += grad · patches(input)ᵀ`: the gradient of [`convolve`]'s weights (`[rows, channels·taps]`,
@@ -526,36 +515,6 @@ fn pack_transposed_patches(
         for (value, &offset) in row.iter_mut().zip(row_offsets) {
             *value = source[offset];
         }
-    }
-}
-
-/// The 32 lanes of a tile (two halves of 16) as runs of consecutive positions (consecutive input
-/// or output values for neighbouring grid points of a stride-1 gather or scatter): each run is a
-/// lane mask and the position its lane 0 would have, so that one masked vector load or store
-/// moves the whole run. Lanes past the valid ones belong to no run.
-#[cfg(target_arch = "x86_64")]
-struct Runs {
-    /// Per half: `(lane mask, position of lane 0)` of each run, and the number of runs.
-    halves: [([(u16, usize); 16], usize); 2],
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Runs {
-    /// The runs of `positions`' first `valid` lanes.
-    fn of(positions: &[usize; TILE_COLUMNS], valid: usize) -> Runs {
-        let mut halves = [([(0u16, 0usize); 16], 0usize); 2];
-        for (half, (runs, count)) in halves.iter_mut().enumerate() {
-            for lane in 0..16.min(valid.saturating_sub(half * 16)) {
-                let position = positions[half * 16 + lane];
-                if lane > 0 && position == positions[half * 16 + lane - 1].wrapping_add(1) {
-                    runs[*count - 1].0 |= 1 << lane;
-                } else {
-                    runs[*count] = (1 << lane, position.wrapping_sub(lane));
-                    *count += 1;
-                }
-            }
-        }
-        Runs { halves }
     }
 }
 
@@ -738,28 +697,6 @@ mod avx512 {
                 out.add(j * TILE_COLUMNS + 16),
                 _mm512_i32gather_ps::<4>(high, row.cast()),
             );
-        }
-    }
-
-    /// [`super::pack_patches`] for a stride-1 gather: one masked load per run of consecutive input
-    /// values (a grid row's worth) instead of a gather.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; every lane of every run must read inside `input` at each row
-    /// offset; `panel` must hold `row_offsets.len()·32` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pack_patch_runs(input: &[f32], row_offsets: &[usize], runs: &super::Runs, panel: &mut [f32]) {
-        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
-        for (j, &offset) in row_offsets.iter().enumerate() {
-            for (half, (half_runs, count)) in runs.halves.iter().enumerate() {
-                let mut values = _mm512_setzero_ps();
-                for &(mask, lane_zero) in &half_runs[..*count] {
-                    // Lane 0's address may lie outside `input`; only the mask's lanes are read.
-                    let at = source.wrapping_add(lane_zero.wrapping_add(offset));
-                    values = _mm512_mask_loadu_ps(values, mask, at);
-                }
-                _mm512_storeu_ps(out.add(j * TILE_COLUMNS + half * 16), values);
-            }
         }
     }
 

@@ -2,7 +2,9 @@
 //!
 //! dfdx's own convolutions need a nightly compiler, so nash provides them as two custom tape ops,
 //! [`conv2d`] and [`conv_transpose2d`], whose forward and backward passes are host kernels in
-//! [`kernels`] (im2col / col2im plus one matrix product through dfdx's multithreaded matmul).
+//! [`kernels`]: implicit GEMM ([`crate::kernels::implicit_conv`]: patches gathered straight into
+//! the panels of nash's own AVX-512 microkernel) where the CPU has AVX-512 and the product is
+//! large enough, else im2col / col2im plus matrix products ([`crate::kernels::matmul`]).
 //! Every hot loop lives in that module, so faster kernels can replace it without touching the
 //! layers. The transposed convolution is the exact adjoint of the convolution with the same
 //! geometry and weights, which is also how each layer's [`Layer::input_grad`] is expressed:
