@@ -305,8 +305,7 @@ pub mod kernels {
         let k2 = g.kernel * g.kernel;
         for phase in phases.iter().filter(|phase| !phase.taps.is_empty()) {
             // (Phases no tap reaches exist when the kernel is smaller than the stride.)
-            // The phase's weights, `[c_in, c_out·taps]` row-major, then packed (no division per
-            // value: at the DCGAN's shapes that alone cost a tenth of the product).
+            // The phase's weights, `[c_in, c_out·taps]` row-major, then packed.
             let depth = g.c_out * phase.taps.len();
             let mut dense = Vec::with_capacity(g.c_in * depth);
             for m in 0..g.c_in {
