@@ -100,6 +100,25 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Runs `backward` into a new zero-filled buffer of `len` values, given as the input's gradient
+/// (`input`) or the weight's, as a training step's gradient buffer would be.
+fn into_new_gradient(len: usize, input: bool, backward: impl FnOnce(GradientsMut<'_>)) {
+    let mut buffer = vec![0.0; len];
+    let out = if input {
+        GradientsMut {
+            input: Some(&mut buffer),
+            ..GradientsMut::default()
+        }
+    } else {
+        GradientsMut {
+            weight: Some(&mut buffer),
+            ..GradientsMut::default()
+        }
+    };
+    backward(out);
+    std::hint::black_box(buffer);
+}
+
 /// Times every product of every DCGAN geometry at `batch` samples, `rounds` rounds of `calls`
 /// calls per route (after one untimed round), on the current thread's rayon pool. Leaves the
 /// route at [`Route::Fastest`].
@@ -115,45 +134,21 @@ pub fn measure(batch: usize, rounds: usize, calls: usize) -> Vec<ProductTiming> 
             Product::Forward => {
                 std::hint::black_box(kernels::conv_forward(&g, batch, &x, &w, None));
             }
-            Product::InputGradient => {
-                let mut dx = vec![0.0; batch * g.in_len()];
-                let out = GradientsMut {
-                    input: Some(&mut dx),
-                    ..GradientsMut::default()
-                };
-                kernels::conv_backward_adding(&g, batch, &x, &w, &dy, out);
-                std::hint::black_box(dx);
-            }
-            Product::WeightGradient => {
-                let mut dw = vec![0.0; g.weight_len()];
-                let out = GradientsMut {
-                    weight: Some(&mut dw),
-                    ..GradientsMut::default()
-                };
-                kernels::conv_backward_adding(&g, batch, &x, &w, &dy, out);
-                std::hint::black_box(dw);
-            }
+            Product::InputGradient => into_new_gradient(batch * g.in_len(), true, |out| {
+                kernels::conv_backward_adding(&g, batch, &x, &w, &dy, out)
+            }),
+            Product::WeightGradient => into_new_gradient(g.weight_len(), false, |out| {
+                kernels::conv_backward_adding(&g, batch, &x, &w, &dy, out)
+            }),
             Product::TransposedForward => {
                 std::hint::black_box(kernels::conv_transpose_forward(&g, batch, &transposed_x, &w, None));
             }
-            Product::TransposedInputGradient => {
-                let mut dx = vec![0.0; batch * g.out_len()];
-                let out = GradientsMut {
-                    input: Some(&mut dx),
-                    ..GradientsMut::default()
-                };
-                kernels::conv_transpose_backward_adding(&g, batch, &transposed_x, &w, &transposed_dy, out);
-                std::hint::black_box(dx);
-            }
-            Product::TransposedWeightGradient => {
-                let mut dw = vec![0.0; g.weight_len()];
-                let out = GradientsMut {
-                    weight: Some(&mut dw),
-                    ..GradientsMut::default()
-                };
-                kernels::conv_transpose_backward_adding(&g, batch, &transposed_x, &w, &transposed_dy, out);
-                std::hint::black_box(dw);
-            }
+            Product::TransposedInputGradient => into_new_gradient(batch * g.out_len(), true, |out| {
+                kernels::conv_transpose_backward_adding(&g, batch, &transposed_x, &w, &transposed_dy, out)
+            }),
+            Product::TransposedWeightGradient => into_new_gradient(g.weight_len(), false, |out| {
+                kernels::conv_transpose_backward_adding(&g, batch, &transposed_x, &w, &transposed_dy, out)
+            }),
         };
         let flop = 2.0 * (batch * g.c_out * g.patch_len() * g.out_pixels()) as f64;
         for product in Product::ALL {

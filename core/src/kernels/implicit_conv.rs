@@ -151,6 +151,17 @@ impl PaddedPlanes {
     fn sample_len(&self) -> usize {
         self.channels * self.size.0 * self.size.1
     }
+
+    /// Whether every index into the planes fits the AVX-512 gathers' 32-bit offsets.
+    fn fits_32_bit_indices(&self) -> bool {
+        self.data.len() <= i32::MAX as usize
+    }
+
+    /// The index of the patch origin (the value a tap `(0, 0)` of channel 0 would read, relative to
+    /// the input's pixel `(0, 0)`) of grid point `(oy, ox)` of sample `b`, at input stride `stride`.
+    fn patch_origin(&self, stride: usize, (b, oy, ox): (usize, usize, usize)) -> usize {
+        b * self.sample_len() + (oy * self.size.1 + ox) * stride
+    }
 }
 
 /// Where the patches come from: input pixel `(oy·stride + dy, ox·stride + dx)` for grid point
@@ -166,6 +177,14 @@ pub struct Gather<'t> {
 }
 
 impl Gather<'_> {
+    /// Sample and grid point `(b, oy, ox)` of column `column` (the columns run over the samples,
+    /// each over its grid row-major).
+    fn point(&self, column: usize) -> (usize, usize, usize) {
+        let pixels = self.grid.0 * self.grid.1;
+        let (b, p) = (column / pixels, column % pixels);
+        (b, p / self.grid.1, p % self.grid.1)
+    }
+
     /// The zero rows and columns `(before, after)` an input of `size` needs on each side so that
     /// every tap of every grid point lands inside its padded plane.
     pub fn padding(&self, size: (usize, usize)) -> ((usize, usize), (usize, usize)) {
@@ -278,10 +297,7 @@ pub fn convolve(
         "implicit conv: the grid does not fit the output planes"
     );
     let row_offsets = row_offsets(input, gather);
-    let width = input.size.1;
-    let sample_len = input.sample_len();
-    // Whether the gather's indices fit the AVX-512 gather's 32-bit offsets.
-    let small_indices = batch * sample_len <= i32::MAX as usize;
+    let small_indices = input.fits_32_bit_indices();
     let output = SharedOutput(out.as_mut_ptr());
     let blocks = columns.div_ceil(TILE_COLUMNS);
     (0..blocks)
@@ -297,10 +313,8 @@ pub fn convolve(
                 let mut patch_origins = [0usize; TILE_COLUMNS];
                 let mut out_pixels = [0usize; TILE_COLUMNS];
                 for (j, (patch, pixel)) in patch_origins.iter_mut().zip(&mut out_pixels).enumerate().take(valid) {
-                    let column = first + j;
-                    let (b, p) = (column / grid_pixels, column % grid_pixels);
-                    let (oy, ox) = (p / gather.grid.1, p % gather.grid.1);
-                    *patch = b * sample_len + oy * gather.stride * width + ox * gather.stride;
+                    let (b, oy, ox) = gather.point(first + j);
+                    *patch = input.patch_origin(gather.stride, (b, oy, ox));
                     let (y, x) = (
                         oy * scatter.stride + scatter.offset.0,
                         ox * scatter.stride + scatter.offset.1,
@@ -405,15 +419,8 @@ pub fn weight_gradient(
         });
     // SAFETY: every block of rows wrote each of its `columns · block rows` values above.
     unsafe { packed_grad.set_len(rows * columns) };
-    let sample_len = input.sample_len();
-    let small_indices = batch * sample_len <= i32::MAX as usize;
-    let (height, width) = input.size;
-    let patch_origin = |column: usize| {
-        let (b, p) = (column / grid_pixels, column % grid_pixels);
-        let (oy, ox) = (p / gather.grid.1, p % gather.grid.1);
-        b * sample_len + oy * gather.stride * width + ox * gather.stride
-    };
-    debug_assert!(height > 0);
+    let small_indices = input.fits_32_bit_indices();
+    let patch_origin = |column: usize| input.patch_origin(gather.stride, gather.point(column));
     let output = SharedOutput(dw.as_mut_ptr());
     (0..depth.div_ceil(TILE_COLUMNS))
         .into_par_iter()
