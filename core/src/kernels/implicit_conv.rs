@@ -3,27 +3,32 @@
 //! the microkernel's panels instead of a materialized column matrix (im2col), and every tile of
 //! the result written straight to its place in the output tensor.
 //!
-//! One call computes, for every sample `b`, output row `m` and grid point `(oy, ox)`:
+//! One call computes, for every sample `b`, grid point `(oy, ox)`, and output row `m` of each of
+//! its products ([`Product`]: weights `a` over some taps `P` of the gather's, scattered at output
+//! stride `so` from offset `(ry, rx)`):
 //!
 //! ```text
-//! out[b, m, oy·so + ry, ox·so + rx] (+)= bias[m] + Σ_c Σ_t a[m, c·T + t] · in[b, c, oy·si + dy_t, ox·si + dx_t]
+//! out[b, m, oy·so + ry, ox·so + rx] (+)= bias[m] + Σ_{t ∈ P} Σ_c a[m, i_t·C + c] · in[b, c, oy·si + dy_t, ox·si + dx_t]
 //! ```
 //!
-//! with the input zero outside its planes, `T` taps `(dy_t, dx_t)`, input stride `si` ([`Gather`])
-//! and output stride `so` at offset `(ry, rx)` ([`Scatter`]). A convolution is one call
-//! (`si` = its stride, taps `(ki − p, kj − p)`, `so` = 1); a transposed convolution (the adjoint of a
-//! convolution of stride `s`) is `s²` calls, one per phase `(ry, rx)` of its output, each a stride-1
-//! convolution of its input with the taps of the kernel that reach that phase (`so` = `s`): every
-//! output value is then written once, by one sum, instead of scattered into by `k²` columns (col2im).
+//! with the input zero outside its planes, taps `(dy_t, dx_t)` and input stride `si` ([`Gather`]),
+//! `i_t` the place of tap `t` in `P`, and the scatter of [`Scatter`]. A convolution is one product
+//! over every tap (`si` = its stride, taps `(ki − p, kj − p)`, `so` = 1); a transposed convolution
+//! (the adjoint of a convolution of stride `s`) is `s²` products, one per phase `(ry, rx)` of its
+//! output, each a stride-1 convolution of its input with the taps of the kernel that reach that
+//! phase (`so` = `s`): every output value is then written once, by one sum, instead of scattered
+//! into by `k²` columns (col2im), and the phases gather their patches once, together.
 //!
 //! The product runs in tiles of up to [`TILE_ROWS`] output rows by [`TILE_COLUMNS`] grid points:
-//! a task packs the patches of 32 grid points (all `C·T` contraction rows) into a panel, then runs
-//! the microkernel once per block of rows against the packed weights ([`PackedWeights`]) over the
-//! whole contraction, with the tile's 24 accumulators in AVX-512 registers, and writes (or adds)
-//! the tile into the output. Each output value is one sum in contraction order, so the bits do not
-//! depend on the number of threads. Tasks (blocks of grid points) split across the pool.
+//! a task packs the patches of 32 grid points (every tap's `C` contraction rows, tap-major) into a
+//! panel, then, for each product, runs the microkernel once per block of rows against the packed
+//! weights ([`PackedWeights`]) over the product's taps' rows of the panel, with the tile's 24
+//! accumulators in AVX-512 registers, and writes (or adds) the tile into the output. Each output
+//! value is one sum in contraction order, so the bits do not depend on the number of threads.
+//! Tasks (blocks of grid points) split across the pool.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -224,13 +229,20 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs the matrix whose element `(m, j)` is `weight(m, j)`.
-    pub fn new(rows: usize, depth: usize, weight: impl Fn(usize, usize) -> f32) -> PackedWeights {
+    /// Packs the `[rows, columns.len()]` matrix whose element `(m, j)` is
+    /// `values[columns[j] + m·row_stride]`: a weight tensor's values read in another order (no
+    /// index arithmetic per value beyond one addition).
+    ///
+    /// # Panics
+    /// When an index falls outside `values` (a bug in the calling kernel).
+    pub fn gather(values: &[f32], rows: usize, row_stride: usize, columns: &[usize]) -> PackedWeights {
+        let depth = columns.len();
         let mut data = Vec::with_capacity(rows * depth);
         for first in (0..rows).step_by(TILE_ROWS) {
-            let block = TILE_ROWS.min(rows - first);
-            for j in 0..depth {
-                data.extend((first..first + block).map(|m| weight(m, j)));
+            let block = &values[first * row_stride..];
+            let block_rows = TILE_ROWS.min(rows - first);
+            for &column in columns {
+                data.extend((0..block_rows).map(|r| block[column + r * row_stride]));
             }
         }
         PackedWeights { data, rows, depth }
@@ -262,41 +274,75 @@ impl SharedOutput {
     }
 }
 
-/// Computes `out (+)= bias + a·patches(input)` (see the module documentation) for `batch` samples.
-/// `weights` is `[rows, channels·taps]`; `out` is `[batch, rows, planes.0, planes.1]`; `bias` (one
-/// value per row) is added when given; with `accumulate` the results are added to `out`, else they
-/// replace the values at the grid's pixels (and no others).
+/// One product of a [`convolve`] call: a weight matrix over some of the gather's taps, whose results
+/// go to pixels of their own. A convolution is one product over every tap; the output phases of a
+/// transposed convolution that share a grid are one product each, over the taps that reach the
+/// phase, all computed from one panel of patches (the four phases of a 4x4 kernel at stride 2 read
+/// 9 taps, where four panels of their own would gather 16).
+#[derive(Clone, Copy, Debug)]
+pub struct Product<'a> {
+    /// `[rows, taps.len()·channels]`, tap-major: contraction index `i·channels + c` is input
+    /// channel `c` read through tap `taps[i]`.
+    pub weights: &'a PackedWeights,
+    /// The product's taps, as indices into the gather's.
+    pub taps: &'a [usize],
+    /// Where the product's results go.
+    pub scatter: Scatter,
+}
+
+/// Computes `out (+)= bias + a·patches(input)` (see the module documentation) for `batch` samples
+/// and every product (all of them `rows` rows, into the same output planes). `out` is `[batch,
+/// rows, planes.0, planes.1]`; `bias` (one value per row) is added when given; with `accumulate`
+/// the results are added to `out`, else they replace the values at the products' pixels (and no
+/// others).
 ///
 /// # Panics
-/// When the operands do not have these shapes, the padding does not cover every tap, or the grid
+/// When the operands do not have these shapes, the padding does not cover every tap, or a grid
 /// does not fit in the output planes (bugs in the calling kernel, never user input).
-#[allow(clippy::too_many_arguments)]
 pub fn convolve(
     input: &PaddedPlanes,
     gather: &Gather<'_>,
-    weights: &PackedWeights,
+    products: &[Product<'_>],
     bias: Option<&[f32]>,
-    scatter: &Scatter,
     out: &mut [f32],
     accumulate: bool,
     kernel: Microkernel,
 ) {
-    let (batch, rows, depth) = (input.batch, weights.rows, weights.depth);
-    let (grid_pixels, out_plane) = (gather.grid.0 * gather.grid.1, scatter.planes.0 * scatter.planes.1);
-    assert_eq!(depth, input.channels * gather.taps.len(), "implicit conv: weight depth");
+    let Some(first_product) = products.first() else {
+        return;
+    };
+    let (batch, channels, rows) = (input.batch, input.channels, first_product.weights.rows);
+    let planes = first_product.scatter.planes;
+    let (grid_pixels, out_plane) = (gather.grid.0 * gather.grid.1, planes.0 * planes.1);
     assert!(out.len() >= batch * rows * out_plane, "implicit conv: output too short");
     assert!(bias.is_none_or(|b| b.len() >= rows), "implicit conv: bias too short");
     let columns = batch * grid_pixels;
+    for product in products {
+        assert!(
+            product.weights.rows == rows && product.scatter.planes == planes,
+            "implicit conv: the products of one call differ in rows or output planes"
+        );
+        assert_eq!(
+            product.weights.depth,
+            product.taps.len() * channels,
+            "implicit conv: weight depth"
+        );
+        assert!(
+            product.taps.iter().all(|&t| t < gather.taps.len()),
+            "implicit conv: a product's tap is not the gather's"
+        );
+        let (stride, offset) = (product.scatter.stride, product.scatter.offset);
+        let last = |g: usize, offset: usize| (g.max(1) - 1) * stride + offset;
+        assert!(
+            columns == 0 || (last(gather.grid.0, offset.0) < planes.0 && last(gather.grid.1, offset.1) < planes.1),
+            "implicit conv: the grid does not fit the output planes"
+        );
+    }
     if columns == 0 || rows == 0 {
         return;
     }
-    let last = |g: usize, stride: usize, offset: usize| (g - 1) * stride + offset;
-    assert!(
-        last(gather.grid.0, scatter.stride, scatter.offset.0) < scatter.planes.0
-            && last(gather.grid.1, scatter.stride, scatter.offset.1) < scatter.planes.1,
-        "implicit conv: the grid does not fit the output planes"
-    );
-    let row_offsets = row_offsets(input, gather);
+    let row_offsets = row_offsets(input, gather, Contraction::TapMajor);
+    let segments: Vec<Vec<Range<usize>>> = products.iter().map(|p| panel_segments(p.taps, channels)).collect();
     let small_indices = input.fits_32_bit_indices();
     let output = SharedOutput(out.as_mut_ptr());
     let blocks = columns.div_ceil(TILE_COLUMNS);
@@ -304,71 +350,98 @@ pub fn convolve(
         .into_par_iter()
         .with_min_len(super::min_items_per_task(MIN_BLOCKS_PER_TASK))
         .for_each_init(
-            || (vec![0.0f32; depth * TILE_COLUMNS], [0.0f32; TILE_ROWS * TILE_COLUMNS]),
+            || {
+                (
+                    vec![0.0f32; row_offsets.len() * TILE_COLUMNS],
+                    [0.0f32; TILE_ROWS * TILE_COLUMNS],
+                )
+            },
             |(panel, tile), block| {
                 let first = block * TILE_COLUMNS;
                 let valid = TILE_COLUMNS.min(columns - first);
-                // Each grid point's patch origin in the padded input, and its output pixel; the
-                // points past the last repeat the first (their results are dropped).
-                let mut patch_origins = [0usize; TILE_COLUMNS];
-                let mut out_pixels = [0usize; TILE_COLUMNS];
-                for (j, (patch, pixel)) in patch_origins.iter_mut().zip(&mut out_pixels).enumerate().take(valid) {
-                    let (b, oy, ox) = gather.point(first + j);
-                    *patch = input.patch_origin(gather.stride, (b, oy, ox));
-                    let (y, x) = (
-                        oy * scatter.stride + scatter.offset.0,
-                        ox * scatter.stride + scatter.offset.1,
-                    );
-                    *pixel = b * rows * out_plane + y * scatter.planes.1 + x;
-                }
-                for j in valid..TILE_COLUMNS {
-                    patch_origins[j] = patch_origins[0];
-                }
+                let points: [(usize, usize, usize); TILE_COLUMNS] = std::array::from_fn(|j| gather.point(first + j));
+                // Each grid point's patch origin in the padded input; the points past the last
+                // repeat the first (their results are dropped).
+                let patch_origins: [usize; TILE_COLUMNS] =
+                    std::array::from_fn(|j| input.patch_origin(gather.stride, points[if j < valid { j } else { 0 }]));
                 pack_patches(kernel, &input.data, &row_offsets, &patch_origins, panel, small_indices);
-                #[cfg(target_arch = "x86_64")]
-                let output_runs = (kernel == Microkernel::Avx512 && scatter.stride <= MAX_RUN_STRIDE)
-                    .then(|| StridedRuns::of(&out_pixels, valid, scatter.stride));
-                for first_row in (0..rows).step_by(TILE_ROWS) {
-                    let block_rows = TILE_ROWS.min(rows - first_row);
-                    tile.fill(0.0);
-                    multiply_tile(kernel, block_rows, depth, weights.block(first_row), panel, tile);
+                for (product, segments) in products.iter().zip(&segments) {
+                    // Each grid point's output pixel in the plane of sample `b` and row 0.
+                    let scatter = &product.scatter;
+                    let out_pixels: [usize; TILE_COLUMNS] = std::array::from_fn(|j| {
+                        let (b, oy, ox) = points[j];
+                        let (y, x) = (
+                            oy * scatter.stride + scatter.offset.0,
+                            ox * scatter.stride + scatter.offset.1,
+                        );
+                        b * rows * out_plane + y * planes.1 + x
+                    });
                     #[cfg(target_arch = "x86_64")]
-                    if let Some(runs) = &output_runs {
+                    let output_runs = (kernel == Microkernel::Avx512 && scatter.stride <= MAX_RUN_STRIDE)
+                        .then(|| StridedRuns::of(&out_pixels, valid, scatter.stride));
+                    for first_row in (0..rows).step_by(TILE_ROWS) {
+                        let block_rows = TILE_ROWS.min(rows - first_row);
+                        tile.fill(0.0);
+                        multiply_tile(
+                            kernel,
+                            block_rows,
+                            segments,
+                            product.weights.block(first_row),
+                            panel,
+                            tile,
+                        );
+                        #[cfg(target_arch = "x86_64")]
+                        if let Some(runs) = &output_runs {
+                            for r in 0..block_rows {
+                                let m = first_row + r;
+                                let add = bias.map_or(0.0, |b| b[m]);
+                                // SAFETY: the CPU has AVX-512; each run's lanes write the output
+                                // values of their grid points in row `m`, inside `out` (asserted
+                                // above), which no other task writes.
+                                unsafe {
+                                    avx512::write_strided_runs(
+                                        &tile[r * TILE_COLUMNS..][..TILE_COLUMNS],
+                                        add,
+                                        runs,
+                                        output.at(m * out_plane),
+                                        accumulate,
+                                    )
+                                };
+                            }
+                            continue;
+                        }
                         for r in 0..block_rows {
                             let m = first_row + r;
                             let add = bias.map_or(0.0, |b| b[m]);
-                            // SAFETY: the CPU has AVX-512; each run's lanes write the output values
-                            // of their grid points in row `m`, inside `out` (asserted above), which
-                            // no other task writes.
-                            unsafe {
-                                avx512::write_strided_runs(
-                                    &tile[r * TILE_COLUMNS..][..TILE_COLUMNS],
-                                    add,
-                                    runs,
-                                    output.at(m * out_plane),
-                                    accumulate,
-                                )
-                            };
-                        }
-                        continue;
-                    }
-                    for r in 0..block_rows {
-                        let m = first_row + r;
-                        let add = bias.map_or(0.0, |b| b[m]);
-                        for (j, &pixel) in out_pixels[..valid].iter().enumerate() {
-                            let value = tile[r * TILE_COLUMNS + j] + add;
-                            // SAFETY: `pixel + m·out_plane` is the output value of grid point
-                            // `first + j` and row `m`, inside `out` (asserted above), and no other
-                            // task writes it.
-                            unsafe {
-                                let dst = output.at(pixel + m * out_plane);
-                                *dst = if accumulate { *dst + value } else { value };
+                            for (j, &pixel) in out_pixels[..valid].iter().enumerate() {
+                                let value = tile[r * TILE_COLUMNS + j] + add;
+                                // SAFETY: `pixel + m·out_plane` is the output value of grid point
+                                // `first + j` and row `m`, inside `out` (asserted above), and no
+                                // other task writes it.
+                                unsafe {
+                                    let dst = output.at(pixel + m * out_plane);
+                                    *dst = if accumulate { *dst + value } else { value };
+                                }
                             }
                         }
                     }
                 }
             },
         );
+}
+
+/// The panel rows a product over `taps` reads, in its contraction order: per tap `t`, the
+/// `channels` rows from `t·channels` on (a tap-major panel), neighbouring taps' rows merged.
+fn panel_segments(taps: &[usize], channels: usize) -> Vec<Range<usize>> {
+    let mut segments: Vec<Range<usize>> = Vec::with_capacity(taps.len());
+    for &t in taps {
+        let rows = t * channels..(t + 1) * channels;
+        match segments.last_mut() {
+            Some(last) if last.end == rows.start => last.end = rows.end,
+            _ => segments.push(rows),
+        }
+    }
+    segments
 }
 
 /// Grid points per step of [`weight_gradient`]'s reduction: a panel of their patches (32
@@ -398,7 +471,7 @@ pub fn weight_gradient(
     if columns == 0 || rows == 0 || depth == 0 {
         return;
     }
-    let row_offsets = row_offsets(input, gather);
+    let row_offsets = row_offsets(input, gather, Contraction::ChannelMajor);
     // The output gradient packed as the microkernel's weights: blocks of TILE_ROWS rows, each
     // `[columns, block rows]`.
     let mut packed_grad: Vec<f32> = Vec::with_capacity(rows * columns);
@@ -459,7 +532,8 @@ pub fn weight_gradient(
                             tile[r * TILE_COLUMNS..][..valid].copy_from_slice(row);
                         }
                         let weights = &packed_grad[first_row * columns + start * block_rows..][..step * block_rows];
-                        multiply_tile(kernel, block_rows, step, weights, panel, tile);
+                        let whole_panel = [Range { start: 0, end: step }];
+                        multiply_tile(kernel, block_rows, &whole_panel, weights, panel, tile);
                         for r in 0..block_rows {
                             // SAFETY: as above.
                             let row = unsafe {
@@ -473,9 +547,20 @@ pub fn weight_gradient(
         );
 }
 
-/// Offset of contraction row `c·T + t` from its grid point's patch origin in a padded sample, after
-/// checking that every tap of every grid point lands inside the padded planes.
-fn row_offsets(input: &PaddedPlanes, gather: &Gather<'_>) -> Vec<usize> {
+/// The order of a contraction over `C` input channels and `T` taps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contraction {
+    /// Row `t·C + c`: each tap's channels together ([`convolve`]'s panels, whose products read
+    /// some of the taps).
+    TapMajor,
+    /// Row `c·T + t`: the order of a convolution's weights `[rows, channels, k, k]`
+    /// ([`weight_gradient`]'s result).
+    ChannelMajor,
+}
+
+/// Offset of each contraction row (in `order`) from its grid point's patch origin in a padded
+/// sample, after checking that every tap of every grid point lands inside the padded planes.
+fn row_offsets(input: &PaddedPlanes, gather: &Gather<'_>, order: Contraction) -> Vec<usize> {
     let (height, width) = input.size;
     for &(dy, dx) in gather.taps {
         let fits = |origin: usize, offset: isize, grid: usize, size: usize| {
@@ -487,15 +572,25 @@ fn row_offsets(input: &PaddedPlanes, gather: &Gather<'_>) -> Vec<usize> {
             "implicit conv: tap ({dy}, {dx}) reaches past the padded planes"
         );
     }
-    (0..input.channels)
-        .flat_map(|c| {
-            gather.taps.iter().map(move |&(dy, dx)| {
-                let y = (input.origin.0 as isize + dy) as usize;
-                let x = (input.origin.1 as isize + dx) as usize;
-                c * height * width + y * width + x
-            })
+    let tap_offsets: Vec<usize> = gather
+        .taps
+        .iter()
+        .map(|&(dy, dx)| {
+            let y = (input.origin.0 as isize + dy) as usize;
+            let x = (input.origin.1 as isize + dx) as usize;
+            y * width + x
         })
-        .collect()
+        .collect();
+    let plane = height * width;
+    match order {
+        Contraction::TapMajor => tap_offsets
+            .iter()
+            .flat_map(|&tap| (0..input.channels).map(move |c| c * plane + tap))
+            .collect(),
+        Contraction::ChannelMajor => (0..input.channels)
+            .flat_map(|c| tap_offsets.iter().map(move |&tap| c * plane + tap))
+            .collect(),
+    }
 }
 
 /// Gathers, for each grid point whose patch origin `patch_origins` yields, the 32 contraction rows
@@ -609,32 +704,35 @@ fn pack_patches(
     }
 }
 
-/// `tile[r·32 + i] += Σ_j weights[j·rows + r] · panel[j·32 + i]` for `rows` (1 to [`TILE_ROWS`])
-/// rows, the sum in order of `j` after the tile's value.
+/// `tile[r·32 + i] += Σ_j weights[j·rows + r] · panel[p_j·32 + i]` for `rows` (1 to [`TILE_ROWS`])
+/// rows, where `p_j` runs over the panel rows of `segments` in order, the sum in order of `j` after
+/// the tile's value.
 fn multiply_tile(
     kernel: Microkernel,
     rows: usize,
-    depth: usize,
+    segments: &[Range<usize>],
     weights: &[f32],
     panel: &[f32],
     tile: &mut [f32; TILE_ROWS * TILE_COLUMNS],
 ) {
-    assert!(weights.len() >= rows * depth && panel.len() >= depth * TILE_COLUMNS && rows <= TILE_ROWS);
+    let depth: usize = segments.iter().map(|s| s.len()).sum();
+    let panel_rows = segments.iter().map(|s| s.end).max().unwrap_or(0);
+    assert!(weights.len() >= rows * depth && panel.len() >= panel_rows * TILE_COLUMNS && rows <= TILE_ROWS);
     macro_rules! dispatch {
         ($run:ident) => {
             match rows {
-                1 => $run::<1>(depth, weights, panel, tile),
-                2 => $run::<2>(depth, weights, panel, tile),
-                3 => $run::<3>(depth, weights, panel, tile),
-                4 => $run::<4>(depth, weights, panel, tile),
-                5 => $run::<5>(depth, weights, panel, tile),
-                6 => $run::<6>(depth, weights, panel, tile),
-                7 => $run::<7>(depth, weights, panel, tile),
-                8 => $run::<8>(depth, weights, panel, tile),
-                9 => $run::<9>(depth, weights, panel, tile),
-                10 => $run::<10>(depth, weights, panel, tile),
-                11 => $run::<11>(depth, weights, panel, tile),
-                _ => $run::<12>(depth, weights, panel, tile),
+                1 => $run::<1>(segments, weights, panel, tile),
+                2 => $run::<2>(segments, weights, panel, tile),
+                3 => $run::<3>(segments, weights, panel, tile),
+                4 => $run::<4>(segments, weights, panel, tile),
+                5 => $run::<5>(segments, weights, panel, tile),
+                6 => $run::<6>(segments, weights, panel, tile),
+                7 => $run::<7>(segments, weights, panel, tile),
+                8 => $run::<8>(segments, weights, panel, tile),
+                9 => $run::<9>(segments, weights, panel, tile),
+                10 => $run::<10>(segments, weights, panel, tile),
+                11 => $run::<11>(segments, weights, panel, tile),
+                _ => $run::<12>(segments, weights, panel, tile),
             }
         };
     }
@@ -642,10 +740,10 @@ fn multiply_tile(
         #[cfg(target_arch = "x86_64")]
         Microkernel::Avx512 => {
             /// The AVX-512 tile of `R` rows.
-            fn run<const R: usize>(depth: usize, weights: &[f32], panel: &[f32], tile: &mut [f32]) {
+            fn run<const R: usize>(segments: &[Range<usize>], weights: &[f32], panel: &[f32], tile: &mut [f32]) {
                 // SAFETY: the CPU has AVX-512 (the microkernel was chosen for it); the lengths
                 // were asserted by `multiply_tile`.
-                unsafe { avx512::multiply_tile::<R>(depth, weights.as_ptr(), panel.as_ptr(), tile.as_mut_ptr()) }
+                unsafe { avx512::multiply_tile::<R>(segments, weights.as_ptr(), panel.as_ptr(), tile.as_mut_ptr()) }
             }
             dispatch!(run)
         }
@@ -654,16 +752,15 @@ fn multiply_tile(
 }
 
 /// The portable tile of `R` rows (multiply, then add: no fused multiply-add).
-fn portable_tile<const R: usize>(depth: usize, weights: &[f32], panel: &[f32], tile: &mut [f32]) {
+fn portable_tile<const R: usize>(segments: &[Range<usize>], weights: &[f32], panel: &[f32], tile: &mut [f32]) {
     let mut sums = [[0.0f32; TILE_COLUMNS]; R];
     for (sum, start) in sums.iter_mut().zip(tile.chunks_exact(TILE_COLUMNS)) {
         sum.copy_from_slice(start);
     }
-    for (row_weights, values) in weights
-        .chunks_exact(R)
-        .zip(panel.chunks_exact(TILE_COLUMNS))
-        .take(depth)
-    {
+    let panel_rows = segments
+        .iter()
+        .flat_map(|rows| panel[rows.start * TILE_COLUMNS..rows.end * TILE_COLUMNS].chunks_exact(TILE_COLUMNS));
+    for (row_weights, values) in weights.chunks_exact(R).zip(panel_rows) {
         for (sum, &w) in sums.iter_mut().zip(row_weights) {
             for (s, &v) in sum.iter_mut().zip(values) {
                 *s += w * v;
@@ -678,6 +775,7 @@ fn portable_tile<const R: usize>(depth: usize, weights: &[f32], panel: &[f32], t
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use super::TILE_COLUMNS;
 
@@ -779,20 +877,28 @@ mod avx512 {
     /// stored back), one fused multiply-add per register and contraction row.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; `weights` must hold `depth·R` values, `panel` `depth·32` and
-    /// `tile` `R·32`.
+    /// The CPU must have AVX-512F; `weights` must hold `R` values per row of the segments, `panel`
+    /// 32 values per row up to the segments' last and `tile` `R·32`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn multiply_tile<const R: usize>(depth: usize, weights: *const f32, panel: *const f32, tile: *mut f32) {
+    pub unsafe fn multiply_tile<const R: usize>(
+        segments: &[Range<usize>],
+        weights: *const f32,
+        panel: *const f32,
+        tile: *mut f32,
+    ) {
         let mut low: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(tile.add(r * TILE_COLUMNS)));
         let mut high: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(tile.add(r * TILE_COLUMNS + 16)));
-        for j in 0..depth {
-            let values_low = _mm512_loadu_ps(panel.add(j * TILE_COLUMNS));
-            let values_high = _mm512_loadu_ps(panel.add(j * TILE_COLUMNS + 16));
-            let row_weights = weights.add(j * R);
-            for r in 0..R {
-                let w = _mm512_set1_ps(*row_weights.add(r));
-                low[r] = _mm512_fmadd_ps(w, values_low, low[r]);
-                high[r] = _mm512_fmadd_ps(w, values_high, high[r]);
+        let mut row_weights = weights;
+        for rows in segments {
+            for j in rows.clone() {
+                let values_low = _mm512_loadu_ps(panel.add(j * TILE_COLUMNS));
+                let values_high = _mm512_loadu_ps(panel.add(j * TILE_COLUMNS + 16));
+                for r in 0..R {
+                    let w = _mm512_set1_ps(*row_weights.add(r));
+                    low[r] = _mm512_fmadd_ps(w, values_low, low[r]);
+                    high[r] = _mm512_fmadd_ps(w, values_high, high[r]);
+                }
+                row_weights = row_weights.add(R);
             }
         }
         for r in 0..R {

@@ -152,7 +152,7 @@ pub mod kernels {
     use rayon::prelude::*;
 
     use super::ConvGeometry;
-    use crate::kernels::implicit_conv::{self, Gather, Microkernel, PackedWeights, PaddedPlanes, Scatter};
+    use crate::kernels::implicit_conv::{self, Gather, Microkernel, PackedWeights, PaddedPlanes, Product, Scatter};
 
     /// The microkernel of the implicit-GEMM route ([`implicit_conv`]) for a product with `rows`
     /// output channels and a contraction `depth` deep, or `None` for the column-matrix route
@@ -216,13 +216,21 @@ pub mod kernels {
     ) {
         let taps = conv_taps(g);
         let (gather, planes) = conv_patches(g, batch, x, &taps);
-        let weights = PackedWeights::new(g.c_out, g.patch_len(), |m, j| w[m * g.patch_len() + j]);
-        let scatter = Scatter {
-            planes: (g.h_out, g.w_out),
-            stride: 1,
-            offset: (0, 0),
+        // Tap-major contraction: index `t·c_in + c` is `w[m, c, t]`.
+        let k2 = g.kernel * g.kernel;
+        let columns: Vec<usize> = (0..k2).flat_map(|t| (0..g.c_in).map(move |c| c * k2 + t)).collect();
+        let weights = PackedWeights::gather(w, g.c_out, g.patch_len(), &columns);
+        let all_taps: Vec<usize> = (0..taps.len()).collect();
+        let product = Product {
+            weights: &weights,
+            taps: &all_taps,
+            scatter: Scatter {
+                planes: (g.h_out, g.w_out),
+                stride: 1,
+                offset: (0, 0),
+            },
         };
-        implicit_conv::convolve(&planes, &gather, &weights, bias, &scatter, out, accumulate, kernel);
+        implicit_conv::convolve(&planes, &gather, &[product], bias, out, accumulate, kernel);
     }
 
     /// The taps of the convolution `g`: input offsets `(ki − p, kj − p)`, row-major over the kernel.
@@ -279,9 +287,11 @@ pub mod kernels {
     }
 
     /// `out +=` the transposed convolution (the adjoint of `g`) of `x` (`[batch, c_out·h_out·w_out]`
-    /// → `[batch, c_in·h_in·w_in]`) with `w` (`[c_out, c_in·k·k]`), as one implicit GEMM per output
+    /// → `[batch, c_in·h_in·w_in]`) with `w` (`[c_out, c_in·k·k]`), as implicit GEMMs by output
     /// phase `(ry, rx)`: the pixels `(q·s + ry, q'·s + rx)` are a stride-1 convolution of `x` with
-    /// the kernel taps that reach them, so every output value is one sum (no col2im scatter).
+    /// the kernel taps that reach them, so every output value is one sum (no col2im scatter). The
+    /// phases with the same grid (all of them when the stride divides the output size) are the
+    /// products of one call, which gathers the union of their taps once.
     pub(super) fn implicit_conv_transpose(
         g: &ConvGeometry,
         batch: usize,
@@ -291,36 +301,88 @@ pub mod kernels {
         kernel: Microkernel,
     ) {
         let s = g.stride;
+        // (Phases no tap reaches exist when the kernel is smaller than the stride.)
         let phases: Vec<OutputPhase> = (0..s.min(g.h_in))
             .flat_map(|ry| (0..s.min(g.w_in)).map(move |rx| OutputPhase::new(g, (ry, rx))))
+            .filter(|phase| !phase.taps.is_empty())
+            .collect();
+        let mut grids: Vec<(usize, usize)> = phases.iter().map(|phase| phase.grid).collect();
+        grids.sort_unstable();
+        grids.dedup();
+        // Per grid, the union of its phases' taps.
+        let group_taps: Vec<Vec<(isize, isize)>> = grids
+            .iter()
+            .map(|&grid| {
+                let mut taps: Vec<(isize, isize)> = phases
+                    .iter()
+                    .filter(|phase| phase.grid == grid)
+                    .flat_map(|phase| phase.taps.iter().copied())
+                    .collect();
+                taps.sort_unstable();
+                taps.dedup();
+                taps
+            })
+            .collect();
+        let gathers: Vec<Gather<'_>> = grids
+            .iter()
+            .zip(&group_taps)
+            .map(|(&grid, taps)| Gather { stride: 1, taps, grid })
             .collect();
         // One padded copy of the input that covers every phase's taps.
         let (mut before, mut after) = ((0, 0), (0, 0));
-        for phase in &phases {
-            let (b, a) = phase.gather().padding((g.h_out, g.w_out));
+        for gather in &gathers {
+            let (b, a) = gather.padding((g.h_out, g.w_out));
             before = (before.0.max(b.0), before.1.max(b.1));
             after = (after.0.max(a.0), after.1.max(a.1));
         }
         let planes = PaddedPlanes::new(x, (batch, g.c_out), (g.h_out, g.w_out), before, after);
         let k2 = g.kernel * g.kernel;
-        for phase in phases.iter().filter(|phase| !phase.taps.is_empty()) {
-            // (Phases no tap reaches exist when the kernel is smaller than the stride.)
-            // The phase's weights, `[c_in, c_out·taps]` row-major, then packed.
-            let depth = g.c_out * phase.taps.len();
-            let mut dense = Vec::with_capacity(g.c_in * depth);
-            for m in 0..g.c_in {
-                for co in 0..g.c_out {
-                    let kernel = &w[co * g.patch_len() + m * k2..][..k2];
-                    dense.extend(phase.kernel_offsets.iter().map(|&(ki, kj)| kernel[ki * g.kernel + kj]));
-                }
-            }
-            let weights = PackedWeights::new(g.c_in, depth, |m, j| dense[m * depth + j]);
-            let scatter = Scatter {
-                planes: (g.h_in, g.w_in),
-                stride: s,
-                offset: phase.offset,
-            };
-            implicit_conv::convolve(&planes, &phase.gather(), &weights, None, &scatter, out, true, kernel);
+        for gather in &gathers {
+            let members: Vec<&OutputPhase> = phases.iter().filter(|phase| phase.grid == gather.grid).collect();
+            // Each phase's taps as indices into the gather's, and its weights, `[c_in, taps·c_out]`
+            // tap-major: index `i·c_out + co` is `w[co, m, ki, kj]` for the phase's `i`-th tap.
+            let tap_indices: Vec<Vec<usize>> = members
+                .iter()
+                .map(|phase| {
+                    phase
+                        .taps
+                        .iter()
+                        .map(|tap| {
+                            gather
+                                .taps
+                                .iter()
+                                .position(|t| t == tap)
+                                .expect("a phase's tap is its group's")
+                        })
+                        .collect()
+                })
+                .collect();
+            let weights: Vec<PackedWeights> = members
+                .iter()
+                .map(|phase| {
+                    let columns: Vec<usize> = phase
+                        .kernel_offsets
+                        .iter()
+                        .flat_map(|&(ki, kj)| (0..g.c_out).map(move |co| co * g.patch_len() + ki * g.kernel + kj))
+                        .collect();
+                    PackedWeights::gather(w, g.c_in, k2, &columns)
+                })
+                .collect();
+            let products: Vec<Product<'_>> = members
+                .iter()
+                .zip(&weights)
+                .zip(&tap_indices)
+                .map(|((phase, weights), taps)| Product {
+                    weights,
+                    taps,
+                    scatter: Scatter {
+                        planes: (g.h_in, g.w_in),
+                        stride: s,
+                        offset: phase.offset,
+                    },
+                })
+                .collect();
+            implicit_conv::convolve(&planes, gather, &products, None, out, true, kernel);
         }
     }
 
@@ -352,15 +414,6 @@ pub mod kernels {
                     .flat_map(|&(ki, _)| cols.iter().map(move |&(kj, _)| (ki, kj)))
                     .collect(),
                 grid: ((g.h_in - ry).div_ceil(g.stride), (g.w_in - rx).div_ceil(g.stride)),
-            }
-        }
-
-        /// Where the phase reads its patches.
-        fn gather(&self) -> Gather<'_> {
-            Gather {
-                stride: 1,
-                taps: &self.taps,
-                grid: self.grid,
             }
         }
     }
