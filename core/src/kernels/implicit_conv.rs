@@ -343,6 +343,7 @@ pub fn convolve(
     }
     let row_offsets = row_offsets(input, gather, Contraction::TapMajor);
     let segments: Vec<Vec<Range<usize>>> = products.iter().map(|p| panel_segments(p.taps, channels)).collect();
+    let groups = interleaved_pairs(products);
     let small_indices = input.fits_32_bit_indices();
     let output = SharedOutput(out.as_mut_ptr());
     let blocks = columns.div_ceil(TILE_COLUMNS);
@@ -353,10 +354,10 @@ pub fn convolve(
             || {
                 (
                     vec![0.0f32; row_offsets.len() * TILE_COLUMNS],
-                    [0.0f32; TILE_ROWS * TILE_COLUMNS],
+                    [[0.0f32; TILE_ROWS * TILE_COLUMNS]; 2],
                 )
             },
-            |(panel, tile), block| {
+            |(panel, tiles), block| {
                 let first = block * TILE_COLUMNS;
                 let valid = TILE_COLUMNS.min(columns - first);
                 let points: [(usize, usize, usize); TILE_COLUMNS] = std::array::from_fn(|j| gather.point(first + j));
@@ -365,9 +366,10 @@ pub fn convolve(
                 let patch_origins: [usize; TILE_COLUMNS] =
                     std::array::from_fn(|j| input.patch_origin(gather.stride, points[if j < valid { j } else { 0 }]));
                 pack_patches(kernel, &input.data, &row_offsets, &patch_origins, panel, small_indices);
-                for (product, segments) in products.iter().zip(&segments) {
-                    // Each grid point's output pixel in the plane of sample `b` and row 0.
-                    let scatter = &product.scatter;
+                for &(product, partner) in &groups {
+                    // Each grid point's output pixel in the plane of sample `b` and row 0 (the
+                    // partner's pixel is the next one).
+                    let scatter = &products[product].scatter;
                     let out_pixels: [usize; TILE_COLUMNS] = std::array::from_fn(|j| {
                         let (b, oy, ox) = points[j];
                         let (y, x) = (
@@ -381,46 +383,55 @@ pub fn convolve(
                         .then(|| StridedRuns::of(&out_pixels, valid, scatter.stride));
                     for first_row in (0..rows).step_by(TILE_ROWS) {
                         let block_rows = TILE_ROWS.min(rows - first_row);
-                        tile.fill(0.0);
-                        multiply_tile(
-                            kernel,
-                            block_rows,
-                            segments,
-                            product.weights.block(first_row),
-                            panel,
-                            tile,
-                        );
+                        let [tile, partner_tile] = &mut *tiles;
+                        for (index, tile) in std::iter::once((product, &mut *tile))
+                            .chain(partner.map(|index| (index, &mut *partner_tile)))
+                        {
+                            tile.fill(0.0);
+                            let weights = products[index].weights.block(first_row);
+                            multiply_tile(kernel, block_rows, &segments[index], weights, panel, tile);
+                        }
                         #[cfg(target_arch = "x86_64")]
                         if let Some(runs) = &output_runs {
                             for r in 0..block_rows {
                                 let m = first_row + r;
                                 let add = bias.map_or(0.0, |b| b[m]);
+                                let row = &tile[r * TILE_COLUMNS..][..TILE_COLUMNS];
                                 // SAFETY: the CPU has AVX-512; each run's lanes write the output
-                                // values of their grid points in row `m`, inside `out` (asserted
-                                // above), which no other task writes.
+                                // values of their grid points in row `m` (and with a partner, the
+                                // values right of them), inside `out` (asserted above), which no
+                                // other task writes.
                                 unsafe {
-                                    avx512::write_strided_runs(
-                                        &tile[r * TILE_COLUMNS..][..TILE_COLUMNS],
-                                        add,
-                                        runs,
-                                        output.at(m * out_plane),
-                                        accumulate,
-                                    )
+                                    let at = output.at(m * out_plane);
+                                    match partner {
+                                        Some(_) => avx512::write_interleaved_runs(
+                                            [row, &partner_tile[r * TILE_COLUMNS..][..TILE_COLUMNS]],
+                                            add,
+                                            runs,
+                                            at,
+                                            accumulate,
+                                        ),
+                                        None => avx512::write_strided_runs(row, add, runs, at, accumulate),
+                                    }
                                 };
                             }
                             continue;
                         }
-                        for r in 0..block_rows {
-                            let m = first_row + r;
-                            let add = bias.map_or(0.0, |b| b[m]);
-                            for (j, &pixel) in out_pixels[..valid].iter().enumerate() {
-                                let value = tile[r * TILE_COLUMNS + j] + add;
-                                // SAFETY: `pixel + m·out_plane` is the output value of grid point
-                                // `first + j` and row `m`, inside `out` (asserted above), and no
-                                // other task writes it.
-                                unsafe {
-                                    let dst = output.at(pixel + m * out_plane);
-                                    *dst = if accumulate { *dst + value } else { value };
+                        let written = std::iter::once((&*tile, 0)).chain(partner.map(|_| (&*partner_tile, 1)));
+                        for (tile, next) in written {
+                            for r in 0..block_rows {
+                                let m = first_row + r;
+                                let add = bias.map_or(0.0, |b| b[m]);
+                                for (j, &pixel) in out_pixels[..valid].iter().enumerate() {
+                                    let value = tile[r * TILE_COLUMNS + j] + add;
+                                    // SAFETY: `pixel + next + m·out_plane` is the output value of
+                                    // grid point `first + j` and row `m` of the product (or of its
+                                    // partner), inside `out` (asserted above), and no other task
+                                    // writes it.
+                                    unsafe {
+                                        let dst = output.at(pixel + next + m * out_plane);
+                                        *dst = if accumulate { *dst + value } else { value };
+                                    }
                                 }
                             }
                         }
@@ -428,6 +439,30 @@ pub fn convolve(
                 }
             },
         );
+}
+
+/// The products of a [`convolve`] call in the groups it computes together: each product alone, or
+/// with a partner whose pixels lie one right of its own (output stride 2: the phases `(ry, 0)`
+/// and `(ry, 1)` of a transposed convolution), so that the two tiles are written interleaved, as
+/// contiguous runs.
+fn interleaved_pairs(products: &[Product<'_>]) -> Vec<(usize, Option<usize>)> {
+    let mut paired = vec![false; products.len()];
+    let mut groups = Vec::with_capacity(products.len());
+    for (i, product) in products.iter().enumerate() {
+        if paired[i] {
+            continue;
+        }
+        let (offset, stride) = (product.scatter.offset, product.scatter.stride);
+        let partner = (i + 1..products.len()).find(|&j| {
+            let other = &products[j].scatter;
+            stride == 2 && !paired[j] && other.stride == 2 && other.offset == (offset.0, offset.1 + 1)
+        });
+        if let Some(j) = partner {
+            paired[j] = true;
+        }
+        groups.push((i, partner));
+    }
+    groups
 }
 
 /// The panel rows a product over `taps` reads, in its contraction order: per tap `t`, the
@@ -843,6 +878,52 @@ mod avx512 {
                     spread
                 };
                 _mm512_mask_storeu_ps(at, mask, spread);
+            }
+        }
+    }
+
+    /// Writes (or adds) one row of two tiles plus `bias` to the output through the strided runs
+    /// (stride 2) of the first: per run, the two tiles' values interleaved by one permutation (the
+    /// second tile's value of a grid point right of the first's), then one masked store (and load,
+    /// when adding) of the run's contiguous pixels.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every run's positions and the positions right of them must
+    /// address values of the output from `row` that nothing else accesses meanwhile; the runs'
+    /// stride must be 2; each tile row must hold 32 values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn write_interleaved_runs(
+        tile_rows: [&[f32]; 2],
+        bias: f32,
+        runs: &super::StridedRuns,
+        row: *mut f32,
+        accumulate: bool,
+    ) {
+        debug_assert_eq!(runs.stride, 2);
+        // Lane `l` of an interleaved run takes value `first + l / 2` of the first tile (even `l`)
+        // or of the second (odd `l`: index bit 4 picks the second operand).
+        let ramp: [i32; 16] = std::array::from_fn(|lane| ((lane / 2) | (lane % 2) << 4) as i32);
+        let ramp = _mm512_loadu_si512(ramp.as_ptr().cast());
+        let bias = _mm512_set1_ps(bias);
+        for (half, (half_runs, count)) in runs.halves.iter().enumerate() {
+            let first_values = _mm512_add_ps(_mm512_loadu_ps(tile_rows[0].as_ptr().add(half * 16)), bias);
+            let second_values = _mm512_add_ps(_mm512_loadu_ps(tile_rows[1].as_ptr().add(half * 16)), bias);
+            for &super::StridedRun {
+                first,
+                length,
+                position,
+            } in &half_runs[..*count]
+            {
+                let index = _mm512_add_epi32(_mm512_set1_epi32(first as i32), ramp);
+                let values = _mm512_permutex2var_ps(first_values, index, second_values);
+                let mask = ((1u32 << (2 * length)) - 1) as u16;
+                let at = row.add(position);
+                let values = if accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), values)
+                } else {
+                    values
+                };
+                _mm512_mask_storeu_ps(at, mask, values);
             }
         }
     }
