@@ -814,7 +814,11 @@ mod avx512 {
 
     use super::TILE_COLUMNS;
 
-    /// [`super::pack_patches`] with two 16-lane gathers per contraction row.
+    /// Runs of consecutive patch origins per half tile above which [`pack_patches`] gathers.
+    const MAX_CONTIGUOUS_RUNS: usize = 4;
+
+    /// [`super::pack_patches`]: masked loads of contiguous runs where [`pack_contiguous_runs`]
+    /// takes the tile, else two 16-lane gathers per contraction row.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every `patch_origins[i] + row_offsets[j]` must index `input` and
@@ -826,6 +830,9 @@ mod avx512 {
         patch_origins: &[usize; TILE_COLUMNS],
         panel: &mut [f32],
     ) {
+        if pack_contiguous_runs(input, row_offsets, patch_origins, panel) {
+            return;
+        }
         let origins: [i32; TILE_COLUMNS] = std::array::from_fn(|i| patch_origins[i] as i32);
         let low = _mm512_loadu_si512(origins.as_ptr().cast());
         let high = _mm512_loadu_si512(origins[16..].as_ptr().cast());
@@ -838,6 +845,57 @@ mod avx512 {
                 _mm512_i32gather_ps::<4>(high, row.cast()),
             );
         }
+    }
+
+    /// [`super::pack_patches`] with masked loads where every half of the tile is at most
+    /// [`MAX_CONTIGUOUS_RUNS`] runs of consecutive patch origins (a stride-1 gather whose grid rows
+    /// are 4 points or longer: the transposed convolutions' phases): per row and half, one masked
+    /// load per run merged into one vector. Returns `false`, having written nothing, elsewhere.
+    /// On the Zen 5 machine of 2026-11-29 the phase products ran 7% faster than with gathers (on
+    /// the Zen 4 one of the same morning, an earlier form was slower).
+    ///
+    /// # Safety
+    /// As [`pack_patches`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pack_contiguous_runs(
+        input: &[f32],
+        row_offsets: &[usize],
+        patch_origins: &[usize; TILE_COLUMNS],
+        panel: &mut [f32],
+    ) -> bool {
+        // Per half: the runs' lanes (a mask) and the origin lane 0 would have if the run reached it.
+        let mut runs = [[(0u16, 0isize); MAX_CONTIGUOUS_RUNS]; 2];
+        let mut counts = [0usize; 2];
+        for half in 0..2 {
+            let mut lane = 0;
+            while lane < 16 {
+                let start = lane;
+                let origin = patch_origins[half * 16 + lane];
+                lane += 1;
+                while lane < 16 && patch_origins[half * 16 + lane] == origin + (lane - start) {
+                    lane += 1;
+                }
+                if counts[half] == MAX_CONTIGUOUS_RUNS {
+                    return false;
+                }
+                let mask = ((1u32 << lane) - (1u32 << start)) as u16;
+                runs[half][counts[half]] = (mask, origin as isize - start as isize);
+                counts[half] += 1;
+            }
+        }
+        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
+        for (j, &offset) in row_offsets.iter().enumerate() {
+            let row = source.add(offset);
+            for (half, (runs, &count)) in runs.iter().zip(&counts).enumerate() {
+                let mut values = _mm512_setzero_ps();
+                for &(lanes, origin) in &runs[..count] {
+                    // Only the run's lanes are read: `origin + lane` for each is a patch origin.
+                    values = _mm512_mask_loadu_ps(values, lanes, row.wrapping_offset(origin));
+                }
+                _mm512_storeu_ps(out.add(j * TILE_COLUMNS + half * 16), values);
+            }
+        }
+        true
     }
 
     /// Writes (or adds) one row of a tile plus `bias` to the output through its strided runs: per
