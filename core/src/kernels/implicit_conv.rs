@@ -814,11 +814,69 @@ mod avx512 {
 
     use super::TILE_COLUMNS;
 
-    /// Runs of consecutive patch origins per half tile above which [`pack_patches`] gathers.
+    /// Runs of consecutive offsets per half tile above which the packers gather.
     const MAX_CONTIGUOUS_RUNS: usize = 4;
 
-    /// [`super::pack_patches`]: masked loads of contiguous runs where [`pack_contiguous_runs`]
-    /// takes the tile, else two 16-lane gathers per contraction row.
+    /// The 32 lane offsets of a panel row (the patch origins of [`pack_patches`], the contraction
+    /// rows' offsets of [`pack_transposed_patches`]) as at most [`MAX_CONTIGUOUS_RUNS`] runs of
+    /// consecutive offsets per half: a row of the panel is then one masked load per run, merged
+    /// into one vector per half, instead of two gathers. Runs exist for a stride-1 gather whose
+    /// grid rows are 4 points or longer (the transposed convolutions' phases: 7 at the DCGAN's
+    /// shapes) and for the kernel values of a weight gradient (4 contiguous taps per kernel row).
+    /// On the Zen 5 machine of 2026-11-29 the phase products ran 7% faster than with gathers (on
+    /// the Zen 4 one of the same morning, an earlier form was slower).
+    struct ContiguousRuns {
+        /// Per half: the runs' lanes (a mask) and the offset lane 0 would have if the run reached it.
+        halves: [[(u16, isize); MAX_CONTIGUOUS_RUNS]; 2],
+        /// The runs per half.
+        counts: [usize; 2],
+    }
+
+    impl ContiguousRuns {
+        /// The runs of `offsets`, or `None` where a half has more than [`MAX_CONTIGUOUS_RUNS`].
+        fn of(offsets: &[usize; TILE_COLUMNS]) -> Option<ContiguousRuns> {
+            let mut halves = [[(0u16, 0isize); MAX_CONTIGUOUS_RUNS]; 2];
+            let mut counts = [0usize; 2];
+            for (half, (runs, count)) in halves.iter_mut().zip(&mut counts).enumerate() {
+                let offsets = &offsets[half * 16..][..16];
+                let mut lane = 0;
+                while lane < 16 {
+                    let start = lane;
+                    lane += 1;
+                    while lane < 16 && offsets[lane] == offsets[start] + (lane - start) {
+                        lane += 1;
+                    }
+                    if *count == MAX_CONTIGUOUS_RUNS {
+                        return None;
+                    }
+                    let lanes = ((1u32 << lane) - (1u32 << start)) as u16;
+                    runs[*count] = (lanes, offsets[start] as isize - start as isize);
+                    *count += 1;
+                }
+            }
+            Some(ContiguousRuns { halves, counts })
+        }
+
+        /// Writes `base[offsets[i]]` to `out[i]` for the 32 lanes.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F; `base.add(offsets[i])` must be readable for every lane;
+        /// `out` must hold 32 values.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn pack_row(&self, base: *const f32, out: *mut f32) {
+            for (half, (runs, &count)) in self.halves.iter().zip(&self.counts).enumerate() {
+                let mut values = _mm512_setzero_ps();
+                for &(lanes, offset) in &runs[..count] {
+                    // Only the run's lanes are read, each at `base + offsets[lane]`.
+                    values = _mm512_mask_loadu_ps(values, lanes, base.wrapping_offset(offset));
+                }
+                _mm512_storeu_ps(out.add(half * 16), values);
+            }
+        }
+    }
+
+    /// [`super::pack_patches`]: masked loads of contiguous runs where the patch origins are
+    /// [`ContiguousRuns`], else two 16-lane gathers per contraction row.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every `patch_origins[i] + row_offsets[j]` must index `input` and
@@ -830,13 +888,16 @@ mod avx512 {
         patch_origins: &[usize; TILE_COLUMNS],
         panel: &mut [f32],
     ) {
-        if pack_contiguous_runs(input, row_offsets, patch_origins, panel) {
+        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
+        if let Some(runs) = ContiguousRuns::of(patch_origins) {
+            for (j, &offset) in row_offsets.iter().enumerate() {
+                runs.pack_row(source.add(offset), out.add(j * TILE_COLUMNS));
+            }
             return;
         }
         let origins: [i32; TILE_COLUMNS] = std::array::from_fn(|i| patch_origins[i] as i32);
         let low = _mm512_loadu_si512(origins.as_ptr().cast());
         let high = _mm512_loadu_si512(origins[16..].as_ptr().cast());
-        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
         for (j, &offset) in row_offsets.iter().enumerate() {
             let row = source.add(offset);
             _mm512_storeu_ps(out.add(j * TILE_COLUMNS), _mm512_i32gather_ps::<4>(low, row.cast()));
@@ -845,57 +906,6 @@ mod avx512 {
                 _mm512_i32gather_ps::<4>(high, row.cast()),
             );
         }
-    }
-
-    /// [`super::pack_patches`] with masked loads where every half of the tile is at most
-    /// [`MAX_CONTIGUOUS_RUNS`] runs of consecutive patch origins (a stride-1 gather whose grid rows
-    /// are 4 points or longer: the transposed convolutions' phases): per row and half, one masked
-    /// load per run merged into one vector. Returns `false`, having written nothing, elsewhere.
-    /// On the Zen 5 machine of 2026-11-29 the phase products ran 7% faster than with gathers (on
-    /// the Zen 4 one of the same morning, an earlier form was slower).
-    ///
-    /// # Safety
-    /// As [`pack_patches`].
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pack_contiguous_runs(
-        input: &[f32],
-        row_offsets: &[usize],
-        patch_origins: &[usize; TILE_COLUMNS],
-        panel: &mut [f32],
-    ) -> bool {
-        // Per half: the runs' lanes (a mask) and the origin lane 0 would have if the run reached it.
-        let mut runs = [[(0u16, 0isize); MAX_CONTIGUOUS_RUNS]; 2];
-        let mut counts = [0usize; 2];
-        for half in 0..2 {
-            let mut lane = 0;
-            while lane < 16 {
-                let start = lane;
-                let origin = patch_origins[half * 16 + lane];
-                lane += 1;
-                while lane < 16 && patch_origins[half * 16 + lane] == origin + (lane - start) {
-                    lane += 1;
-                }
-                if counts[half] == MAX_CONTIGUOUS_RUNS {
-                    return false;
-                }
-                let mask = ((1u32 << lane) - (1u32 << start)) as u16;
-                runs[half][counts[half]] = (mask, origin as isize - start as isize);
-                counts[half] += 1;
-            }
-        }
-        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
-        for (j, &offset) in row_offsets.iter().enumerate() {
-            let row = source.add(offset);
-            for (half, (runs, &count)) in runs.iter().zip(&counts).enumerate() {
-                let mut values = _mm512_setzero_ps();
-                for &(lanes, origin) in &runs[..count] {
-                    // Only the run's lanes are read: `origin + lane` for each is a patch origin.
-                    values = _mm512_mask_loadu_ps(values, lanes, row.wrapping_offset(origin));
-                }
-                _mm512_storeu_ps(out.add(j * TILE_COLUMNS + half * 16), values);
-            }
-        }
-        true
     }
 
     /// Writes (or adds) one row of a tile plus `bias` to the output through its strided runs: per
@@ -986,7 +996,8 @@ mod avx512 {
         }
     }
 
-    /// [`super::pack_transposed_patches`] with two 16-lane gathers per grid point.
+    /// [`super::pack_transposed_patches`]: masked loads of contiguous runs where the contraction
+    /// rows' offsets are [`ContiguousRuns`], else two 16-lane gathers per grid point.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every `origin + row_offsets[i]` must index `input` and fit in an
@@ -998,10 +1009,16 @@ mod avx512 {
         row_offsets: &[usize; TILE_COLUMNS],
         panel: &mut [f32],
     ) {
+        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
+        if let Some(runs) = ContiguousRuns::of(row_offsets) {
+            for (i, origin) in patch_origins.enumerate() {
+                runs.pack_row(source.add(origin), out.add(i * TILE_COLUMNS));
+            }
+            return;
+        }
         let offsets: [i32; TILE_COLUMNS] = std::array::from_fn(|i| row_offsets[i] as i32);
         let low = _mm512_loadu_si512(offsets.as_ptr().cast());
         let high = _mm512_loadu_si512(offsets[16..].as_ptr().cast());
-        let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
         for (i, origin) in patch_origins.enumerate() {
             let patch = source.add(origin);
             _mm512_storeu_ps(out.add(i * TILE_COLUMNS), _mm512_i32gather_ps::<4>(low, patch.cast()));
