@@ -814,47 +814,86 @@ mod avx512 {
 
     use super::TILE_COLUMNS;
 
-    /// Runs of consecutive offsets per half tile above which the packers gather.
-    const MAX_CONTIGUOUS_RUNS: usize = 4;
+    /// Runs per half tile above which the packers gather.
+    const MAX_LANE_RUNS: usize = 4;
 
-    /// The 32 lane offsets of a panel row (the patch origins of [`pack_patches`], the contraction
-    /// rows' offsets of [`pack_transposed_patches`]) as at most [`MAX_CONTIGUOUS_RUNS`] runs of
-    /// consecutive offsets per half: a row of the panel is then one masked load per run, merged
-    /// into one vector per half, instead of two gathers. Runs exist for a stride-1 gather whose
-    /// grid rows are 4 points or longer (the transposed convolutions' phases: 7 at the DCGAN's
-    /// shapes) and for the kernel values of a weight gradient (4 contiguous taps per kernel row).
-    /// On the Zen 5 machine of 2026-11-29 the phase products ran 7% faster than with gathers (on
-    /// the Zen 4 one of the same morning, an earlier form was slower).
-    struct ContiguousRuns {
-        /// Per half: the runs' lanes (a mask) and the offset lane 0 would have if the run reached it.
-        halves: [[(u16, isize); MAX_CONTIGUOUS_RUNS]; 2],
-        /// The runs per half.
-        counts: [usize; 2],
+    /// A run of [`LaneRuns`]: tile lanes `start..start + length` (the mask `lanes`) read the
+    /// values `offset, offset + stride, …` from a row's base.
+    #[derive(Clone, Copy)]
+    struct LaneRun {
+        lanes: u16,
+        /// The values a stride-2 run loads: `2·length − 1` from `offset` on.
+        loaded: u16,
+        start: usize,
+        offset: usize,
+        /// For stride 2: lane `l` of the run takes loaded value `2·(l − start)`.
+        picks: __m512i,
     }
 
-    impl ContiguousRuns {
-        /// The runs of `offsets`, or `None` where a half has more than [`MAX_CONTIGUOUS_RUNS`].
-        fn of(offsets: &[usize; TILE_COLUMNS]) -> Option<ContiguousRuns> {
-            let mut halves = [[(0u16, 0isize); MAX_CONTIGUOUS_RUNS]; 2];
-            let mut counts = [0usize; 2];
-            for (half, (runs, count)) in halves.iter_mut().zip(&mut counts).enumerate() {
+    /// The 32 lane offsets of a panel row (the patch origins of [`pack_patches`], the contraction
+    /// rows' offsets of [`pack_transposed_patches`]) as at most [`MAX_LANE_RUNS`] runs per half
+    /// of offsets 1 apart (or, where those are too many, 2 apart): a row of the panel is then, per
+    /// run, one masked load (and for stride 2 one permutation), merged into one vector per half,
+    /// instead of two gathers. Runs exist for the DCGAN's products: the transposed convolutions'
+    /// phases (stride-1 gathers, grid rows of 7 points), the stride-2 convolutions (rows of 7 points
+    /// 2 apart) and the weight gradients' kernel values (4 contiguous taps per kernel row). On the
+    /// Zen 5 machine of 2026-11-29 the phase products ran 7% faster than with gathers (on the Zen 4
+    /// one of the same morning, an earlier form was slower).
+    struct LaneRuns {
+        halves: [([LaneRun; MAX_LANE_RUNS], usize); 2],
+        stride: usize,
+    }
+
+    impl LaneRuns {
+        /// The runs of `offsets` 1 apart, else 2 apart, or `None` where a half needs more than
+        /// [`MAX_LANE_RUNS`] either way.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn of(offsets: &[usize; TILE_COLUMNS]) -> Option<LaneRuns> {
+            Self::with_stride(offsets, 1).or_else(|| Self::with_stride(offsets, 2))
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn with_stride(offsets: &[usize; TILE_COLUMNS], stride: usize) -> Option<LaneRuns> {
+            let ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let empty = LaneRun {
+                lanes: 0,
+                loaded: 0,
+                start: 0,
+                offset: 0,
+                picks: ramp,
+            };
+            let longest = 16usize.div_ceil(stride);
+            let mut halves = [([empty; MAX_LANE_RUNS], 0usize); 2];
+            for (half, (runs, count)) in halves.iter_mut().enumerate() {
                 let offsets = &offsets[half * 16..][..16];
                 let mut lane = 0;
                 while lane < 16 {
                     let start = lane;
                     lane += 1;
-                    while lane < 16 && offsets[lane] == offsets[start] + (lane - start) {
+                    while lane < 16
+                        && lane - start < longest
+                        && offsets[lane] == offsets[start] + (lane - start) * stride
+                    {
                         lane += 1;
                     }
-                    if *count == MAX_CONTIGUOUS_RUNS {
+                    if *count == MAX_LANE_RUNS {
                         return None;
                     }
-                    let lanes = ((1u32 << lane) - (1u32 << start)) as u16;
-                    runs[*count] = (lanes, offsets[start] as isize - start as isize);
+                    let length = lane - start;
+                    runs[*count] = LaneRun {
+                        lanes: ((1u32 << lane) - (1u32 << start)) as u16,
+                        loaded: ((1u32 << ((length - 1) * stride + 1)) - 1) as u16,
+                        start,
+                        offset: offsets[start],
+                        picks: _mm512_slli_epi32::<1>(_mm512_sub_epi32(ramp, _mm512_set1_epi32(start as i32))),
+                    };
                     *count += 1;
                 }
             }
-            Some(ContiguousRuns { halves, counts })
+            Some(LaneRuns { halves, stride })
         }
 
         /// Writes `base[offsets[i]]` to `out[i]` for the 32 lanes.
@@ -864,19 +903,26 @@ mod avx512 {
         /// `out` must hold 32 values.
         #[target_feature(enable = "avx512f")]
         unsafe fn pack_row(&self, base: *const f32, out: *mut f32) {
-            for (half, (runs, &count)) in self.halves.iter().zip(&self.counts).enumerate() {
+            for (half, (runs, count)) in self.halves.iter().enumerate() {
                 let mut values = _mm512_setzero_ps();
-                for &(lanes, offset) in &runs[..count] {
-                    // Only the run's lanes are read, each at `base + offsets[lane]`.
-                    values = _mm512_mask_loadu_ps(values, lanes, base.wrapping_offset(offset));
+                for run in &runs[..*count] {
+                    values = if self.stride == 1 {
+                        // Only the run's lanes are read, lane `l` at `base + offset + l − start`.
+                        let first = base.add(run.offset).wrapping_sub(run.start);
+                        _mm512_mask_loadu_ps(values, run.lanes, first)
+                    } else {
+                        // Only the run's values are read: `base + offset + 2·(l − start)`.
+                        let loaded = _mm512_maskz_loadu_ps(run.loaded, base.add(run.offset));
+                        _mm512_mask_permutexvar_ps(values, run.lanes, run.picks, loaded)
+                    };
                 }
                 _mm512_storeu_ps(out.add(half * 16), values);
             }
         }
     }
 
-    /// [`super::pack_patches`]: masked loads of contiguous runs where the patch origins are
-    /// [`ContiguousRuns`], else two 16-lane gathers per contraction row.
+    /// [`super::pack_patches`]: masked loads of runs where the patch origins are [`LaneRuns`],
+    /// else two 16-lane gathers per contraction row.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every `patch_origins[i] + row_offsets[j]` must index `input` and
@@ -889,7 +935,7 @@ mod avx512 {
         panel: &mut [f32],
     ) {
         let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
-        if let Some(runs) = ContiguousRuns::of(patch_origins) {
+        if let Some(runs) = LaneRuns::of(patch_origins) {
             for (j, &offset) in row_offsets.iter().enumerate() {
                 runs.pack_row(source.add(offset), out.add(j * TILE_COLUMNS));
             }
@@ -996,8 +1042,8 @@ mod avx512 {
         }
     }
 
-    /// [`super::pack_transposed_patches`]: masked loads of contiguous runs where the contraction
-    /// rows' offsets are [`ContiguousRuns`], else two 16-lane gathers per grid point.
+    /// [`super::pack_transposed_patches`]: masked loads of runs where the contraction rows'
+    /// offsets are [`LaneRuns`], else two 16-lane gathers per grid point.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every `origin + row_offsets[i]` must index `input` and fit in an
@@ -1010,7 +1056,7 @@ mod avx512 {
         panel: &mut [f32],
     ) {
         let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
-        if let Some(runs) = ContiguousRuns::of(row_offsets) {
+        if let Some(runs) = LaneRuns::of(row_offsets) {
             for (i, origin) in patch_origins.enumerate() {
                 runs.pack_row(source.add(origin), out.add(i * TILE_COLUMNS));
             }
