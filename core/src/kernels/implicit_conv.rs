@@ -830,15 +830,14 @@ mod avx512 {
         picks: __m512i,
     }
 
-    /// The 32 lane offsets of a panel row (the patch origins of [`pack_patches`], the contraction
-    /// rows' offsets of [`pack_transposed_patches`]) as at most [`MAX_LANE_RUNS`] runs per half
-    /// of offsets 1 apart (or, where those are too many, 2 apart): a row of the panel is then, per
-    /// run, one masked load (and for stride 2 one permutation), merged into one vector per half,
+    /// The 32 patch origins of a panel row ([`pack_patches`]) as at most [`MAX_LANE_RUNS`] runs per
+    /// half of origins 1 apart (or, where those are too many, 2 apart): a row of the panel is then,
+    /// per run, one masked load (and at stride 2 one permutation), merged into one vector per half,
     /// instead of two gathers. Runs exist for the DCGAN's products: the transposed convolutions'
-    /// phases (stride-1 gathers, grid rows of 7 points), the stride-2 convolutions (rows of 7 points
-    /// 2 apart) and the weight gradients' kernel values (4 contiguous taps per kernel row). On the
-    /// Zen 5 machine of 2026-11-29 the phase products ran 7% faster than with gathers (on the Zen 4
-    /// one of the same morning, an earlier form was slower).
+    /// phases (stride-1 gathers, grid rows of 7 points) and the stride-2 convolutions (rows of 7
+    /// points 2 apart). On the Zen 5 machine of 2026-11-29 (`nash bench conv`) the phase products
+    /// ran 7% faster than with gathers and the stride-2 products 4-7% (on the Zen 4 one of the
+    /// same morning, an earlier form of the stride-1 loads was slower).
     struct LaneRuns {
         halves: [([LaneRun; MAX_LANE_RUNS], usize); 2],
         stride: usize,
@@ -855,6 +854,10 @@ mod avx512 {
             Self::with_stride(offsets, 1).or_else(|| Self::with_stride(offsets, 2))
         }
 
+        /// The runs of `offsets` `stride` apart (1 or 2), as [`Self::of`].
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F.
         #[target_feature(enable = "avx512f")]
         unsafe fn with_stride(offsets: &[usize; TILE_COLUMNS], stride: usize) -> Option<LaneRuns> {
             let ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -1042,8 +1045,8 @@ mod avx512 {
         }
     }
 
-    /// [`super::pack_transposed_patches`]: masked loads of runs where the contraction rows'
-    /// offsets are [`LaneRuns`], else two 16-lane gathers per grid point.
+    /// [`super::pack_transposed_patches`] with two 16-lane gathers per grid point ([`LaneRuns`]
+    /// of the kernel values, 4 contiguous taps per kernel row, measured no faster).
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every `origin + row_offsets[i]` must index `input` and fit in an
@@ -1056,12 +1059,6 @@ mod avx512 {
         panel: &mut [f32],
     ) {
         let (source, out) = (input.as_ptr(), panel.as_mut_ptr());
-        if let Some(runs) = LaneRuns::of(row_offsets) {
-            for (i, origin) in patch_origins.enumerate() {
-                runs.pack_row(source.add(origin), out.add(i * TILE_COLUMNS));
-            }
-            return;
-        }
         let offsets: [i32; TILE_COLUMNS] = std::array::from_fn(|i| row_offsets[i] as i32);
         let low = _mm512_loadu_si512(offsets.as_ptr().cast());
         let high = _mm512_loadu_si512(offsets[16..].as_ptr().cast());
