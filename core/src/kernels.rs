@@ -41,47 +41,61 @@ pub fn sum_of_squares(values: &[f32]) -> f64 {
 /// [`on_widest_vectors`] call (inlined there, so it takes that call's vector width).
 #[inline(always)]
 pub fn sum_in_lanes(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    if values.len() < 8 {
-        // Batch norm over one value per sample and channel sums blocks of one.
-        return values.iter().map(|&x| f(x)).sum();
-    }
+    sum_blocks_in_lanes(std::iter::once(values), f)
+}
+
+/// [`sum_in_lanes`] over several blocks, the eight accumulators carried from one block to the
+/// next (each block's tail of fewer than eight values summed apart): one reduction at the end
+/// instead of one per block, for batch norm's blocks (a channel of one sample: 49 values at the
+/// DCGAN's 7x7 layers).
+#[inline(always)]
+pub fn sum_blocks_in_lanes<'a>(blocks: impl Iterator<Item = &'a [f32]>, f: impl Fn(f32) -> f64) -> f64 {
     let mut lanes = [0.0f64; 8];
-    let whole = values.len() / 8 * 8;
-    for chunk in values[..whole].chunks_exact(8) {
-        for j in 0..8 {
-            lanes[j] += f(chunk[j]);
+    let mut tails = 0.0f64;
+    for values in blocks {
+        let whole = values.len() / 8 * 8;
+        for chunk in values[..whole].chunks_exact(8) {
+            for j in 0..8 {
+                lanes[j] += f(chunk[j]);
+            }
         }
+        tails += values[whole..].iter().map(|&x| f(x)).sum::<f64>();
     }
-    let tail: f64 = values[whole..].iter().map(|&x| f(x)).sum();
-    lanes.iter().sum::<f64>() + tail
+    lanes.iter().sum::<f64>() + tails
 }
 
 /// `(Σ a, Σ a·b)` (the products in f32) in f64 over eight independent accumulators each, as
 /// [`sum_in_lanes`]; `a` and `b` have one length.
 #[inline(always)]
 pub fn sum_and_dot_in_lanes(a: &[f32], b: &[f32]) -> (f64, f64) {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    if n < 8 {
-        return a
-            .iter()
-            .zip(b)
-            .fold((0.0, 0.0), |(s, d), (x, y)| (s + *x as f64, d + (x * y) as f64));
-    }
+    sum_and_dot_blocks_in_lanes(std::iter::once((a, b)))
+}
+
+/// [`sum_and_dot_in_lanes`] over several pairs of blocks, the accumulators carried from one pair
+/// to the next, as [`sum_blocks_in_lanes`].
+#[inline(always)]
+pub fn sum_and_dot_blocks_in_lanes<'a>(blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>) -> (f64, f64) {
     let (mut sums, mut dots) = ([0.0f64; 8], [0.0f64; 8]);
-    let whole = n / 8 * 8;
-    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
-        for j in 0..8 {
-            sums[j] += ca[j] as f64;
-            dots[j] += (ca[j] * cb[j]) as f64;
+    let (mut sum_tails, mut dot_tails) = (0.0f64, 0.0f64);
+    for (a, b) in blocks {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let whole = n / 8 * 8;
+        for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+            for j in 0..8 {
+                sums[j] += ca[j] as f64;
+                dots[j] += (ca[j] * cb[j]) as f64;
+            }
+        }
+        for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+            sum_tails += *x as f64;
+            dot_tails += (x * y) as f64;
         }
     }
-    let (mut sum, mut dot) = (sums.iter().sum::<f64>(), dots.iter().sum::<f64>());
-    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
-        sum += *x as f64;
-        dot += (x * y) as f64;
-    }
-    (sum, dot)
+    (
+        sums.iter().sum::<f64>() + sum_tails,
+        dots.iter().sum::<f64>() + dot_tails,
+    )
 }
 
 /// `a ⊙ b`, elementwise, into a new vector (of the shorter length), split across the pool's
@@ -530,6 +544,23 @@ mod tests {
             assert!((got_dot - dot).abs() <= 1e-12 * scale, "n {n}: {got_dot} vs {dot}");
             let got = sum_in_lanes(&a, |x| x as f64);
             assert!((got - sum).abs() <= 1e-12 * scale, "n {n}: {got} vs {sum}");
+            // The same values in blocks of 7 (tails of every block) and of 49.
+            for block in [7, 49] {
+                let got = sum_blocks_in_lanes(a.chunks(block), |x| x as f64);
+                assert!(
+                    (got - sum).abs() <= 1e-12 * scale,
+                    "n {n}, blocks {block}: {got} vs {sum}"
+                );
+                let (got_sum, got_dot) = sum_and_dot_blocks_in_lanes(a.chunks(block).zip(b.chunks(block)));
+                assert!(
+                    (got_sum - sum).abs() <= 1e-12 * scale,
+                    "n {n}, blocks {block}: {got_sum} vs {sum}"
+                );
+                assert!(
+                    (got_dot - dot).abs() <= 1e-12 * scale,
+                    "n {n}, blocks {block}: {got_dot} vs {dot}"
+                );
+            }
         }
     }
 

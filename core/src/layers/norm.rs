@@ -196,13 +196,13 @@ impl BatchNorm {
                 crate::kernels::on_widest_vectors(
                     #[inline(always)]
                     || {
-                        use crate::kernels::sum_in_lanes;
-                        let mu = blocks(c).map(|r| sum_in_lanes(&xhat[r], |v| v as f64)).sum::<f64>() / n;
+                        use crate::kernels::sum_blocks_in_lanes;
+                        let mu = sum_blocks_in_lanes(blocks(c).map(|r| &xhat[r]), |v| v as f64) / n;
                         let centered = |v: f32| {
                             let d = v as f64 - mu;
                             d * d
                         };
-                        let sigma2 = blocks(c).map(|r| sum_in_lanes(&xhat[r], centered)).sum::<f64>() / n;
+                        let sigma2 = sum_blocks_in_lanes(blocks(c).map(|r| &xhat[r]), centered) / n;
                         (mu, sigma2, 1.0 / (sigma2 + self.eps as f64).sqrt())
                     },
                 )
@@ -211,10 +211,11 @@ impl BatchNorm {
         let mean: Vec<f32> = statistics.iter().map(|s| s.0 as f32).collect();
         let var: Vec<f32> = statistics.iter().map(|s| s.1 as f32).collect();
         let inv_std: Vec<f32> = statistics.iter().map(|s| s.2 as f32).collect();
-        // x̂ and y = γ·x̂ + β, in parallel over samples.
-        let mut y = vec![0.0f32; xhat.len()];
+        // x̂ and y = γ·x̂ + β, in parallel over samples; `y` written once, without a zero-fill first.
+        let len = xhat.len();
+        let mut y: Vec<f32> = Vec::with_capacity(len);
         xhat.par_chunks_mut(row)
-            .zip(y.par_chunks_mut(row))
+            .zip(y.spare_capacity_mut()[..len].par_chunks_mut(row))
             .with_min_len(min_items_per_task(row))
             .for_each(|(xs, ys)| {
                 crate::kernels::on_widest_vectors(
@@ -231,12 +232,15 @@ impl BatchNorm {
                             };
                             for (v, out) in xb.iter_mut().zip(yb) {
                                 *v = ((*v as f64 - mu) * inv) as f32;
-                                *out = scale * *v + shift;
+                                out.write(scale * *v + shift);
                             }
                         }
                     },
                 )
             });
+        // SAFETY: every sample's `channels·pixels` values were written above (`statistics` has one
+        // entry per channel, and each sample's chunk of `y` is as long as its chunk of `x̂`).
+        unsafe { y.set_len(len) };
         let slopes = activation.map(|f| f.apply_in_place(&mut y));
         let y = x.device().tensor_from_vec(y, (batch, channels, pixels));
         let (xg, yg) = (x.ghost(), y.ghost());
@@ -259,11 +263,7 @@ impl BatchNorm {
                 .map(|c| {
                     crate::kernels::on_widest_vectors(
                         #[inline(always)]
-                        || {
-                            blocks(c)
-                                .map(|r| crate::kernels::sum_and_dot_in_lanes(&dy[r.clone()], &xhat[r]))
-                                .fold((0.0, 0.0), |(s, d), (bs, bd)| (s + bs, d + bd))
-                        },
+                        || crate::kernels::sum_and_dot_blocks_in_lanes(blocks(c).map(|r| (&dy[r.clone()], &xhat[r]))),
                     )
                 })
                 .collect();
