@@ -517,9 +517,8 @@ pub fn weight_gradient(
         .for_each(|(block, packed)| {
             let first = block * TILE_ROWS;
             let block_rows = TILE_ROWS.min(rows - first);
-            for (column, values) in packed.chunks_exact_mut(block_rows).enumerate() {
-                let (b, p) = (column / grid_pixels, column % grid_pixels);
-                let start = b * rows * grid_pixels + first * grid_pixels + p;
+            let sources = (0..batch).flat_map(|b| (0..grid_pixels).map(move |p| (b * rows + first) * grid_pixels + p));
+            for (values, start) in packed.chunks_exact_mut(block_rows).zip(sources) {
                 for (r, value) in values.iter_mut().enumerate() {
                     value.write(grad[start + r * grid_pixels]);
                 }
@@ -528,7 +527,11 @@ pub fn weight_gradient(
     // SAFETY: every block of rows wrote each of its `columns · block rows` values above.
     unsafe { packed_grad.set_len(rows * columns) };
     let small_indices = input.fits_32_bit_indices();
-    let patch_origin = |column: usize| input.patch_origin(gather.stride, gather.point(column));
+    // Every column's patch origin, computed once for all the tasks.
+    let patch_origins: Vec<usize> = (0..batch)
+        .flat_map(|b| (0..gather.grid.0).flat_map(move |oy| (0..gather.grid.1).map(move |ox| (b, oy, ox))))
+        .map(|point| input.patch_origin(gather.stride, point))
+        .collect();
     let output = SharedOutput(dw.as_mut_ptr());
     (0..depth.div_ceil(TILE_COLUMNS))
         .into_par_iter()
@@ -551,7 +554,7 @@ pub fn weight_gradient(
                     pack_transposed_patches(
                         kernel,
                         &input.data,
-                        (start..start + step).map(patch_origin),
+                        patch_origins[start..start + step].iter().copied(),
                         &offsets,
                         panel,
                         small_indices,
@@ -988,15 +991,24 @@ mod avx512 {
             {
                 let spread = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(first as i32), ramp), values);
                 let mask = every_stride & (u16::MAX >> (15 - (length - 1) * stride));
-                let at = row.add(position);
-                let spread = if accumulate {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), spread)
-                } else {
-                    spread
-                };
-                _mm512_mask_storeu_ps(at, mask, spread);
+                store_or_add(row.add(position), mask, spread, accumulate);
             }
         }
+    }
+
+    /// Stores the lanes `mask` of `values` to `at` onwards, or with `accumulate` adds them to the
+    /// values there.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; the masked lanes' values from `at` on must be writable.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_or_add(at: *mut f32, mask: u16, values: __m512, accumulate: bool) {
+        let values = if accumulate {
+            _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), values)
+        } else {
+            values
+        };
+        _mm512_mask_storeu_ps(at, mask, values);
     }
 
     /// Writes (or adds) one row of two tiles plus `bias` to the output through the strided runs
@@ -1034,13 +1046,7 @@ mod avx512 {
                 let index = _mm512_add_epi32(_mm512_set1_epi32(first as i32), ramp);
                 let values = _mm512_permutex2var_ps(first_values, index, second_values);
                 let mask = ((1u32 << (2 * length)) - 1) as u16;
-                let at = row.add(position);
-                let values = if accumulate {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), values)
-                } else {
-                    values
-                };
-                _mm512_mask_storeu_ps(at, mask, values);
+                store_or_add(row.add(position), mask, values, accumulate);
             }
         }
     }
