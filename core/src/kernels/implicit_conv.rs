@@ -528,9 +528,8 @@ pub fn weight_gradient(
     unsafe { packed_grad.set_len(rows * columns) };
     let small_indices = input.fits_32_bit_indices();
     // Every column's patch origin, computed once for all the tasks.
-    let patch_origins: Vec<usize> = (0..batch)
-        .flat_map(|b| (0..gather.grid.0).flat_map(move |oy| (0..gather.grid.1).map(move |ox| (b, oy, ox))))
-        .map(|point| input.patch_origin(gather.stride, point))
+    let patch_origins: Vec<usize> = (0..columns)
+        .map(|column| input.patch_origin(gather.stride, gather.point(column)))
         .collect();
     let output = SharedOutput(dw.as_mut_ptr());
     (0..depth.div_ceil(TILE_COLUMNS))

@@ -309,15 +309,16 @@ pub mod kernels {
         let mut grids: Vec<(usize, usize)> = phases.iter().map(|phase| phase.grid).collect();
         grids.sort_unstable();
         grids.dedup();
-        // Per grid, the union of its phases' taps.
-        let group_taps: Vec<Vec<(isize, isize)>> = grids
+        // The phases of each grid, and the union of their taps.
+        let groups: Vec<Vec<&OutputPhase>> = grids
             .iter()
-            .map(|&grid| {
-                let mut taps: Vec<(isize, isize)> = phases
-                    .iter()
-                    .filter(|phase| phase.grid == grid)
-                    .flat_map(|phase| phase.taps.iter().copied())
-                    .collect();
+            .map(|&grid| phases.iter().filter(|phase| phase.grid == grid).collect())
+            .collect();
+        let group_taps: Vec<Vec<(isize, isize)>> = groups
+            .iter()
+            .map(|members| {
+                let mut taps: Vec<(isize, isize)> =
+                    members.iter().flat_map(|phase| phase.taps.iter().copied()).collect();
                 taps.sort_unstable();
                 taps.dedup();
                 taps
@@ -337,8 +338,7 @@ pub mod kernels {
         }
         let planes = PaddedPlanes::new(x, (batch, g.c_out), (g.h_out, g.w_out), before, after);
         let k2 = g.kernel * g.kernel;
-        for gather in &gathers {
-            let members: Vec<&OutputPhase> = phases.iter().filter(|phase| phase.grid == gather.grid).collect();
+        for (gather, members) in gathers.iter().zip(&groups) {
             // Each phase's taps as indices into the gather's, and its weights, `[c_in, taps·c_out]`
             // tap-major: index `i·c_out + co` is `w[co, m, ki, kj]` for the phase's `i`-th tap.
             let tap_indices: Vec<Vec<usize>> = members
