@@ -77,12 +77,16 @@ impl ActivationFn {
     pub fn apply_with_slopes(&self, values: &mut [f32], slopes: &mut [f32]) {
         use rayon::prelude::*;
         #[inline(always)]
-        fn run(values: &mut [f32], slopes: &mut [f32], f: impl Fn(f32) -> (f32, f32) + Sync) {
+        fn run(values: &mut [f32], slopes: &mut [f32], f: impl Fn(f32) -> (f32, f32) + Sync + Copy) {
             let serial = |values: &mut [f32], slopes: &mut [f32]| {
                 // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
                 crate::kernels::on_widest_vectors(
                     #[inline(always)]
                     || {
+                        // A local copy of the function (its parameters): read through the
+                        // closure's reference, LLVM cannot tell that the stores below leave them
+                        // unchanged, reloads them every value and keeps the loop scalar.
+                        let f = f;
                         let slopes = &mut slopes[..values.len()];
                         for i in 0..values.len() {
                             let (value, slope) = f(values[i]);
@@ -105,12 +109,12 @@ impl ActivationFn {
         assert_eq!(values.len(), slopes.len(), "one slope per value");
         // One closure per variant, so that each loop is compiled for its function.
         match *self {
-            ActivationFn::Relu => run(values, slopes, |v| ActivationFn::Relu.value_and_slope(v)),
-            ActivationFn::LeakyRelu(s) => run(values, slopes, |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
-            ActivationFn::Elu(a) => run(values, slopes, |v| ActivationFn::Elu(a).value_and_slope(v)),
-            ActivationFn::Tanh => run(values, slopes, |v| ActivationFn::Tanh.value_and_slope(v)),
-            ActivationFn::Sigmoid => run(values, slopes, |v| ActivationFn::Sigmoid.value_and_slope(v)),
-            ActivationFn::Gelu => run(values, slopes, |v| ActivationFn::Gelu.value_and_slope(v)),
+            ActivationFn::Relu => run(values, slopes, move |v| ActivationFn::Relu.value_and_slope(v)),
+            ActivationFn::LeakyRelu(s) => run(values, slopes, move |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
+            ActivationFn::Elu(a) => run(values, slopes, move |v| ActivationFn::Elu(a).value_and_slope(v)),
+            ActivationFn::Tanh => run(values, slopes, move |v| ActivationFn::Tanh.value_and_slope(v)),
+            ActivationFn::Sigmoid => run(values, slopes, move |v| ActivationFn::Sigmoid.value_and_slope(v)),
+            ActivationFn::Gelu => run(values, slopes, move |v| ActivationFn::Gelu.value_and_slope(v)),
         }
     }
 
