@@ -81,9 +81,16 @@ pub fn sum_and_dot_blocks_in_lanes<'a>(blocks: impl Iterator<Item = (&'a [f32], 
         let n = a.len().min(b.len());
         let (a, b) = (&a[..n], &b[..n]);
         let whole = n / 8 * 8;
+        // Two passes over the block (in L1 by the second), each the shape of
+        // `sum_blocks_in_lanes`: LLVM pairs the `sums[j]` and `dots[j]` of one loop over both
+        // into 2-lane vectors built value by value, and keeps that loop scalar.
+        for chunk in a[..whole].chunks_exact(8) {
+            for j in 0..8 {
+                sums[j] += chunk[j] as f64;
+            }
+        }
         for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
             for j in 0..8 {
-                sums[j] += ca[j] as f64;
                 dots[j] += (ca[j] * cb[j]) as f64;
             }
         }

@@ -118,30 +118,15 @@ impl PaddedPlanes {
         }
         // Written once, borders and copies, without zero-filling the whole buffer first.
         let mut data: Vec<f32> = Vec::with_capacity(total);
-        let zero = MaybeUninit::new(0.0f32);
         data.spare_capacity_mut()[..total]
             .par_chunks_mut(padded_plane)
             .zip(x[..batch * channels * plane].par_chunks(plane))
             .with_min_len(super::min_items_per_task(16))
             .for_each(|(padded, plane)| {
-                let (top, rest) = padded.split_at_mut(before.0 * size.1);
-                let (middle, bottom) = rest.split_at_mut(h * size.1);
-                top.fill(zero);
-                bottom.fill(zero);
-                for (row, source) in middle.chunks_exact_mut(size.1).zip(plane.chunks_exact(w)) {
-                    let (left, rest) = row.split_at_mut(before.1);
-                    let (inside, right) = rest.split_at_mut(w);
-                    left.fill(zero);
-                    right.fill(zero);
-                    // The rows are short (7 to 28 values at the DCGAN's shapes): an inline loop
-                    // rather than a `memcpy` call per row.
-                    for (value, &x) in inside.iter_mut().zip(source) {
-                        value.write(x);
-                    }
-                }
+                pad_plane(padded, plane, (h, w), size.1, before);
             });
-        // SAFETY: the loop above wrote every one of the `total` values (each padded plane is its
-        // top rows, `h` rows of left border, copy and right border, and its bottom rows).
+        // SAFETY: the loop above wrote every one of the `total` values (either writer writes every
+        // row of its padded plane: zeros, or left border, copy and right border).
         unsafe { data.set_len(total) };
         PaddedPlanes {
             data,
@@ -166,6 +151,37 @@ impl PaddedPlanes {
     /// the input's pixel `(0, 0)`) of grid point `(oy, ox)` of sample `b`, at input stride `stride`.
     fn patch_origin(&self, stride: usize, (b, oy, ox): (usize, usize, usize)) -> usize {
         b * self.sample_len() + (oy * self.size.1 + ox) * stride
+    }
+}
+
+/// Writes one padded plane (`padded`, rows of `padded_width` values) of an input `plane` of `(h, w)`
+/// whose pixel `(0, 0)` goes to `before`, everything else zero. (An AVX-512 form, one masked load
+/// and one masked store per row, ran 1.6x slower in the DCGAN's steps on the Zen 5 machine.)
+///
+/// # Panics
+/// When `padded` holds fewer than `before.0 + h` rows or `plane` fewer than `h·w` values.
+fn pad_plane(
+    padded: &mut [MaybeUninit<f32>],
+    plane: &[f32],
+    (h, w): (usize, usize),
+    padded_width: usize,
+    before: (usize, usize),
+) {
+    let zero = MaybeUninit::new(0.0f32);
+    let (top, rest) = padded.split_at_mut(before.0 * padded_width);
+    let (middle, bottom) = rest.split_at_mut(h * padded_width);
+    top.fill(zero);
+    bottom.fill(zero);
+    for (row, source) in middle.chunks_exact_mut(padded_width).zip(plane.chunks_exact(w)) {
+        let (left, rest) = row.split_at_mut(before.1);
+        let (inside, right) = rest.split_at_mut(w);
+        left.fill(zero);
+        right.fill(zero);
+        // The rows are short (7 to 28 values at the DCGAN's shapes): an inline loop rather
+        // than a `memcpy` call per row.
+        for (value, &x) in inside.iter_mut().zip(source) {
+            value.write(x);
+        }
     }
 }
 
@@ -1108,6 +1124,44 @@ mod avx512 {
         for r in 0..R {
             _mm512_storeu_ps(tile.add(r * TILE_COLUMNS), low[r]);
             _mm512_storeu_ps(tile.add(r * TILE_COLUMNS + 16), high[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::MaybeUninit;
+
+    /// The plane writer against the definition, at several widths and borders on either side.
+    #[test]
+    fn padded_planes_hold_the_input_inside_zero_borders() {
+        for (h, w) in [(1, 1), (3, 7), (7, 7), (14, 14), (5, 15), (4, 16), (3, 17), (2, 33)] {
+            for before in [(0, 0), (1, 1), (2, 3), (0, 5)] {
+                for after in [(0, 0), (1, 2), (3, 0)] {
+                    let size = (before.0 + h + after.0, before.1 + w + after.1);
+                    let plane: Vec<f32> = (0..h * w).map(|i| i as f32 + 1.0).collect();
+                    let expected: Vec<f32> = (0..size.0 * size.1)
+                        .map(|i| {
+                            let (y, x) = (i / size.1, i % size.1);
+                            let inside = (before.0..before.0 + h).contains(&y) && (before.1..before.1 + w).contains(&x);
+                            if inside {
+                                plane[(y - before.0) * w + x - before.1]
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let written = |writer: &dyn Fn(&mut [MaybeUninit<f32>])| {
+                        let mut padded = vec![MaybeUninit::new(f32::NAN); size.0 * size.1];
+                        writer(&mut padded);
+                        // SAFETY: every value was initialised (to NaN, then by the writer).
+                        padded.iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
+                    };
+                    let shape = format!("{h}x{w} plane, before {before:?}, after {after:?}");
+                    let padded = written(&|p| super::pad_plane(p, &plane, (h, w), size.1, before));
+                    assert_eq!(padded, expected, "{shape}");
+                }
+            }
         }
     }
 }
