@@ -86,10 +86,10 @@ impl ActivationFn {
                         // A local copy of the function (its parameters): read through the
                         // closure's reference, LLVM cannot tell that the stores below leave them
                         // unchanged, reloads them every value and keeps the loop scalar.
-                        let f = f;
+                        let local = f;
                         let slopes = &mut slopes[..values.len()];
                         for i in 0..values.len() {
-                            let (value, slope) = f(values[i]);
+                            let (value, slope) = local(values[i]);
                             values[i] = value;
                             slopes[i] = slope;
                         }
