@@ -123,7 +123,10 @@ impl PaddedPlanes {
             .zip(x[..batch * channels * plane].par_chunks(plane))
             .with_min_len(super::min_items_per_task(16))
             .for_each(|(padded, plane)| {
-                pad_plane(padded, plane, (h, w), size.1, before);
+                super::on_widest_vectors(
+                    #[inline(always)]
+                    || pad_plane(padded, plane, (h, w), size.1, before),
+                )
             });
         // SAFETY: the loop above wrote every one of the `total` values (either writer writes every
         // row of its padded plane: zeros, or left border, copy and right border).
@@ -160,6 +163,7 @@ impl PaddedPlanes {
 ///
 /// # Panics
 /// When `padded` holds fewer than `before.0 + h` rows or `plane` fewer than `h·w` values.
+#[inline(always)]
 fn pad_plane(
     padded: &mut [MaybeUninit<f32>],
     plane: &[f32],
@@ -167,19 +171,14 @@ fn pad_plane(
     padded_width: usize,
     before: (usize, usize),
 ) {
-    let zero = MaybeUninit::new(0.0f32);
-    let (top, rest) = padded.split_at_mut(before.0 * padded_width);
-    let (middle, bottom) = rest.split_at_mut(h * padded_width);
-    top.fill(zero);
-    bottom.fill(zero);
-    for (row, source) in middle.chunks_exact_mut(padded_width).zip(plane.chunks_exact(w)) {
-        let (left, rest) = row.split_at_mut(before.1);
-        let (inside, right) = rest.split_at_mut(w);
-        left.fill(zero);
-        right.fill(zero);
-        // The rows are short (7 to 28 values at the DCGAN's shapes): an inline loop rather
-        // than a `memcpy` call per row.
-        for (value, &x) in inside.iter_mut().zip(source) {
+    // One fill of the whole plane, then the rows copied over it: filling each row's borders apart
+    // took two `memset` calls per row (of one value each at the DCGAN's shapes).
+    padded.fill(MaybeUninit::new(0.0f32));
+    let rows = padded[before.0 * padded_width..].chunks_exact_mut(padded_width);
+    for (row, source) in rows.zip(plane.chunks_exact(w)).take(h) {
+        // The rows are short (7 to 28 values at the DCGAN's shapes): an inline loop rather than
+        // a `memcpy` call per row.
+        for (value, &x) in row[before.1..before.1 + w].iter_mut().zip(source) {
             value.write(x);
         }
     }
