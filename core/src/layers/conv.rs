@@ -1919,6 +1919,36 @@ mod tests {
     }
 
     #[test]
+    fn implicit_gemm_convolutions_give_the_same_bits_on_one_thread_and_on_three() {
+        // Deep enough for 8 blocks of the weight gradient's contraction rows (3 tasks on 3
+        // threads), 2 of its reduction steps, several tiles of grid points and of rows.
+        let mut h = Harness::new(5);
+        let g = ConvGeometry::conv(16, 14, 14, 40, 4, 2, 1).unwrap();
+        let batch = 6;
+        let (x, w, dy) = (
+            h.values(batch * g.in_len()),
+            h.values(g.weight_len()),
+            h.values(batch * g.out_len()),
+        );
+        let (start_in, start_w) = (h.values(batch * g.in_len()), h.values(g.weight_len()));
+        for kernel in microkernels() {
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let mut y = vec![0.0; batch * g.out_len()];
+                    kernels::implicit_conv(&g, batch, &x, &w, None, &mut y, false, kernel);
+                    let mut t = start_in.clone();
+                    kernels::implicit_conv_transpose(&g, batch, &dy, &w, &mut t, kernel);
+                    let mut dw = start_w.clone();
+                    kernels::implicit_weight_gradient(&g, batch, &x, &dy, &mut dw, kernel);
+                    [y, t, dw].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                })
+            };
+            assert!(run(3) == run(1), "{kernel:?}: the bits depend on the threads");
+        }
+    }
+
+    #[test]
     fn conv_and_transpose_are_adjoint() {
         // <conv(x), y> == <x, conv_t(y)> for the same geometry and weights (no bias).
         let mut h = Harness::new(3);
