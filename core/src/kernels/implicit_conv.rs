@@ -1084,7 +1084,7 @@ mod avx512 {
     /// put together in registers; else two 16-lane gathers. On the Zen 5 machine the loads took
     /// the DCGAN's weight gradients from 5.0-5.5 to 4.2-4.5 ms (`nash bench conv`, 1 thread) and
     /// 4.6% off the samples of its step; masked loads of the same runs ([`LaneRuns`]) had been no
-    /// faster than the gathers (AMD's masked loads are slow in loops).
+    /// faster than the gathers.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every `origin + row_offsets[i]` must index `input` and fit in an
