@@ -116,7 +116,8 @@ impl PaddedPlanes {
                 origin: before,
             };
         }
-        // Written once, borders and copies, without zero-filling the whole buffer first.
+        // Each plane zero-filled and its rows copied over it while it is in cache, not the whole
+        // buffer zero-filled first.
         let mut data: Vec<f32> = Vec::with_capacity(total);
         data.spare_capacity_mut()[..total]
             .par_chunks_mut(padded_plane)
@@ -128,8 +129,8 @@ impl PaddedPlanes {
                     || pad_plane(padded, plane, (h, w), size.1, before),
                 )
             });
-        // SAFETY: the loop above wrote every one of the `total` values (either writer writes every
-        // row of its padded plane: zeros, or left border, copy and right border).
+        // SAFETY: the loop above wrote every one of the `total` values (`pad_plane` fills each
+        // padded plane whole before copying the input's rows into it).
         unsafe { data.set_len(total) };
         PaddedPlanes {
             data,
@@ -162,7 +163,8 @@ impl PaddedPlanes {
 /// and one masked store per row, ran 1.6x slower in the DCGAN's steps on the Zen 5 machine.)
 ///
 /// # Panics
-/// When `padded` holds fewer than `before.0 + h` rows or `plane` fewer than `h·w` values.
+/// When `padded` holds fewer than `before.0 + h` rows, its rows are narrower than `before.1 + w`
+/// or `plane` holds fewer than `h·w` values (a bug in the calling kernel).
 #[inline(always)]
 fn pad_plane(
     padded: &mut [MaybeUninit<f32>],
@@ -171,6 +173,10 @@ fn pad_plane(
     padded_width: usize,
     before: (usize, usize),
 ) {
+    assert!(
+        padded.len() >= (before.0 + h) * padded_width && before.1 + w <= padded_width && plane.len() >= h * w,
+        "padded plane: the plane does not fit"
+    );
     // One fill of the whole plane, then the rows copied over it: filling each row's borders apart
     // took two `memset` calls per row (of one value each at the DCGAN's shapes).
     padded.fill(MaybeUninit::new(0.0f32));
