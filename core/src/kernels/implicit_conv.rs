@@ -529,24 +529,22 @@ pub fn weight_gradient(
     }
     let row_offsets = row_offsets(input, gather, Contraction::ChannelMajor);
     // The output gradient packed as the microkernel's weights: blocks of TILE_ROWS rows, each
-    // `[columns, block rows]`.
-    let mut packed_grad: Vec<f32> = Vec::with_capacity(rows * columns);
-    packed_grad.spare_capacity_mut()[..rows * columns]
+    // `[columns, block rows]`: per sample, the transpose of the block's `[block rows, grid pixels]`
+    // (in 8x8 register tiles where the CPU has AVX; element by element, this was 1.4% of the
+    // DCGAN's step).
+    let mut packed_grad = vec![0.0f32; rows * columns];
+    packed_grad
         .par_chunks_mut(TILE_ROWS * columns)
         .with_min_len(super::min_items_per_task(4))
         .enumerate()
         .for_each(|(block, packed)| {
             let first = block * TILE_ROWS;
             let block_rows = TILE_ROWS.min(rows - first);
-            let sources = (0..batch).flat_map(|b| (0..grid_pixels).map(move |p| (b * rows + first) * grid_pixels + p));
-            for (values, start) in packed.chunks_exact_mut(block_rows).zip(sources) {
-                for (r, value) in values.iter_mut().enumerate() {
-                    value.write(grad[start + r * grid_pixels]);
-                }
+            for (b, out) in packed.chunks_exact_mut(block_rows * grid_pixels).enumerate() {
+                let source = &grad[(b * rows + first) * grid_pixels..][..block_rows * grid_pixels];
+                super::transpose_into(source, (block_rows, grid_pixels), out, false);
             }
         });
-    // SAFETY: every block of rows wrote each of its `columns · block rows` values above.
-    unsafe { packed_grad.set_len(rows * columns) };
     let small_indices = input.fits_32_bit_indices();
     // Every column's patch origin, computed once for all the tasks.
     let patch_origins: Vec<usize> = (0..columns)
