@@ -570,20 +570,26 @@ pub fn weight_gradient(
                 )
             },
             |(panel, tile), task| {
-                let task_blocks = task * blocks_per_task..blocks.min((task + 1) * blocks_per_task);
-                for start in (0..columns).step_by(REDUCTION_STEP) {
-                    let step = REDUCTION_STEP.min(columns - start);
-                    for block in task_blocks.clone() {
+                // The task's blocks: first column of `dw`, columns in the block, and the offsets of
+                // its contraction rows (those past the last repeat the first; their sums are dropped).
+                let task_blocks: Vec<(usize, usize, [usize; TILE_COLUMNS])> = (task * blocks_per_task
+                    ..blocks.min((task + 1) * blocks_per_task))
+                    .map(|block| {
                         let first_column = block * TILE_COLUMNS;
                         let valid = TILE_COLUMNS.min(depth - first_column);
-                        // Contraction rows past the last repeat the first (their sums are dropped).
-                        let offsets: [usize; TILE_COLUMNS] =
+                        let offsets =
                             std::array::from_fn(|i| row_offsets[first_column + if i < valid { i } else { 0 }]);
+                        (first_column, valid, offsets)
+                    })
+                    .collect();
+                for start in (0..columns).step_by(REDUCTION_STEP) {
+                    let step = REDUCTION_STEP.min(columns - start);
+                    for &(first_column, valid, ref offsets) in &task_blocks {
                         pack_transposed_patches(
                             kernel,
                             &input.data,
                             patch_origins[start..start + step].iter().copied(),
-                            &offsets,
+                            offsets,
                             panel,
                             small_indices,
                         );
@@ -1191,15 +1197,11 @@ mod tests {
                             }
                         })
                         .collect();
-                    let written = |writer: &dyn Fn(&mut [MaybeUninit<f32>])| {
-                        let mut padded = vec![MaybeUninit::new(f32::NAN); size.0 * size.1];
-                        writer(&mut padded);
-                        // SAFETY: every value was initialised (to NaN, then by the writer).
-                        padded.iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
-                    };
-                    let shape = format!("{h}x{w} plane, before {before:?}, after {after:?}");
-                    let padded = written(&|p| super::pad_plane(p, &plane, (h, w), size.1, before));
-                    assert_eq!(padded, expected, "{shape}");
+                    let mut padded = vec![MaybeUninit::new(f32::NAN); size.0 * size.1];
+                    super::pad_plane(&mut padded, &plane, (h, w), size.1, before);
+                    // SAFETY: every value was initialised (to NaN, then by the writer).
+                    let padded: Vec<f32> = padded.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    assert_eq!(padded, expected, "{h}x{w} plane, before {before:?}, after {after:?}");
                 }
             }
         }
