@@ -267,22 +267,45 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs the `[rows, columns.len()]` matrix whose element `(m, j)` is
-    /// `values[columns[j] + m·row_stride]`: a weight tensor's values read in another order (no
-    /// index arithmetic per value beyond one addition).
+    /// Packs the `[rows, offsets.len()·group_len]` matrix whose element `(m, i·group_len + g)` is
+    /// `values[offsets[i] + g·group_stride + m·row_stride]`: a weight tensor's values read in
+    /// another order. A convolution's kernel `[c_out, c_in, k, k]` is tap-major this way (groups:
+    /// the taps, each over the input channels), and so are the phases of its adjoint (groups: the
+    /// phase's taps, each over the output channels). A block's values of one group member `g`
+    /// come from one run of `values` per row, which stay in the L1 cache while every group is
+    /// written from them, each packed column in order.
     ///
     /// # Panics
     /// When an index falls outside `values` (a bug in the calling kernel).
-    pub fn gather(values: &[f32], rows: usize, row_stride: usize, columns: &[usize]) -> PackedWeights {
-        let depth = columns.len();
-        let mut data = Vec::with_capacity(rows * depth);
-        for first in (0..rows).step_by(TILE_ROWS) {
-            let block = &values[first * row_stride..];
+    pub fn gather(
+        values: &[f32],
+        rows: usize,
+        row_stride: usize,
+        offsets: &[usize],
+        (group_len, group_stride): (usize, usize),
+    ) -> PackedWeights {
+        let depth = offsets.len() * group_len;
+        let len = rows * depth;
+        let mut data = Vec::with_capacity(len);
+        for (block, packed) in data.spare_capacity_mut()[..len]
+            .chunks_mut(TILE_ROWS * depth)
+            .enumerate()
+        {
+            let first = block * TILE_ROWS;
             let block_rows = TILE_ROWS.min(rows - first);
-            for &column in columns {
-                data.extend((0..block_rows).map(|r| block[column + r * row_stride]));
+            for g in 0..group_len {
+                let base = &values[g * group_stride + first * row_stride..];
+                for (i, &offset) in offsets.iter().enumerate() {
+                    let out = &mut packed[(i * group_len + g) * block_rows..][..block_rows];
+                    for (r, value) in out.iter_mut().enumerate() {
+                        value.write(base[offset + r * row_stride]);
+                    }
+                }
             }
         }
+        // SAFETY: each block of `block_rows` rows wrote its `depth·block_rows` values (every
+        // `(i, g, r)` above, `i·group_len + g` running over the depth), and the blocks tile `len`.
+        unsafe { data.set_len(len) };
         PackedWeights { data, rows, depth }
     }
 

@@ -231,8 +231,8 @@ pub mod kernels {
         let gather = conv_gather(g, &taps);
         // Tap-major contraction: index `t·c_in + c` is `w[m, c, t]`.
         let k2 = g.kernel * g.kernel;
-        let columns: Vec<usize> = (0..k2).flat_map(|t| (0..g.c_in).map(move |c| c * k2 + t)).collect();
-        let weights = PackedWeights::gather(w, g.c_out, g.patch_len(), &columns);
+        let taps_in_kernel: Vec<usize> = (0..k2).collect();
+        let weights = PackedWeights::gather(w, g.c_out, g.patch_len(), &taps_in_kernel, (g.c_in, k2));
         let all_taps: Vec<usize> = (0..taps.len()).collect();
         let product = Product {
             weights: &weights,
@@ -379,12 +379,12 @@ pub mod kernels {
             let weights: Vec<PackedWeights> = members
                 .iter()
                 .map(|phase| {
-                    let columns: Vec<usize> = phase
+                    let offsets: Vec<usize> = phase
                         .kernel_offsets
                         .iter()
-                        .flat_map(|&(ki, kj)| (0..g.c_out).map(move |co| co * g.patch_len() + ki * g.kernel + kj))
+                        .map(|&(ki, kj)| ki * g.kernel + kj)
                         .collect();
-                    PackedWeights::gather(w, g.c_in, k2, &columns)
+                    PackedWeights::gather(w, g.c_in, k2, &offsets, (g.c_out, g.patch_len()))
                 })
                 .collect();
             let products: Vec<Product<'_>> = members
