@@ -540,13 +540,24 @@ pub mod kernels {
             );
     }
 
+    /// Tasks of at least this many rows of `values_per_row` values each, for the copies between
+    /// the two layouts (split across the pool's threads when large: at 2 threads they ran on one
+    /// while the other waited).
+    fn rows_per_task(values_per_row: usize) -> usize {
+        crate::kernels::min_items_per_task(crate::kernels::ELEMENTWISE_VALUES_PER_TASK.div_ceil(values_per_row.max(1)))
+    }
+
     /// `[batch, c, pixels]` to `[c, batch·pixels]`, written into the first `v.len()` values of `out`.
     pub fn to_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
-        for b in 0..batch {
-            for ch in 0..c {
-                out[(ch * batch + b) * pixels..][..pixels].copy_from_slice(&v[(b * c + ch) * pixels..][..pixels]);
-            }
-        }
+        out[..c * batch * pixels]
+            .par_chunks_mut((batch * pixels).max(1))
+            .with_min_len(rows_per_task(batch * pixels))
+            .enumerate()
+            .for_each(|(ch, rows)| {
+                for (b, row) in rows.chunks_exact_mut(pixels.max(1)).enumerate() {
+                    row.copy_from_slice(&v[(b * c + ch) * pixels..][..pixels]);
+                }
+            });
     }
 
     /// `[c, batch·pixels]` to `[batch, c, pixels]`, appended to `out`, adding `bias[c]` if given
@@ -559,24 +570,37 @@ pub mod kernels {
         bias: Option<&[f32]>,
         out: &mut Vec<f32>,
     ) {
-        for b in 0..batch {
-            for ch in 0..c {
-                let add = bias.map_or(0.0, |bb| bb[ch]);
-                out.extend(v[(ch * batch + b) * pixels..][..pixels].iter().map(|s| s + add));
-            }
-        }
+        let (old, added) = (out.len(), batch * c * pixels);
+        out.reserve(added);
+        out.spare_capacity_mut()[..added]
+            .par_chunks_mut((c * pixels).max(1))
+            .with_min_len(rows_per_task(c * pixels))
+            .enumerate()
+            .for_each(|(b, sample)| {
+                for (ch, plane) in sample.chunks_exact_mut(pixels.max(1)).enumerate() {
+                    let add = bias.map_or(0.0, |bb| bb[ch]);
+                    for (o, s) in plane.iter_mut().zip(&v[(ch * batch + b) * pixels..][..pixels]) {
+                        o.write(s + add);
+                    }
+                }
+            });
+        // SAFETY: each of the `batch` samples' `c·pixels` values was written above.
+        unsafe { out.set_len(old + added) };
     }
 
     /// `[c, batch·pixels]` added into `out` (`[batch, c, pixels]`).
     pub fn add_from_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
-        for b in 0..batch {
-            for ch in 0..c {
-                let dst = &mut out[(b * c + ch) * pixels..][..pixels];
-                for (d, s) in dst.iter_mut().zip(&v[(ch * batch + b) * pixels..][..pixels]) {
-                    *d += s;
+        out[..batch * c * pixels]
+            .par_chunks_mut((c * pixels).max(1))
+            .with_min_len(rows_per_task(c * pixels))
+            .enumerate()
+            .for_each(|(b, sample)| {
+                for (ch, plane) in sample.chunks_exact_mut(pixels.max(1)).enumerate() {
+                    for (d, s) in plane.iter_mut().zip(&v[(ch * batch + b) * pixels..][..pixels]) {
+                        *d += s;
+                    }
                 }
-            }
-        }
+            });
     }
 
     /// Per-channel sums of `[batch, c, pixels]` (the bias gradient), added into `out` (length `c`).
