@@ -32,6 +32,16 @@ pub enum ActivationFn {
 const GELU_BETA: f32 = 0.797_884_6; // sqrt(2/pi)
 const GELU_KAPPA: f32 = 0.044715;
 
+/// A computation over an activation's function `x ↦ (f(x), f'(x))`, compiled once per variant
+/// ([`ActivationFn::with_function`]): a loop that applies the activation on the way (batch norm's
+/// normalization writes the activated output and its slopes in the pass that computes it).
+pub trait OverFunction {
+    /// What the computation returns.
+    type Output;
+    /// Runs the computation with the variant's function `f`.
+    fn run<F: Fn(f32) -> (f32, f32) + Copy + Send + Sync>(self, f: F) -> Self::Output;
+}
+
 impl ActivationFn {
     fn name(&self) -> String {
         match self {
@@ -107,14 +117,32 @@ impl ActivationFn {
                 .for_each(|(values, slopes)| serial(values, slopes));
         }
         assert_eq!(values.len(), slopes.len(), "one slope per value");
-        // One closure per variant, so that each loop is compiled for its function.
+        /// The pass, over the variant's function.
+        struct Apply<'a> {
+            values: &'a mut [f32],
+            slopes: &'a mut [f32],
+        }
+        impl OverFunction for Apply<'_> {
+            type Output = ();
+            fn run<F: Fn(f32) -> (f32, f32) + Copy + Send + Sync>(self, f: F) {
+                run(self.values, self.slopes, f)
+            }
+        }
+        self.with_function(Apply { values, slopes })
+    }
+
+    /// `body` run with this activation's `x ↦ (f(x), f'(x))` as a closure of the variant's own
+    /// type, so that the loops in `body` are compiled (and vectorized) for the function itself
+    /// (through the enum, every value would take the variant's branch).
+    #[inline(always)]
+    pub fn with_function<B: OverFunction>(&self, body: B) -> B::Output {
         match *self {
-            ActivationFn::Relu => run(values, slopes, move |v| ActivationFn::Relu.value_and_slope(v)),
-            ActivationFn::LeakyRelu(s) => run(values, slopes, move |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
-            ActivationFn::Elu(a) => run(values, slopes, move |v| ActivationFn::Elu(a).value_and_slope(v)),
-            ActivationFn::Tanh => run(values, slopes, move |v| ActivationFn::Tanh.value_and_slope(v)),
-            ActivationFn::Sigmoid => run(values, slopes, move |v| ActivationFn::Sigmoid.value_and_slope(v)),
-            ActivationFn::Gelu => run(values, slopes, move |v| ActivationFn::Gelu.value_and_slope(v)),
+            ActivationFn::Relu => body.run(move |v| ActivationFn::Relu.value_and_slope(v)),
+            ActivationFn::LeakyRelu(s) => body.run(move |v| ActivationFn::LeakyRelu(s).value_and_slope(v)),
+            ActivationFn::Elu(a) => body.run(move |v| ActivationFn::Elu(a).value_and_slope(v)),
+            ActivationFn::Tanh => body.run(move |v| ActivationFn::Tanh.value_and_slope(v)),
+            ActivationFn::Sigmoid => body.run(move |v| ActivationFn::Sigmoid.value_and_slope(v)),
+            ActivationFn::Gelu => body.run(move |v| ActivationFn::Gelu.value_and_slope(v)),
         }
     }
 

@@ -133,7 +133,7 @@ pub mod sequential;
 pub(crate) mod testing;
 
 pub use activation::{
-    Activate, ActivationFn, EluConfig, GeluConfig, LeakyReluConfig, ReluConfig, SigmoidConfig, TanhConfig,
+    Activate, ActivationFn, EluConfig, GeluConfig, LeakyReluConfig, OverFunction, ReluConfig, SigmoidConfig, TanhConfig,
 };
 pub use conv::{Conv2d, Conv2dConfig, ConvGeometry, ConvTranspose2d, ConvTranspose2dConfig};
 pub use dropout::{Dropout, DropoutConfig};

@@ -7,6 +7,8 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
+#[cfg(not(feature = "cuda"))]
+use super::OverFunction;
 use super::{ActivationFn, BuildContext, ForwardContext, Layer, LayerConfig, Mode};
 use crate::error::{Error, Result};
 use crate::tensor::{Activation, FeatureShape, Param, ParamRole, Parameterized, Tape};
@@ -211,37 +213,37 @@ impl BatchNorm {
         let mean: Vec<f32> = statistics.iter().map(|s| s.0 as f32).collect();
         let var: Vec<f32> = statistics.iter().map(|s| s.1 as f32).collect();
         let inv_std: Vec<f32> = statistics.iter().map(|s| s.2 as f32).collect();
-        // x̂ and y = γ·x̂ + β, in parallel over samples; `y` written once, without a zero-fill first.
+        // x̂ and y = f(γ·x̂ + β) with the slopes f' of a fused activation f, in one pass in
+        // parallel over samples; `y` and the slopes written once, without a zero-fill first (the
+        // activation's own pass over `y` afterwards was 1.1% of the DCGAN's step).
         let len = xhat.len();
         let mut y: Vec<f32> = Vec::with_capacity(len);
-        xhat.par_chunks_mut(row)
-            .zip(y.spare_capacity_mut()[..len].par_chunks_mut(row))
-            .with_min_len(min_items_per_task(row))
-            .for_each(|(xs, ys)| {
-                crate::kernels::on_widest_vectors(
-                    #[inline(always)]
-                    || {
-                        for (c, (&(mu, _, inv), (xb, yb))) in statistics
-                            .iter()
-                            .zip(xs.chunks_exact_mut(pixels).zip(ys.chunks_exact_mut(pixels)))
-                            .enumerate()
-                        {
-                            let (scale, shift) = match (&gamma, &beta) {
-                                (Some(g), Some(b)) => (g[c], b[c]),
-                                _ => (1.0, 0.0),
-                            };
-                            for (v, out) in xb.iter_mut().zip(yb) {
-                                *v = ((*v as f64 - mu) * inv) as f32;
-                                out.write(scale * *v + shift);
-                            }
-                        }
-                    },
-                )
-            });
-        // SAFETY: every sample's `channels·pixels` values were written above (`statistics` has one
-        // entry per channel, and each sample's chunk of `y` is as long as its chunk of `x̂`).
-        unsafe { y.set_len(len) };
-        let slopes = activation.map(|f| f.apply_in_place(&mut y));
+        let mut slopes: Option<Vec<f32>> = activation.map(|_| Vec::with_capacity(len));
+        let rows = NormalizedRows {
+            xhat: &mut xhat,
+            y: &mut y.spare_capacity_mut()[..len],
+            slopes: slopes.as_mut().map(|s| &mut s.spare_capacity_mut()[..len]),
+            row,
+            pixels,
+            statistics: &statistics,
+            affine: gamma
+                .as_deref()
+                .zip(beta.as_deref())
+                .map(|(g, b)| (g.as_slice(), b.as_slice())),
+        };
+        match activation {
+            Some(f) => f.with_function(rows),
+            None => rows.run(|v| (v, 1.0)),
+        }
+        // SAFETY: every sample's `channels·pixels` values of `y` (and of the slopes, with an
+        // activation) were written above (`statistics` has one entry per channel, and each
+        // sample's chunks of `y` and the slopes are as long as its chunk of `x̂`).
+        unsafe {
+            y.set_len(len);
+            if let Some(slopes) = &mut slopes {
+                slopes.set_len(len);
+            }
+        }
         let y = x.device().tensor_from_vec(y, (batch, channels, pixels));
         let (xg, yg) = (x.ghost(), y.ghost());
         // A frozen `γ` or `β` (`Param::requires_grad`) gets no gradient.
@@ -309,6 +311,94 @@ impl BatchNorm {
     /// The running statistics `(mean, var)`.
     pub fn running_stats(&self) -> (Vec<f32>, Vec<f32>) {
         (self.running_mean.to_vec(), self.running_var.to_vec())
+    }
+}
+
+/// Batch norm's elementwise pass over the samples (in parallel): `x̂ = (x − μ)·inv_std` in place
+/// of `x`, `y = f(γ·x̂ + β)` and, where `slopes` are wanted, `f'(γ·x̂ + β)` ([`OverFunction`]: `f`
+/// is a fused activation, or the identity).
+#[cfg(not(feature = "cuda"))]
+struct NormalizedRows<'a> {
+    /// `x` in, `x̂` out, `[batch, channels, pixels]`.
+    xhat: &'a mut [f32],
+    /// The output.
+    y: &'a mut [std::mem::MaybeUninit<f32>],
+    /// The activation's slopes, when one is fused.
+    slopes: Option<&'a mut [std::mem::MaybeUninit<f32>]>,
+    /// Values per sample, `channels·pixels`.
+    row: usize,
+    /// Values per channel of a sample.
+    pixels: usize,
+    /// Per channel: `(μ, σ², 1/√(σ² + ε))`.
+    statistics: &'a [(f64, f64, f64)],
+    /// `(γ, β)`, when the layer has them.
+    affine: Option<(&'a [f32], &'a [f32])>,
+}
+
+#[cfg(not(feature = "cuda"))]
+impl OverFunction for NormalizedRows<'_> {
+    type Output = ();
+    fn run<F: Fn(f32) -> (f32, f32) + Copy + Send + Sync>(self, f: F) {
+        use rayon::prelude::*;
+        let NormalizedRows {
+            xhat,
+            y,
+            slopes,
+            row,
+            pixels,
+            statistics,
+            affine,
+        } = self;
+        // One sample: per channel, its block of values.
+        let sample = |xs: &mut [f32],
+                      ys: &mut [std::mem::MaybeUninit<f32>],
+                      mut ss: Option<&mut [std::mem::MaybeUninit<f32>]>| {
+            crate::kernels::on_widest_vectors(
+                #[inline(always)]
+                || {
+                    // A local copy of the function (see `ActivationFn::apply_with_slopes`).
+                    let local = f;
+                    for (c, &(mu, _, inv)) in statistics.iter().enumerate() {
+                        let (scale, shift) = affine.map_or((1.0, 0.0), |(g, b)| (g[c], b[c]));
+                        let block = c * pixels..(c + 1) * pixels;
+                        let (xb, yb) = (&mut xs[block.clone()], &mut ys[block.clone()]);
+                        match ss.as_deref_mut() {
+                            Some(ss) => {
+                                let sb = &mut ss[block];
+                                for i in 0..xb.len() {
+                                    let v = ((xb[i] as f64 - mu) * inv) as f32;
+                                    xb[i] = v;
+                                    let (value, slope) = local(scale * v + shift);
+                                    yb[i].write(value);
+                                    sb[i].write(slope);
+                                }
+                            }
+                            None => {
+                                for i in 0..xb.len() {
+                                    let v = ((xb[i] as f64 - mu) * inv) as f32;
+                                    xb[i] = v;
+                                    yb[i].write(local(scale * v + shift).0);
+                                }
+                            }
+                        }
+                    }
+                },
+            )
+        };
+        let per_task = crate::kernels::min_items_per_task(row);
+        match slopes {
+            Some(slopes) => xhat
+                .par_chunks_mut(row)
+                .zip(y.par_chunks_mut(row))
+                .zip(slopes.par_chunks_mut(row))
+                .with_min_len(per_task)
+                .for_each(|((xs, ys), ss)| sample(xs, ys, Some(ss))),
+            None => xhat
+                .par_chunks_mut(row)
+                .zip(y.par_chunks_mut(row))
+                .with_min_len(per_task)
+                .for_each(|(xs, ys)| sample(xs, ys, None)),
+        }
     }
 }
 
