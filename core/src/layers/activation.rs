@@ -5,6 +5,8 @@
 //! and GELU, `f'(x)` is built from differentiable ops on the reused input, so the second-order
 //! terms of a gradient penalty flow back into earlier layers' parameters.
 
+use std::mem::MaybeUninit;
+
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -74,21 +76,25 @@ impl ActivationFn {
         self.composite(x)
     }
 
-    /// Replaces every value `x` by `f(x)` and returns the slopes `f'(x)`, in one pass.
+    /// Replaces every value `x` by `f(x)` and returns the slopes `f'(x)`, in one pass (the slopes
+    /// written once, without a zero-fill first).
     pub fn apply_in_place(&self, values: &mut [f32]) -> Vec<f32> {
-        let mut slopes = vec![0.0; values.len()];
-        self.apply_with_slopes(values, &mut slopes);
+        let len = values.len();
+        let mut slopes = Vec::with_capacity(len);
+        self.apply_with_slopes(values, &mut slopes.spare_capacity_mut()[..len]);
+        // SAFETY: `apply_with_slopes` wrote one slope per value.
+        unsafe { slopes.set_len(len) };
         slopes
     }
 
     /// Replaces every value `x` by `f(x)` and writes the slopes `f'(x)` into `slopes` (as long as
-    /// `values`), in one pass on the widest vectors, split across the pool's threads in tasks of
-    /// [`crate::kernels::ELEMENTWISE_VALUES_PER_TASK`] values.
-    pub fn apply_with_slopes(&self, values: &mut [f32], slopes: &mut [f32]) {
+    /// `values`: every one of them written), in one pass on the widest vectors, split across the
+    /// pool's threads in tasks of [`crate::kernels::ELEMENTWISE_VALUES_PER_TASK`] values.
+    pub fn apply_with_slopes(&self, values: &mut [f32], slopes: &mut [MaybeUninit<f32>]) {
         use rayon::prelude::*;
         #[inline(always)]
-        fn run(values: &mut [f32], slopes: &mut [f32], f: impl Fn(f32) -> (f32, f32) + Sync + Copy) {
-            let serial = |values: &mut [f32], slopes: &mut [f32]| {
+        fn run(values: &mut [f32], slopes: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> (f32, f32) + Sync + Copy) {
+            let serial = |values: &mut [f32], slopes: &mut [MaybeUninit<f32>]| {
                 // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
                 crate::kernels::on_widest_vectors(
                     #[inline(always)]
@@ -101,7 +107,7 @@ impl ActivationFn {
                         for i in 0..values.len() {
                             let (value, slope) = local(values[i]);
                             values[i] = value;
-                            slopes[i] = slope;
+                            slopes[i].write(slope);
                         }
                     },
                 )
@@ -120,7 +126,7 @@ impl ActivationFn {
         /// The pass, over the variant's function.
         struct Apply<'a> {
             values: &'a mut [f32],
-            slopes: &'a mut [f32],
+            slopes: &'a mut [MaybeUninit<f32>],
         }
         impl OverFunction for Apply<'_> {
             type Output = ();
