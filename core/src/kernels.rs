@@ -105,33 +105,39 @@ pub fn sum_and_dot_blocks_in_lanes<'a>(blocks: impl Iterator<Item = (&'a [f32], 
     )
 }
 
-/// `a ⊙ b`, elementwise, into a new vector (of the shorter length), split across the pool's
-/// threads in tasks of [`ELEMENTWISE_VALUES_PER_TASK`] values when longer than one task.
+/// `a ⊙ b`, elementwise, into a new vector (of the shorter length, written once: no zero-fill
+/// first), split across the pool's threads in tasks of [`ELEMENTWISE_VALUES_PER_TASK`] values when
+/// longer than one task.
 pub fn elementwise_product(a: &[f32], b: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
     let n = a.len().min(b.len());
-    let mut out = vec![0.0; n];
-    let serial = |out: &mut [f32], a: &[f32], b: &[f32]| {
+    let mut out = Vec::with_capacity(n);
+    let serial = |out: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]| {
         on_widest_vectors(
             #[inline(always)]
             || {
                 let n = out.len();
                 let (a, b) = (&a[..n], &b[..n]);
                 for i in 0..n {
-                    out[i] = a[i] * b[i];
+                    out[i].write(a[i] * b[i]);
                 }
             },
         )
     };
+    let spare = &mut out.spare_capacity_mut()[..n];
     if n <= ELEMENTWISE_VALUES_PER_TASK {
-        serial(&mut out, a, b);
-        return out;
+        serial(spare, a, b);
+    } else {
+        spare
+            .par_chunks_mut(ELEMENTWISE_VALUES_PER_TASK)
+            .zip(a[..n].par_chunks(ELEMENTWISE_VALUES_PER_TASK))
+            .zip(b[..n].par_chunks(ELEMENTWISE_VALUES_PER_TASK))
+            .with_min_len(min_items_per_task(1))
+            .for_each(|((out, a), b)| serial(out, a, b));
     }
-    out.par_chunks_mut(ELEMENTWISE_VALUES_PER_TASK)
-        .zip(a[..n].par_chunks(ELEMENTWISE_VALUES_PER_TASK))
-        .zip(b[..n].par_chunks(ELEMENTWISE_VALUES_PER_TASK))
-        .with_min_len(min_items_per_task(1))
-        .for_each(|((out, a), b)| serial(out, a, b));
+    // SAFETY: every one of the `n` values was written above (the chunks cover `spare`).
+    unsafe { out.set_len(n) };
     out
 }
 
