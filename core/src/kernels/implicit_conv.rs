@@ -85,8 +85,6 @@ pub struct PaddedPlanes {
     size: (usize, usize),
     /// Where the input's pixel `(0, 0)` lies in a padded plane.
     origin: (usize, usize),
-    /// The zero rows and columns below and right of the input's pixels.
-    after: (usize, usize),
 }
 
 impl PaddedPlanes {
@@ -116,7 +114,6 @@ impl PaddedPlanes {
                 channels,
                 size,
                 origin: before,
-                after,
             };
         }
         // Each plane zero-filled and its rows copied over it while it is in cache, not the whole
@@ -141,21 +138,7 @@ impl PaddedPlanes {
             channels,
             size,
             origin: before,
-            after,
         }
-    }
-
-    /// The input values again, `[batch, channels, h, w]` without the borders.
-    pub fn unpadded(&self) -> Vec<f32> {
-        let h = self.size.0 - self.origin.0 - self.after.0;
-        let w = self.size.1 - self.origin.1 - self.after.1;
-        let mut values = Vec::with_capacity(self.batch * self.channels * h * w);
-        for plane in self.data.chunks_exact(self.size.0 * self.size.1) {
-            for row in plane.chunks_exact(self.size.1).skip(self.origin.0).take(h) {
-                values.extend_from_slice(&row[self.origin.1..][..w]);
-            }
-        }
-        values
     }
 
     /// Values per padded sample.
@@ -1283,18 +1266,6 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use std::mem::MaybeUninit;
-
-    /// Padded planes give their input back without the borders.
-    #[test]
-    fn padded_planes_give_their_input_back() {
-        for (batch, channels, h, w) in [(1, 1, 1, 1), (2, 3, 7, 5), (3, 2, 14, 14)] {
-            for (before, after) in [((0, 0), (0, 0)), ((1, 1), (2, 1)), ((3, 0), (0, 2))] {
-                let x: Vec<f32> = (0..batch * channels * h * w).map(|i| i as f32 + 0.5).collect();
-                let planes = super::PaddedPlanes::new(&x, (batch, channels), (h, w), before, after);
-                assert_eq!(planes.unpadded(), x, "{batch}x{channels}x{h}x{w}, {before:?} {after:?}");
-            }
-        }
-    }
 
     /// The plane writer against the definition, at several widths and borders on either side.
     #[test]

@@ -214,21 +214,8 @@ pub mod kernels {
         accumulate: bool,
         kernel: Microkernel,
     ) {
-        implicit_conv_of_planes(g, &padded_input(g, batch, x), w, bias, out, accumulate, kernel);
-    }
-
-    /// [`implicit_conv`] of an input already padded by [`padded_input`].
-    fn implicit_conv_of_planes(
-        g: &ConvGeometry,
-        planes: &PaddedPlanes,
-        w: &[f32],
-        bias: Option<&[f32]>,
-        out: &mut [f32],
-        accumulate: bool,
-        kernel: Microkernel,
-    ) {
         let taps = conv_taps(g);
-        let gather = conv_gather(g, &taps);
+        let (gather, planes) = conv_patches(g, batch, x, &taps);
         // Tap-major contraction: index `t·c_in + c` is `w[m, c, t]`.
         let k2 = g.kernel * g.kernel;
         let taps_in_kernel: Vec<usize> = (0..k2).collect();
@@ -243,7 +230,7 @@ pub mod kernels {
                 offset: (0, 0),
             },
         };
-        implicit_conv::convolve(planes, &gather, &[product], bias, out, accumulate, kernel);
+        implicit_conv::convolve(&planes, &gather, &[product], bias, out, accumulate, kernel);
     }
 
     /// The taps of the convolution `g`: input offsets `(ki − p, kj − p)`, row-major over the kernel.
@@ -254,20 +241,24 @@ pub mod kernels {
             .collect()
     }
 
-    /// Where the convolution `g` reads its patches (`taps`: [`conv_taps`]).
-    fn conv_gather<'t>(g: &ConvGeometry, taps: &'t [(isize, isize)]) -> Gather<'t> {
-        Gather {
+    /// Where the convolution `g` reads its patches, and zero-padded copies of the planes of `x`
+    /// (`[batch, c_in·h_in·w_in]`) that hold them.
+    fn conv_patches<'t>(
+        g: &ConvGeometry,
+        batch: usize,
+        x: &[f32],
+        taps: &'t [(isize, isize)],
+    ) -> (Gather<'t>, PaddedPlanes) {
+        let gather = Gather {
             stride: g.stride,
             taps,
             grid: (g.h_out, g.w_out),
-        }
-    }
-
-    /// Zero-padded copies of the planes of `x` (`[batch, c_in·h_in·w_in]`) that hold every patch
-    /// of the convolution `g`: what its forward pass and its weight gradient read.
-    pub(super) fn padded_input(g: &ConvGeometry, batch: usize, x: &[f32]) -> PaddedPlanes {
-        let (before, after) = conv_gather(g, &conv_taps(g)).padding((g.h_in, g.w_in));
-        PaddedPlanes::new(x, (batch, g.c_in), (g.h_in, g.w_in), before, after)
+        };
+        let (before, after) = gather.padding((g.h_in, g.w_in));
+        (
+            gather,
+            PaddedPlanes::new(x, (batch, g.c_in), (g.h_in, g.w_in), before, after),
+        )
     }
 
     /// `dw +=` the weight gradient of the convolution `g` of `x` (`[batch, c_in·h_in·w_in]`) from the
@@ -280,19 +271,9 @@ pub mod kernels {
         dw: &mut [f32],
         kernel: Microkernel,
     ) {
-        implicit_weight_gradient_of_planes(g, &padded_input(g, batch, x), dy, dw, kernel);
-    }
-
-    /// [`implicit_weight_gradient`] of an input already padded by [`padded_input`].
-    fn implicit_weight_gradient_of_planes(
-        g: &ConvGeometry,
-        planes: &PaddedPlanes,
-        dy: &[f32],
-        dw: &mut [f32],
-        kernel: Microkernel,
-    ) {
         let taps = conv_taps(g);
-        implicit_conv::weight_gradient(planes, &conv_gather(g, &taps), dy, g.c_out, dw, kernel);
+        let (gather, planes) = conv_patches(g, batch, x, &taps);
+        implicit_conv::weight_gradient(&planes, &gather, dy, g.c_out, dw, kernel);
     }
 
     /// The kernel offsets `ki` (or `kj`) that reach output phase `r` (pixels `q·s + r`) of the
@@ -773,27 +754,6 @@ pub mod kernels {
         x: &[f32],
         w: &[f32],
         dy: &[f32],
-        out: GradientsMut<'_>,
-    ) {
-        conv_backward_from(g, batch, Input::Values(x), w, dy, out);
-    }
-
-    /// The input of a convolution as its backward pass reads it (see [`SavedInput`]).
-    #[derive(Clone, Copy)]
-    enum Input<'a> {
-        /// The values, `[batch, c_in·h_in·w_in]`.
-        Values(&'a [f32]),
-        /// The planes [`padded_input`] made of them.
-        Planes(&'a PaddedPlanes),
-    }
-
-    /// [`conv_backward_adding`] from either form of the input.
-    fn conv_backward_from(
-        g: &ConvGeometry,
-        batch: usize,
-        x: Input<'_>,
-        w: &[f32],
-        dy: &[f32],
         mut out: GradientsMut<'_>,
     ) {
         let k = g.patch_len();
@@ -804,24 +764,15 @@ pub mod kernels {
         }
         if let Some(kernel) = implicit_route(g.c_out, g.patch_len()) {
             if let Some(dw) = out.weight.take() {
-                match x {
-                    Input::Values(x) => implicit_weight_gradient(g, batch, x, dy, dw, kernel),
-                    Input::Planes(planes) => implicit_weight_gradient_of_planes(g, planes, dy, dw, kernel),
-                }
+                // The input padded again here, not the forward pass's padded copy kept: kept, the
+                // copy is cold by now, and the panel's loads from it cost more than the copy
+                // (2026-11-29: +1.7% of the DCGAN's step); the copy streams its input and leaves
+                // the planes in cache. (The same held for one padded `dy` shared by the two
+                // products of `conv_transpose_backward_adding`.)
+                implicit_weight_gradient(g, batch, x, dy, dw, kernel);
             }
         }
         if out.input.is_some() || out.weight.is_some() {
-            // Only the weight gradient reads the input's values: from the planes when the route
-            // changed since the forward pass made them (`set_route`).
-            let unpadded;
-            let x: &[f32] = match x {
-                Input::Values(x) => x,
-                Input::Planes(planes) if out.weight.is_some() => {
-                    unpadded = planes.unpadded();
-                    &unpadded
-                }
-                Input::Planes(_) => &[],
-            };
             for_each_chunk(g, batch, |first, count, cols, dym| {
                 let n = count * g.out_pixels();
                 let dy_chunk = &dy[first * g.out_len()..][..count * g.out_len()];
@@ -839,69 +790,6 @@ pub mod kernels {
         }
         if let Some(db) = out.bias {
             add_channel_sums(dy, batch, g.c_out, g.out_pixels(), db);
-        }
-    }
-
-    /// What the backward pass of a convolution (or of its adjoint) keeps of the forward pass's
-    /// input.
-    #[derive(Debug)]
-    pub enum SavedInput {
-        /// The values, `[batch, in_len]` (`[batch, out_len]` for the adjoint).
-        Values(Vec<f32>),
-        /// The zero-padded planes the implicit route's forward pass read its patches from: the
-        /// weight gradient reads the same ones, so they are kept instead of the values and not
-        /// made twice.
-        Planes(PaddedPlanes),
-    }
-
-    impl SavedInput {
-        /// The values (copied out of the planes for [`SavedInput::Planes`]).
-        fn values(&self) -> std::borrow::Cow<'_, [f32]> {
-            match self {
-                SavedInput::Values(x) => std::borrow::Cow::Borrowed(x),
-                SavedInput::Planes(planes) => std::borrow::Cow::Owned(planes.unpadded()),
-            }
-        }
-    }
-
-    /// [`conv_forward`] (or with `transpose` [`conv_transpose_forward`]) of `x`, with what its
-    /// backward pass ([`backward_adding_saved`]) keeps of `x`: the padded planes where the
-    /// implicit route made them for a convolution, else the values.
-    pub fn forward_saving(
-        g: &ConvGeometry,
-        batch: usize,
-        transpose: bool,
-        x: Vec<f32>,
-        w: &[f32],
-        bias: Option<&[f32]>,
-    ) -> (Vec<f32>, SavedInput) {
-        if transpose {
-            return (conv_transpose_forward(g, batch, &x, w, bias), SavedInput::Values(x));
-        }
-        let Some(kernel) = implicit_route(g.c_out, g.patch_len()) else {
-            return (conv_forward(g, batch, &x, w, bias), SavedInput::Values(x));
-        };
-        let planes = padded_input(g, batch, &x);
-        drop(x);
-        let mut y = vec![0.0; batch * g.out_len()];
-        implicit_conv_of_planes(g, &planes, w, bias, &mut y, false, kernel);
-        (y, SavedInput::Planes(planes))
-    }
-
-    /// The backward pass of [`forward_saving`], added into the given buffers.
-    pub fn backward_adding_saved(
-        g: &ConvGeometry,
-        batch: usize,
-        transpose: bool,
-        saved: &SavedInput,
-        w: &[f32],
-        dy: &[f32],
-        out: GradientsMut<'_>,
-    ) {
-        match (transpose, saved) {
-            (true, saved) => conv_transpose_backward_adding(g, batch, &saved.values(), w, dy, out),
-            (false, SavedInput::Values(x)) => conv_backward_from(g, batch, Input::Values(x), w, dy, out),
-            (false, SavedInput::Planes(planes)) => conv_backward_from(g, batch, Input::Planes(planes), w, dy, out),
         }
     }
 
@@ -971,17 +859,13 @@ pub mod kernels {
     ) {
         let k = g.patch_len();
         if let Some(kernel) = implicit_route(g.c_out, g.patch_len()) {
-            if out.input.is_some() || out.weight.is_some() {
-                // One padded copy of `dy` for both products.
-                let planes = padded_input(g, batch, dy);
-                if let Some(dx) = out.input.take() {
-                    implicit_conv_of_planes(g, &planes, w, None, dx, true, kernel);
-                }
-                if let Some(dw) = out.weight.take() {
-                    // The adjoint's weight gradient is the convolution's, with the roles of its
-                    // input (the patches, here of `dy`) and output gradient (here `x`) swapped.
-                    implicit_weight_gradient_of_planes(g, &planes, x, dw, kernel);
-                }
+            if let Some(dx) = out.input.take() {
+                implicit_conv(g, batch, dy, w, None, dx, true, kernel);
+            }
+            if let Some(dw) = out.weight.take() {
+                // The adjoint's weight gradient is the convolution's, with the roles of its
+                // input (the patches, here of `dy`) and output gradient (here `x`) swapped.
+                implicit_weight_gradient(g, batch, dy, x, dw, kernel);
             }
         }
         if out.input.is_some() || out.weight.is_some() {
@@ -1097,9 +981,14 @@ where
     let (x, xtape) = x.split_tape();
     let (w, wtape) = w.split_tape();
     let dev = x.device().clone();
+    let xv = crate::kernels::host(&x);
     let wv = w_values.unwrap_or_else(|| std::sync::Arc::new(crate::kernels::host(&w)));
     let bv = bias.map(|b| b.as_vec());
-    let (mut y, saved) = kernels::forward_saving(&g, batch, transpose, crate::kernels::host(&x), &wv, bv.as_deref());
+    let mut y = if transpose {
+        kernels::conv_transpose_forward(&g, batch, &xv, &wv, bv.as_deref())
+    } else {
+        kernels::conv_forward(&g, batch, &xv, &wv, bv.as_deref())
+    };
     let slopes = activation.map(|f| f.apply_in_place(&mut y));
     let y = dev.tensor_from_vec(y, (batch, out_len));
     let (xg, wg, yg, bg) = (x.ghost(), w.ghost(), y.ghost(), bias.map(|b| b.ghost()));
@@ -1109,8 +998,10 @@ where
             bias: wanted.bias && bg.is_some(),
             ..wanted
         };
-        let backward = |dy: &[f32], out: kernels::GradientsMut<'_>| {
-            kernels::backward_adding_saved(&g, batch, transpose, &saved, &wv, dy, out)
+        let backward = if transpose {
+            kernels::conv_transpose_backward_adding
+        } else {
+            kernels::conv_backward_adding
         };
         // The output's gradient and the wanted ones are moved out of the gradient store, added
         // into by the kernels and moved back, not copied (dfdx lends one `&mut` at a time).
@@ -1134,7 +1025,14 @@ where
                 weight: wanted.weight.then_some(&mut dw[..]),
                 bias: wanted.bias.then_some(&mut db[..]),
             };
-            backward(&crate::kernels::before_activation(&dy, slopes.as_deref()), out);
+            backward(
+                &g,
+                batch,
+                &xv,
+                &wv,
+                &crate::kernels::before_activation(&dy, slopes.as_deref()),
+                out,
+            );
             **grads.get_or_alloc_mut(&yg)? = dy;
             if wanted.input {
                 **grads.get_or_alloc_mut(&xg)? = dx;
@@ -1152,7 +1050,7 @@ where
             let dy = crate::kernels::host(&grads.get(&yg));
             let mut computed = kernels::Gradients::zeros(wanted, (batch * in_len, g.weight_len(), bias_len));
             let dy = crate::kernels::before_activation(&dy, slopes.as_deref());
-            backward(&dy, computed.buffers_mut());
+            backward(&g, batch, &xv, &wv, &dy, computed.buffers_mut());
             if let Some(dx) = computed.input {
                 accumulate!(grads, &xg, dx);
             }
@@ -1965,61 +1863,6 @@ mod tests {
         }
         close("conv dw", &dw, &dw_sum);
         close("conv_t dw", &tdw, &tdw_sum);
-    }
-
-    /// The forward pass that keeps its input for the backward pass (as padded planes where the
-    /// implicit route made them) gives the same bits as the kernels on plain values, for the
-    /// convolution and its adjoint; and a backward pass from planes gives them too on any route
-    /// (from the planes' values where the weight gradient goes through column matrices, as on CPUs
-    /// without AVX-512).
-    #[test]
-    fn the_input_kept_for_the_backward_pass_gives_the_same_bits_as_its_values() {
-        let mut h = Harness::new(17);
-        for (c_in, hh, ww, c_out, k, s, p) in [(16, 14, 14, 20, 4, 2, 1), (3, 7, 5, 13, 4, 2, 1), (1, 9, 7, 5, 5, 2, 0)]
-        {
-            let g = ConvGeometry::conv(c_in, hh, ww, c_out, k, s, p).unwrap();
-            let batch = 3;
-            let w = h.values(g.weight_len());
-            let bias = h.values(c_out);
-            for transpose in [false, true] {
-                let (in_len, out_len) = if transpose {
-                    (g.out_len(), g.in_len())
-                } else {
-                    (g.in_len(), g.out_len())
-                };
-                let bias = &bias[..if transpose { c_in } else { c_out }];
-                let x = h.values(batch * in_len);
-                let dy = h.values(batch * out_len);
-                let (forward, backward): (fn(_, _, _, _, _) -> _, fn(_, _, _, _, _, _) -> _) = if transpose {
-                    (kernels::conv_transpose_forward, kernels::conv_transpose_backward)
-                } else {
-                    (kernels::conv_forward, kernels::conv_backward)
-                };
-                let y = forward(&g, batch, &x, &w, Some(bias));
-                let want = backward(&g, batch, &x, &w, &dy, kernels::Wanted::ALL);
-                let (saved_y, saved) = kernels::forward_saving(&g, batch, transpose, x.clone(), &w, Some(bias));
-                assert_eq!(saved_y, y, "{g:?} transpose {transpose}: forward");
-                let mut got =
-                    kernels::Gradients::zeros(kernels::Wanted::ALL, (batch * in_len, g.weight_len(), bias.len()));
-                kernels::backward_adding_saved(&g, batch, transpose, &saved, &w, &dy, got.buffers_mut());
-                assert_eq!(
-                    (&got.input, &got.weight, &got.bias),
-                    (&want.input, &want.weight, &want.bias),
-                    "{g:?} transpose {transpose}: backward"
-                );
-                if !transpose {
-                    let planes = kernels::SavedInput::Planes(kernels::padded_input(&g, batch, &x));
-                    let mut from_planes =
-                        kernels::Gradients::zeros(kernels::Wanted::ALL, (batch * in_len, g.weight_len(), bias.len()));
-                    kernels::backward_adding_saved(&g, batch, false, &planes, &w, &dy, from_planes.buffers_mut());
-                    assert_eq!(
-                        (&from_planes.input, &from_planes.weight, &from_planes.bias),
-                        (&want.input, &want.weight, &want.bias),
-                        "{g:?}: backward from planes"
-                    );
-                }
-            }
-        }
     }
 
     /// The microkernels a test can run here: the portable one, and AVX-512's where the CPU has it.
