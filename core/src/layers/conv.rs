@@ -541,6 +541,26 @@ pub mod kernels {
             });
     }
 
+    /// Calls `f(ch, plane, row)` for every plane of `out` (`[batch, c, pixels]`: sample `b`'s channel
+    /// `ch`) with the matching row of `v` (`[c, batch·pixels]`: `v[ch][b·pixels..]`), in parallel
+    /// over samples: the copies from channel rows back to the output's layout.
+    fn for_each_plane_from_channel_rows<T: Send>(
+        v: &[f32],
+        (batch, c, pixels): (usize, usize, usize),
+        out: &mut [T],
+        f: impl Fn(usize, &mut [T], &[f32]) + Sync,
+    ) {
+        out[..batch * c * pixels]
+            .par_chunks_mut((c * pixels).max(1))
+            .with_min_len(rows_per_task(c * pixels))
+            .enumerate()
+            .for_each(|(b, sample)| {
+                for (ch, plane) in sample.chunks_exact_mut(pixels.max(1)).enumerate() {
+                    f(ch, plane, &v[(ch * batch + b) * pixels..][..pixels]);
+                }
+            });
+    }
+
     /// `[c, batch·pixels]` to `[batch, c, pixels]`, appended to `out`, adding `bias[c]` if given
     /// (appended rather than written over a zero-filled buffer: the output is written once).
     pub fn extend_from_channel_rows(
@@ -553,35 +573,23 @@ pub mod kernels {
     ) {
         let (old, added) = (out.len(), batch * c * pixels);
         out.reserve(added);
-        out.spare_capacity_mut()[..added]
-            .par_chunks_mut((c * pixels).max(1))
-            .with_min_len(rows_per_task(c * pixels))
-            .enumerate()
-            .for_each(|(b, sample)| {
-                for (ch, plane) in sample.chunks_exact_mut(pixels.max(1)).enumerate() {
-                    let add = bias.map_or(0.0, |bb| bb[ch]);
-                    for (o, s) in plane.iter_mut().zip(&v[(ch * batch + b) * pixels..][..pixels]) {
-                        o.write(s + add);
-                    }
-                }
-            });
+        for_each_plane_from_channel_rows(v, (batch, c, pixels), out.spare_capacity_mut(), |ch, plane, row| {
+            let add = bias.map_or(0.0, |bb| bb[ch]);
+            for (o, s) in plane.iter_mut().zip(row) {
+                o.write(s + add);
+            }
+        });
         // SAFETY: each of the `batch` samples' `c·pixels` values was written above.
         unsafe { out.set_len(old + added) };
     }
 
     /// `[c, batch·pixels]` added into `out` (`[batch, c, pixels]`).
     pub fn add_from_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
-        out[..batch * c * pixels]
-            .par_chunks_mut((c * pixels).max(1))
-            .with_min_len(rows_per_task(c * pixels))
-            .enumerate()
-            .for_each(|(b, sample)| {
-                for (ch, plane) in sample.chunks_exact_mut(pixels.max(1)).enumerate() {
-                    for (d, s) in plane.iter_mut().zip(&v[(ch * batch + b) * pixels..][..pixels]) {
-                        *d += s;
-                    }
-                }
-            });
+        for_each_plane_from_channel_rows(v, (batch, c, pixels), out, |_, plane, row| {
+            for (d, s) in plane.iter_mut().zip(row) {
+                *d += s;
+            }
+        });
     }
 
     /// Per-channel sums of `[batch, c, pixels]` (the bias gradient), added into `out` (length `c`).
