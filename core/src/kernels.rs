@@ -335,6 +335,140 @@ pub fn matmul(
     unsafe { product.split((m, k, n), parts, parallel) }
 }
 
+/// A matrix operand inside a slice: element `(i, j)` at `i·strides.0 + j·strides.1`, e.g. a plane
+/// block of an NCHW tensor (`[channels, pixels]` of one sample) or a block of columns of a column
+/// matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct StridedMatrix<'a> {
+    /// The slice the matrix lies in, from its element `(0, 0)` on.
+    pub values: &'a [f32],
+    /// `(row stride, column stride)`, in values.
+    pub strides: (usize, usize),
+}
+
+impl StridedMatrix<'_> {
+    /// Asserts that the `[rows, columns]` matrix lies inside the slice.
+    fn check(&self, (rows, columns): (usize, usize), what: &str) {
+        assert!(
+            strided_extent((rows, columns), self.strides) <= self.values.len(),
+            "strided matmul: {what} of {rows}x{columns} at strides {:?} does not fit {} values",
+            self.strides,
+            self.values.len()
+        );
+    }
+}
+
+/// Values a `[rows, columns]` matrix at `strides` spans, from its first element to its last.
+fn strided_extent((rows, columns): (usize, usize), strides: (usize, usize)) -> usize {
+    if rows == 0 || columns == 0 {
+        0
+    } else {
+        (rows - 1) * strides.0 + (columns - 1) * strides.1 + 1
+    }
+}
+
+/// `c = a·b`, or `c += a·b` with `accumulate`, for operands at any strides ([`StridedMatrix`]);
+/// `c` is `[m, n]` with rows `c_row_stride` values apart (at least `n`) and contiguous columns.
+/// For products on blocks of larger tensors: the column route's per-sample products, whose
+/// operands and results are the NCHW planes of one sample, read and written where they lie
+/// instead of copied to and from a `[channels, batch·pixels]` layout. Split across the pool as
+/// [`matmul`] when large.
+///
+/// # Panics
+/// When an operand does not fit its slice or `c_row_stride < n` (a bug in the calling kernel).
+pub fn matmul_strided(
+    (m, k, n): (usize, usize, usize),
+    a: StridedMatrix<'_>,
+    b: StridedMatrix<'_>,
+    c: &mut [f32],
+    c_row_stride: usize,
+    accumulate: bool,
+) {
+    check_strided((m, k, n), &a, &b, c.len(), c_row_stride);
+    // SAFETY: the operands fit their slices (checked), `c`'s rows do not overlap, and `c` is
+    // borrowed mutably, so it aliases neither input.
+    unsafe { strided_product((m, k, n), a, b, c.as_mut_ptr(), c_row_stride, accumulate) }
+}
+
+/// [`matmul_strided`] without accumulating into a `c` whose values may be uninitialized: every
+/// element `(i, j)` of the `[m, n]` block (at `i·c_row_stride + j`) is written, none is read (gemm
+/// with `read_dst` false stores its first pass over `k` without loading `c`), so that a caller
+/// may count them as initialized; the values between the rows are left as they are.
+///
+/// # Panics
+/// As [`matmul_strided`].
+pub fn matmul_strided_uninit(
+    (m, k, n): (usize, usize, usize),
+    a: StridedMatrix<'_>,
+    b: StridedMatrix<'_>,
+    c: &mut [std::mem::MaybeUninit<f32>],
+    c_row_stride: usize,
+) {
+    check_strided((m, k, n), &a, &b, c.len(), c_row_stride);
+    // SAFETY: as `matmul_strided`; without accumulating nothing reads `c` (`MaybeUninit<f32>` has
+    // `f32`'s layout).
+    unsafe { strided_product((m, k, n), a, b, c.as_mut_ptr().cast(), c_row_stride, false) }
+}
+
+/// The checks of [`matmul_strided`]: the operands fit their slices and `c`'s rows do not overlap.
+fn check_strided(
+    (m, k, n): (usize, usize, usize),
+    a: &StridedMatrix<'_>,
+    b: &StridedMatrix<'_>,
+    c_len: usize,
+    c_row_stride: usize,
+) {
+    a.check((m, k), "a");
+    b.check((k, n), "b");
+    assert!(
+        (m <= 1 || c_row_stride >= n) && strided_extent((m, n), (c_row_stride, 1)) <= c_len,
+        "strided matmul: c of {m}x{n} at row stride {c_row_stride} does not fit {c_len} values"
+    );
+}
+
+/// The product of [`matmul_strided`] into `c`.
+///
+/// # Safety
+/// The operands must hold their matrices at their strides, `c` must hold `m` rows of `n` values
+/// `c_row_stride` apart (initialized when `accumulate`), and nothing else may access them meanwhile.
+unsafe fn strided_product(
+    (m, k, n): (usize, usize, usize),
+    a: StridedMatrix<'_>,
+    b: StridedMatrix<'_>,
+    c: *mut f32,
+    c_row_stride: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(c.add(i * c_row_stride), 0, n);
+            }
+        }
+        return;
+    }
+    configure_gemm();
+    let product = Product {
+        a: a.values.as_ptr(),
+        a_strides: (a.strides.0 as isize, a.strides.1 as isize),
+        b: b.values.as_ptr(),
+        b_strides: (b.strides.0 as isize, b.strides.1 as isize),
+        c,
+        c_row_stride: c_row_stride as isize,
+        accumulate,
+    };
+    let threads = rayon::current_num_threads();
+    let parts = if threads > 1 && m * k * n >= PARALLEL_MIN_WORK {
+        threads.min(m.max(n) / SPLIT_ALIGN).max(1)
+    } else {
+        1
+    };
+    product.split((m, k, n), parts, split_threads() > 1)
+}
+
 /// Whether `c = a·bᵀ` (`b` stored `[n, k]`) is faster as `(b·aᵀ)ᵀ`: true when `a` has at most 64
 /// rows (a batch of the dense layers' input gradient `dy·Wᵀ`) and the product is not tiny, or at
 /// most 256 rows when `b`'s rows lie a multiple of 256 values (1 KB) apart.
@@ -530,6 +664,123 @@ mod tests {
         (0..n)
             .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
+    }
+
+    /// `c[i·c_rs + j] (+)= Σ_p a(i, p)·b(p, j)` in f64, the definition of [`matmul_strided`].
+    fn strided_reference(
+        (m, k, n): (usize, usize, usize),
+        (a, a_s): (&[f32], (usize, usize)),
+        (b, b_s): (&[f32], (usize, usize)),
+        c: &mut [f32],
+        c_rs: usize,
+        accumulate: bool,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let sum: f64 = (0..k)
+                    .map(|p| a[i * a_s.0 + p * a_s.1] as f64 * b[p * b_s.0 + j * b_s.1] as f64)
+                    .sum();
+                let dst = &mut c[i * c_rs + j];
+                *dst = if accumulate {
+                    (*dst as f64 + sum) as f32
+                } else {
+                    sum as f32
+                };
+            }
+        }
+    }
+
+    #[test]
+    fn strided_products_match_the_definition_and_leave_the_values_between_rows() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        // (m, k, n): small, with edges of gemm's microkernels, no depth, and one large enough
+        // to split across the pool.
+        for (m, k, n) in [(3, 5, 7), (64, 16, 196), (17, 0, 9), (1, 9, 1), (96, 80, 200)] {
+            // `a` a block of a wider matrix (row stride k + 3); `b` stored transposed ([n, k]),
+            // read at strides (1, k); `c` with 2 values between its rows.
+            let a = values(m * (k + 3), 1);
+            let b = values(n * k, 2);
+            let c_rs = n + 2;
+            let start = values(m * c_rs, 3);
+            for accumulate in [false, true] {
+                let mut want = start.clone();
+                strided_reference((m, k, n), (&a, (k + 3, 1)), (&b, (1, k)), &mut want, c_rs, accumulate);
+                let mut got = start.clone();
+                pool.install(|| {
+                    matmul_strided(
+                        (m, k, n),
+                        StridedMatrix {
+                            values: &a,
+                            strides: (k + 3, 1),
+                        },
+                        StridedMatrix {
+                            values: &b,
+                            strides: (1, k),
+                        },
+                        &mut got,
+                        c_rs,
+                        accumulate,
+                    )
+                });
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}x{k}x{n} at {i}: {g} vs {w}"
+                    );
+                }
+                // Written into uninitialized values: the same results, the values between the rows
+                // untouched.
+                let mut uninit: Vec<std::mem::MaybeUninit<f32>> =
+                    start.iter().map(|&v| std::mem::MaybeUninit::new(v)).collect();
+                pool.install(|| {
+                    matmul_strided_uninit(
+                        (m, k, n),
+                        StridedMatrix {
+                            values: &a,
+                            strides: (k + 3, 1),
+                        },
+                        StridedMatrix {
+                            values: &b,
+                            strides: (1, k),
+                        },
+                        &mut uninit,
+                        c_rs,
+                    )
+                });
+                let mut written = start.clone();
+                strided_reference((m, k, n), (&a, (k + 3, 1)), (&b, (1, k)), &mut written, c_rs, false);
+                for (i, (v, w)) in uninit.iter().zip(&written).enumerate() {
+                    // SAFETY: every value was initialized before the call.
+                    let v = unsafe { v.assume_init() };
+                    assert!(
+                        (v - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "uninit {m}x{k}x{n} at {i}: {v} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "does not fit")]
+    fn a_strided_operand_past_its_slice_is_refused() {
+        let (a, b) = (vec![1.0; 6], vec![1.0; 6]);
+        let mut c = vec![0.0; 4];
+        // `a` as 2x3 at row stride 4 spans 7 values.
+        matmul_strided(
+            (2, 3, 2),
+            StridedMatrix {
+                values: &a,
+                strides: (4, 1),
+            },
+            StridedMatrix {
+                values: &b,
+                strides: (2, 1),
+            },
+            &mut c,
+            2,
+            false,
+        );
     }
 
     #[test]

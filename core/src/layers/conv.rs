@@ -153,6 +153,7 @@ pub mod kernels {
 
     use super::ConvGeometry;
     use crate::kernels::implicit_conv::{self, Gather, Microkernel, PackedWeights, PaddedPlanes, Product, Scatter};
+    use crate::kernels::{matmul_strided, matmul_strided_uninit, StridedMatrix};
 
     /// The microkernel of the implicit-GEMM route ([`implicit_conv`]) for a product with `rows`
     /// output channels and a contraction `depth` deep, or `None` for the column-matrix route
@@ -457,11 +458,16 @@ pub mod kernels {
     /// [`im2col`] written into the first `c_in·k·k · batch·h_out·w_out` values of `cols`, every
     /// one of them (the buffer's old contents do not matter).
     pub fn im2col_into(g: &ConvGeometry, batch: usize, x: &[f32], cols: &mut [f32]) {
+        im2col_with_taps(g, batch, x, cols, &taps(g));
+    }
+
+    /// [`im2col_into`] with the gather table ([`taps`]) given, for callers that build one column
+    /// matrix per sample.
+    fn im2col_with_taps(g: &ConvGeometry, batch: usize, x: &[f32], cols: &mut [f32], taps: &[usize]) {
         let (n, pixels, plane) = (batch * g.out_pixels(), g.out_pixels(), g.h_in * g.w_in);
         if n == 0 {
             return;
         }
-        let taps = taps(g);
         cols[..g.patch_len() * n]
             .par_chunks_mut(g.kernel * g.kernel * n)
             .with_min_len(crate::kernels::min_items_per_task(1))
@@ -495,12 +501,17 @@ pub mod kernels {
     /// [`col2im`] added into `x` (`[batch, c_in·h_in·w_in]`) instead of a new buffer. Each input
     /// value receives its terms in the order of the column matrix's rows, on any number of threads.
     pub fn col2im_adding(g: &ConvGeometry, batch: usize, cols: &[f32], x: &mut [f32]) {
+        col2im_adding_with_taps(g, batch, cols, x, &taps(g));
+    }
+
+    /// [`col2im_adding`] with the gather table ([`taps`]) given, for callers that sum one column
+    /// matrix per sample.
+    fn col2im_adding_with_taps(g: &ConvGeometry, batch: usize, cols: &[f32], x: &mut [f32], taps: &[usize]) {
         let (n, pixels, plane) = (batch * g.out_pixels(), g.out_pixels(), g.h_in * g.w_in);
         let taps_per_channel = g.kernel * g.kernel;
         if n == 0 {
             return;
         }
-        let taps = taps(g);
         x[..batch * g.in_len()]
             .par_chunks_mut(plane)
             .with_min_len(crate::kernels::min_items_per_task(MIN_PLANES_PER_TASK))
@@ -519,77 +530,6 @@ pub mod kernels {
                     xs.copy_from_slice(&padded[..plane]);
                 },
             );
-    }
-
-    /// Tasks of at least this many rows of `values_per_row` values each, for the copies between
-    /// the two layouts (split across the pool's threads when large: at 2 threads they ran on one
-    /// while the other waited).
-    fn rows_per_task(values_per_row: usize) -> usize {
-        crate::kernels::min_items_per_task(crate::kernels::ELEMENTWISE_VALUES_PER_TASK.div_ceil(values_per_row.max(1)))
-    }
-
-    /// `[batch, c, pixels]` to `[c, batch·pixels]`, written into the first `v.len()` values of `out`.
-    pub fn to_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
-        out[..c * batch * pixels]
-            .par_chunks_mut((batch * pixels).max(1))
-            .with_min_len(rows_per_task(batch * pixels))
-            .enumerate()
-            .for_each(|(ch, rows)| {
-                for (b, row) in rows.chunks_exact_mut(pixels.max(1)).enumerate() {
-                    row.copy_from_slice(&v[(b * c + ch) * pixels..][..pixels]);
-                }
-            });
-    }
-
-    /// Calls `f(ch, plane, row)` for every plane of `out` (`[batch, c, pixels]`: sample `b`'s channel
-    /// `ch`) with the matching row of `v` (`[c, batch·pixels]`: `v[ch][b·pixels..]`), in parallel
-    /// over samples: the copies from channel rows back to the output's layout.
-    fn for_each_plane_from_channel_rows<T: Send>(
-        v: &[f32],
-        (batch, c, pixels): (usize, usize, usize),
-        out: &mut [T],
-        f: impl Fn(usize, &mut [T], &[f32]) + Sync,
-    ) {
-        out[..batch * c * pixels]
-            .par_chunks_mut((c * pixels).max(1))
-            .with_min_len(rows_per_task(c * pixels))
-            .enumerate()
-            .for_each(|(b, sample)| {
-                for (ch, plane) in sample.chunks_exact_mut(pixels.max(1)).enumerate() {
-                    f(ch, plane, &v[(ch * batch + b) * pixels..][..pixels]);
-                }
-            });
-    }
-
-    /// `[c, batch·pixels]` to `[batch, c, pixels]`, appended to `out`, adding `bias[c]` if given
-    /// (appended rather than written over a zero-filled buffer: the output is written once).
-    pub fn extend_from_channel_rows(
-        v: &[f32],
-        batch: usize,
-        c: usize,
-        pixels: usize,
-        bias: Option<&[f32]>,
-        out: &mut Vec<f32>,
-    ) {
-        let (old, added) = (out.len(), batch * c * pixels);
-        out.reserve(added);
-        for_each_plane_from_channel_rows(v, (batch, c, pixels), out.spare_capacity_mut(), |ch, plane, row| {
-            let add = bias.map_or(0.0, |bb| bb[ch]);
-            for (o, s) in plane.iter_mut().zip(row) {
-                o.write(s + add);
-            }
-        });
-        // SAFETY: each of the `batch` samples' `c·pixels` values was written above.
-        unsafe { out.set_len(old + added) };
-    }
-
-    /// `[c, batch·pixels]` added into `out` (`[batch, c, pixels]`).
-    pub fn add_from_channel_rows(v: &[f32], batch: usize, c: usize, pixels: usize, out: &mut [f32]) {
-        for_each_plane_from_channel_rows(v, (batch, c, pixels), out, |_, plane, row| {
-            for (d, s) in plane.iter_mut().zip(row) {
-                *d += s;
-            }
-        });
     }
 
     /// Per-channel sums of `[batch, c, pixels]` (the bias gradient), added into `out` (length `c`).
@@ -614,48 +554,44 @@ pub mod kernels {
         (CHUNK_VALUES / (g.patch_len() * g.out_pixels()).max(1)).max(1)
     }
 
-    /// Calls `f(first, count, cols, channel_rows)` for consecutive chunks of the `batch` samples,
-    /// each with at most [`CHUNK_VALUES`] column values (at least one sample), with the
-    /// [`Scratch`] buffers cut to the chunk: `cols` `[c_in·k·k, count·h_out·w_out]` and
-    /// `channel_rows` `[c_out, count·h_out·w_out]`, whose old contents are left for `f` to write over.
-    fn for_each_chunk(g: &ConvGeometry, batch: usize, mut f: impl FnMut(usize, usize, &mut [f32], &mut [f32])) {
+    /// Calls `f(first, count, cols)` for consecutive chunks of the `batch` samples, each with at
+    /// most [`CHUNK_VALUES`] column values (at least one sample), with one column-matrix buffer
+    /// cut to the chunk, `[c_in·k·k, count·h_out·w_out]`, whose old contents are left for `f` to
+    /// write over. The buffer is allocated once per call for the largest chunk (no allocation or
+    /// zero-fill per chunk); keeping it on the thread from one call to the next as well was
+    /// measured twice (2026-11-28, 2026-11-29) and gained nothing measurable at 1 or 2 threads,
+    /// for 2-10 MB more peak memory.
+    fn for_each_chunk(g: &ConvGeometry, batch: usize, mut f: impl FnMut(usize, usize, &mut [f32])) {
         let size = chunk_samples(g);
-        let mut scratch = Scratch::new(g, batch);
+        let mut cols = vec![0.0; g.patch_len() * size.min(batch) * g.out_pixels()];
         let mut first = 0;
         while first < batch {
             let count = size.min(batch - first);
-            let n = count * g.out_pixels();
-            f(
-                first,
-                count,
-                &mut scratch.cols[..g.patch_len() * n],
-                &mut scratch.channel_rows[..g.c_out * n],
-            );
+            f(first, count, &mut cols[..g.patch_len() * count * g.out_pixels()]);
             first += count;
         }
     }
 
-    /// Buffers the chunks of one kernel call share, allocated once per call for its largest chunk
-    /// and written over by each chunk (no allocation or zero-fill per chunk). Keeping them on the
-    /// thread from one call to the next as well was measured twice (2026-11-28, 2026-11-29) and
-    /// gained nothing measurable at 1 or 2 threads, for 2-10 MB more peak memory.
-    struct Scratch {
-        /// A column matrix, `[c_in·k·k, chunk·h_out·w_out]`.
-        cols: Vec<f32>,
-        /// A chunk in the output space as channel rows, `[c_out, chunk·h_out·w_out]`.
-        channel_rows: Vec<f32>,
-    }
-
-    impl Scratch {
-        /// Buffers for the largest chunk of `batch` samples.
-        fn new(g: &ConvGeometry, batch: usize) -> Scratch {
-            let n = chunk_samples(g).min(batch) * g.out_pixels();
-            Scratch {
-                cols: vec![0.0; g.patch_len() * n],
-                channel_rows: vec![0.0; g.c_out * n],
-            }
+    /// Sample `b`'s block of columns in a column matrix `[rows, n]` (`cols`), `pixels` columns
+    /// from column `b·pixels` on, as a product's operand.
+    fn sample_columns(cols: &[f32], n: usize, pixels: usize, b: usize) -> StridedMatrix<'_> {
+        StridedMatrix {
+            values: &cols[b * pixels..],
+            strides: (n, 1),
         }
     }
+
+    /// Sample `b`'s planes in a `[batch, channels, pixels]` tensor (`v`) as a `[channels, pixels]`
+    /// matrix operand.
+    fn sample_planes(v: &[f32], (channels, pixels): (usize, usize), b: usize) -> StridedMatrix<'_> {
+        StridedMatrix {
+            values: &v[b * channels * pixels..][..channels * pixels],
+            strides: (pixels, 1),
+        }
+    }
+
+    /// Samples per task of the column route's per-sample products.
+    const SAMPLES_PER_TASK: usize = 4;
 
     /// Convolution: `x` `[batch, in_len]`, `w` `[c_out, c_in·k·k]` → `[batch, out_len]`.
     pub fn conv_forward(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
@@ -664,13 +600,35 @@ pub mod kernels {
             implicit_conv(g, batch, x, w, bias, &mut y, false, kernel);
             return y;
         }
-        let mut y = Vec::with_capacity(batch * g.out_len());
-        for_each_chunk(g, batch, |first, count, cols, ym| {
-            let n = count * g.out_pixels();
+        // Each sample's output planes, `[c_out, pixels]`, are one product `W·cols_b` written
+        // where they lie in `y` (no zero-fill first, no copy from a `[c_out, batch·pixels]` layout).
+        let (k, pixels, out_len) = (g.patch_len(), g.out_pixels(), g.out_len());
+        let mut y: Vec<f32> = Vec::with_capacity(batch * out_len);
+        let weights = StridedMatrix {
+            values: w,
+            strides: (k, 1),
+        };
+        for_each_chunk(g, batch, |first, count, cols| {
+            let n = count * pixels;
             im2col_into(g, count, &x[first * g.in_len()..][..count * g.in_len()], cols);
-            crate::kernels::matmul((g.c_out, g.patch_len(), n), w, false, cols, false, ym, false);
-            extend_from_channel_rows(ym, count, g.c_out, g.out_pixels(), bias, &mut y);
+            let cols = &*cols;
+            y.spare_capacity_mut()[first * out_len..][..count * out_len]
+                .par_chunks_mut(out_len.max(1))
+                .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
+                .enumerate()
+                .for_each(|(b, planes)| {
+                    let columns = sample_columns(cols, n, pixels, b);
+                    matmul_strided_uninit((g.c_out, k, pixels), weights, columns, planes, pixels);
+                });
         });
+        // SAFETY: every sample's `c_out` rows of `pixels` values, its whole `out_len`, were
+        // written above (`matmul_strided_uninit` writes each value of its block).
+        unsafe { y.set_len(batch * out_len) };
+        if let Some(bias) = bias {
+            for (plane, b) in y.chunks_exact_mut(pixels.max(1)).zip(bias.iter().cycle()) {
+                plane.iter_mut().for_each(|v| *v += b);
+            }
+        }
         y
     }
 
@@ -764,7 +722,6 @@ pub mod kernels {
         dy: &[f32],
         mut out: GradientsMut<'_>,
     ) {
-        let k = g.patch_len();
         if let Some(kernel) = implicit_route(g.c_in, phase_depth(g)) {
             if let Some(dx) = out.input.take() {
                 implicit_conv_transpose(g, batch, dy, w, dx, kernel);
@@ -780,21 +737,13 @@ pub mod kernels {
                 implicit_weight_gradient(g, batch, x, dy, dw, kernel);
             }
         }
-        if out.input.is_some() || out.weight.is_some() {
-            for_each_chunk(g, batch, |first, count, cols, dym| {
-                let n = count * g.out_pixels();
-                let dy_chunk = &dy[first * g.out_len()..][..count * g.out_len()];
-                to_channel_rows(dy_chunk, count, g.c_out, g.out_pixels(), dym);
-                if let Some(dw) = out.weight.as_deref_mut() {
-                    im2col_into(g, count, &x[first * g.in_len()..][..count * g.in_len()], cols);
-                    crate::kernels::matmul((g.c_out, n, k), dym, false, cols, true, dw, true);
-                }
-                if let Some(dx) = out.input.as_deref_mut() {
-                    // The column matrix's gradient, summed back into the input space.
-                    crate::kernels::matmul((k, g.c_out, n), w, true, dym, false, cols, false);
-                    col2im_adding(g, count, cols, &mut dx[first * g.in_len()..][..count * g.in_len()]);
-                }
-            });
+        if let Some(dw) = out.weight {
+            add_weight_gradient_through_columns(g, batch, x, dy, dw);
+        }
+        if let Some(dx) = out.input {
+            // The column matrix's gradient, summed back into the input space: the transposed
+            // convolution of `dy`.
+            conv_transpose_through_columns(g, batch, dy, w, dx);
         }
         if let Some(db) = out.bias {
             add_channel_sums(dy, batch, g.c_out, g.out_pixels(), db);
@@ -826,19 +775,55 @@ pub mod kernels {
     }
 
     /// `y +=` the transposed convolution of `x` through column matrices (`Wᵀ·x`, then col2im).
-    fn conv_transpose_through_columns(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
-        for_each_chunk(g, batch, |first, count, dcols, xm| {
-            let n = count * g.out_pixels();
-            to_channel_rows(
-                &x[first * g.out_len()..][..count * g.out_len()],
-                count,
-                g.c_out,
-                g.out_pixels(),
-                xm,
-            );
-            crate::kernels::matmul((g.patch_len(), g.c_out, n), w, true, xm, false, dcols, false);
-            col2im_adding(g, count, dcols, &mut y[first * g.in_len()..][..count * g.in_len()]);
+    /// `dW += Σ_b planes_b·cols_bᵀ` (`dW` `[c_out, c_in·k·k]`): for each sample in order, its
+    /// planes (`planes`: `[batch, c_out, pixels]`, read where they lie) times the transpose of
+    /// its columns of the column matrix of `patches` (`[batch, c_in·h_in·w_in]`), built a chunk
+    /// of samples at a time. The weight gradient of the convolution `g` (`planes` its output's
+    /// gradient, `patches` its input) and of its adjoint (the roles swapped).
+    fn add_weight_gradient_through_columns(
+        g: &ConvGeometry,
+        batch: usize,
+        patches: &[f32],
+        planes: &[f32],
+        dw: &mut [f32],
+    ) {
+        let (k, pixels) = (g.patch_len(), g.out_pixels());
+        for_each_chunk(g, batch, |first, count, cols| {
+            let n = count * pixels;
+            im2col_into(g, count, &patches[first * g.in_len()..][..count * g.in_len()], cols);
+            let chunk = &planes[first * g.out_len()..][..count * g.out_len()];
+            for b in 0..count {
+                let columns_t = StridedMatrix {
+                    values: &cols[b * pixels..],
+                    strides: (1, n),
+                };
+                let planes_b = sample_planes(chunk, (g.c_out, pixels), b);
+                matmul_strided((g.c_out, pixels, k), planes_b, columns_t, dw, k, true);
+            }
         });
+    }
+
+    /// Sample by sample, in parallel: the sample's column matrix `Wᵀ·x_b` (`[c_in·k·k, pixels]`,
+    /// from `x_b`'s planes where they lie, into a buffer of the task's that stays in cache), summed
+    /// into `y_b` by col2im.
+    fn conv_transpose_through_columns(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+        let (k, pixels, taps) = (g.patch_len(), g.out_pixels(), taps(g));
+        let weights_t = StridedMatrix {
+            values: w,
+            strides: (1, k),
+        };
+        y[..batch * g.in_len()]
+            .par_chunks_mut(g.in_len().max(1))
+            .zip(x[..batch * g.out_len()].par_chunks(g.out_len().max(1)))
+            .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
+            .for_each_init(
+                || vec![0.0; k * pixels],
+                |cols, (y_b, x_b)| {
+                    let x_b = sample_planes(x_b, (g.c_out, pixels), 0);
+                    matmul_strided((k, g.c_out, pixels), weights_t, x_b, cols, pixels, false);
+                    col2im_adding_with_taps(g, 1, cols, y_b, &taps);
+                },
+            );
     }
 
     /// Gradients of [`conv_transpose_forward`] from `dy` `[batch, in_len]`: `dx` `[batch,
@@ -865,7 +850,6 @@ pub mod kernels {
         dy: &[f32],
         mut out: GradientsMut<'_>,
     ) {
-        let k = g.patch_len();
         if let Some(kernel) = implicit_route(g.c_out, g.patch_len()) {
             if let Some(dx) = out.input.take() {
                 implicit_conv(g, batch, dy, w, None, dx, true, kernel);
@@ -876,26 +860,34 @@ pub mod kernels {
                 implicit_weight_gradient(g, batch, dy, x, dw, kernel);
             }
         }
-        if out.input.is_some() || out.weight.is_some() {
-            for_each_chunk(g, batch, |first, count, cols, rows| {
-                let n = count * g.out_pixels();
-                im2col_into(g, count, &dy[first * g.in_len()..][..count * g.in_len()], cols);
-                if let Some(dw) = out.weight.as_deref_mut() {
-                    let x_chunk = &x[first * g.out_len()..][..count * g.out_len()];
-                    to_channel_rows(x_chunk, count, g.c_out, g.out_pixels(), rows);
-                    crate::kernels::matmul((g.c_out, n, k), rows, false, cols, true, dw, true);
-                }
-                if let Some(dx) = out.input.as_deref_mut() {
-                    crate::kernels::matmul((g.c_out, k, n), w, false, cols, false, rows, false);
-                    add_from_channel_rows(
-                        rows,
-                        count,
-                        g.c_out,
-                        g.out_pixels(),
-                        &mut dx[first * g.out_len()..][..count * g.out_len()],
-                    );
-                }
-            });
+        if let Some(dw) = out.weight {
+            // The adjoint's weight gradient is the convolution's, with the roles of its input
+            // (the patches, here of `dy`) and output gradient (here `x`) swapped.
+            add_weight_gradient_through_columns(g, batch, dy, x, dw);
+        }
+        if let Some(dx) = out.input {
+            // The convolution of `dy`, sample by sample: `dx_b += W·cols_b`, from the sample's
+            // column matrix in a buffer of the task's, into `dx_b`'s planes where they lie.
+            let (k, pixels, taps) = (g.patch_len(), g.out_pixels(), taps(g));
+            let weights = StridedMatrix {
+                values: w,
+                strides: (k, 1),
+            };
+            dx[..batch * g.out_len()]
+                .par_chunks_mut(g.out_len().max(1))
+                .zip(dy[..batch * g.in_len()].par_chunks(g.in_len().max(1)))
+                .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
+                .for_each_init(
+                    || vec![0.0; k * pixels],
+                    |cols, (dx_b, dy_b)| {
+                        im2col_with_taps(g, 1, dy_b, cols, &taps);
+                        let columns = StridedMatrix {
+                            values: cols,
+                            strides: (pixels, 1),
+                        };
+                        matmul_strided((g.c_out, k, pixels), weights, columns, dx_b, pixels, true);
+                    },
+                );
         }
         if let Some(db) = out.bias {
             add_channel_sums(dy, batch, g.c_in, g.h_in * g.w_in, db);
