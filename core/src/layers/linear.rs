@@ -249,12 +249,35 @@ fn affine(
     let (x, mut tape) = x.split_tape();
     // The weight's host copy is shared, not copied: the parameter keeps it between updates.
     let (xv, wv) = (crate::kernels::host(&x), weight.host_values());
-    // The output starts as the bias rows (written once, not zero-filled first).
+    // The output starts as the bias rows, or without one is written by the product alone (never
+    // zero-filled first).
     let mut y = match bias {
-        Some(b) => b.host_values().repeat(batch),
-        None => vec![0.0; batch * outputs],
+        Some(b) => {
+            let mut y = b.host_values().repeat(batch);
+            crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, true);
+            y
+        }
+        None => {
+            use crate::kernels::StridedMatrix;
+            let mut y = Vec::with_capacity(batch * outputs);
+            crate::kernels::matmul_strided_uninit(
+                (batch, inputs, outputs),
+                StridedMatrix {
+                    values: &xv,
+                    strides: (inputs, 1),
+                },
+                StridedMatrix {
+                    values: &wv,
+                    strides: (outputs, 1),
+                },
+                &mut y.spare_capacity_mut()[..batch * outputs],
+                outputs,
+            );
+            // SAFETY: the product wrote each of its `batch` rows of `outputs` values, contiguous.
+            unsafe { y.set_len(batch * outputs) };
+            y
+        }
     };
-    crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, bias.is_some());
     let slopes = activation.map(|f| f.apply_in_place(&mut y));
     let y = x.device().tensor_from_vec(y, (batch, outputs));
     // Frozen parameters (`Param::requires_grad`) get no gradient: no product for `dW`.
