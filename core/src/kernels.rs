@@ -27,8 +27,9 @@ pub fn host<S: Shape, T>(t: &Tensor<S, f32, Device, T>) -> Vec<f32> {
     out
 }
 
-/// `Σ x²` in f64 over eight independent accumulators, so that the sum vectorizes (one f64
-/// accumulator would serialize every addition on its latency).
+/// `Σ x²` in f64 over independent accumulators ([`sum_in_lanes`]), so that the sum vectorizes
+/// and its additions do not wait on one another (one f64 accumulator would serialize every
+/// addition on its latency). Each `x²` is exact in f64.
 pub fn sum_of_squares(values: &[f32]) -> f64 {
     on_widest_vectors(
         #[inline(always)]
@@ -36,33 +37,48 @@ pub fn sum_of_squares(values: &[f32]) -> f64 {
     )
 }
 
-/// `Σ f(x)` in f64 over eight independent accumulators (lane `j` takes the elements `j`, `j + 8`,
-/// ...), so that the sum vectorizes; for the loops of other kernels that run inside one
+/// `Σ f(x)` in f64 over independent accumulators (sets of eight lanes, [`sum_blocks_in_lanes`]),
+/// so that the sum vectorizes; for the loops of other kernels that run inside one
 /// [`on_widest_vectors`] call (inlined there, so it takes that call's vector width).
 #[inline(always)]
 pub fn sum_in_lanes(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     sum_blocks_in_lanes(std::iter::once(values), f)
 }
 
-/// [`sum_in_lanes`] over several blocks, the eight accumulators carried from one block to the
-/// next (each block's tail of fewer than eight values summed apart): one reduction at the end
-/// instead of one per block, for batch norm's blocks (a channel of one sample: 49 values at the
-/// DCGAN's 7x7 layers).
+/// [`sum_in_lanes`] over several blocks, the accumulators carried from one block to the next
+/// (each block's tail of fewer than eight values summed apart): one reduction at the end instead
+/// of one per block, for batch norm's blocks (a channel of one sample: 49 values at the DCGAN's
+/// 7x7 layers).
+///
+/// The accumulators are [`LANE_SETS`] sets of eight: a block's runs of 32 values add into all
+/// four (four independent vectors of additions at AVX-512, where one set would wait on each
+/// addition's latency), its remaining runs of 8 into one set each.
 #[inline(always)]
 pub fn sum_blocks_in_lanes<'a>(blocks: impl Iterator<Item = &'a [f32]>, f: impl Fn(f32) -> f64) -> f64 {
-    let mut lanes = [0.0f64; 8];
+    let mut lanes = [[0.0f64; 8]; LANE_SETS];
     let mut tails = 0.0f64;
     for values in blocks {
-        let whole = values.len() / 8 * 8;
-        for chunk in values[..whole].chunks_exact(8) {
-            for j in 0..8 {
-                lanes[j] += f(chunk[j]);
+        let mut wide = values.chunks_exact(8 * LANE_SETS);
+        for chunk in &mut wide {
+            for (set, eight) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
+                for j in 0..8 {
+                    set[j] += f(eight[j]);
+                }
             }
         }
-        tails += values[whole..].iter().map(|&x| f(x)).sum::<f64>();
+        let mut narrow = wide.remainder().chunks_exact(8);
+        for (set, eight) in lanes.iter_mut().zip(&mut narrow) {
+            for j in 0..8 {
+                set[j] += f(eight[j]);
+            }
+        }
+        tails += narrow.remainder().iter().map(|&x| f(x)).sum::<f64>();
     }
-    lanes.iter().sum::<f64>() + tails
+    lanes.iter().flatten().sum::<f64>() + tails
 }
+
+/// Sets of eight f64 accumulators [`sum_blocks_in_lanes`] and [`sum_of_squares`] keep.
+const LANE_SETS: usize = 4;
 
 /// `(Σ a, Σ a·b)` (the products in f32) in f64 over eight independent accumulators each, as
 /// [`sum_in_lanes`]; `a` and `b` have one length.
@@ -75,23 +91,44 @@ pub fn sum_and_dot_in_lanes(a: &[f32], b: &[f32]) -> (f64, f64) {
 /// to the next, as [`sum_blocks_in_lanes`].
 #[inline(always)]
 pub fn sum_and_dot_blocks_in_lanes<'a>(blocks: impl Iterator<Item = (&'a [f32], &'a [f32])>) -> (f64, f64) {
-    let (mut sums, mut dots) = ([0.0f64; 8], [0.0f64; 8]);
+    let (mut sums, mut dots) = ([[0.0f64; 8]; LANE_SETS], [[0.0f64; 8]; LANE_SETS]);
     let (mut sum_tails, mut dot_tails) = (0.0f64, 0.0f64);
     for (a, b) in blocks {
         let n = a.len().min(b.len());
         let (a, b) = (&a[..n], &b[..n]);
-        let whole = n / 8 * 8;
         // Two passes over the block (in L1 by the second), each the shape of
-        // `sum_blocks_in_lanes`: LLVM pairs the `sums[j]` and `dots[j]` of one loop over both
-        // into 2-lane vectors built value by value, and keeps that loop scalar.
-        for chunk in a[..whole].chunks_exact(8) {
-            for j in 0..8 {
-                sums[j] += chunk[j] as f64;
+        // `sum_blocks_in_lanes`: LLVM pairs the `sums` and `dots` of one loop over both into
+        // 2-lane vectors built value by value, and keeps that loop scalar.
+        let mut wide = a.chunks_exact(8 * LANE_SETS);
+        for chunk in &mut wide {
+            for (set, eight) in sums.iter_mut().zip(chunk.chunks_exact(8)) {
+                for j in 0..8 {
+                    set[j] += eight[j] as f64;
+                }
             }
         }
-        for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        let mut narrow = wide.remainder().chunks_exact(8);
+        for (set, eight) in sums.iter_mut().zip(&mut narrow) {
             for j in 0..8 {
-                dots[j] += (ca[j] * cb[j]) as f64;
+                set[j] += eight[j] as f64;
+            }
+        }
+        let whole = n - narrow.remainder().len();
+        let mut wide = a[..whole]
+            .chunks_exact(8 * LANE_SETS)
+            .zip(b[..whole].chunks_exact(8 * LANE_SETS));
+        for (ca, cb) in &mut wide {
+            for (set, (ea, eb)) in dots.iter_mut().zip(ca.chunks_exact(8).zip(cb.chunks_exact(8))) {
+                for j in 0..8 {
+                    set[j] += (ea[j] * eb[j]) as f64;
+                }
+            }
+        }
+        let done = whole / (8 * LANE_SETS) * (8 * LANE_SETS);
+        let narrow = a[done..whole].chunks_exact(8).zip(b[done..whole].chunks_exact(8));
+        for (set, (ea, eb)) in dots.iter_mut().zip(narrow) {
+            for j in 0..8 {
+                set[j] += (ea[j] * eb[j]) as f64;
             }
         }
         for (x, y) in a[whole..].iter().zip(&b[whole..]) {
@@ -100,8 +137,8 @@ pub fn sum_and_dot_blocks_in_lanes<'a>(blocks: impl Iterator<Item = (&'a [f32], 
         }
     }
     (
-        sums.iter().sum::<f64>() + sum_tails,
-        dots.iter().sum::<f64>() + dot_tails,
+        sums.iter().flatten().sum::<f64>() + sum_tails,
+        dots.iter().flatten().sum::<f64>() + dot_tails,
     )
 }
 
@@ -785,7 +822,7 @@ mod tests {
 
     #[test]
     fn the_sum_of_squares_matches_a_sequential_f64_sum() {
-        for n in [0, 1, 7, 8, 9, 1000, 1003] {
+        for n in [0, 1, 7, 8, 9, 31, 32, 33, 47, 1000, 1003] {
             let v = values(n, 3);
             let sequential: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
             let got = sum_of_squares(&v);
@@ -798,7 +835,7 @@ mod tests {
 
     #[test]
     fn the_sum_and_the_dot_product_match_sequential_f64_sums() {
-        for n in [0, 1, 7, 8, 9, 49, 1003] {
+        for n in [0, 1, 7, 8, 9, 33, 49, 1003] {
             let (a, b) = (values(n, 4), values(n, 5));
             let sum: f64 = a.iter().map(|&x| x as f64).sum();
             let dot: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
