@@ -572,15 +572,6 @@ pub mod kernels {
         }
     }
 
-    /// Sample `b`'s block of columns in a column matrix `[rows, n]` (`cols`), `pixels` columns
-    /// from column `b·pixels` on, as a product's operand.
-    fn sample_columns(cols: &[f32], n: usize, pixels: usize, b: usize) -> StridedMatrix<'_> {
-        StridedMatrix {
-            values: &cols[b * pixels..],
-            strides: (n, 1),
-        }
-    }
-
     /// Sample `b`'s planes in a `[batch, channels, pixels]` tensor (`v`) as a `[channels, pixels]`
     /// matrix operand.
     fn sample_planes(v: &[f32], (channels, pixels): (usize, usize), b: usize) -> StridedMatrix<'_> {
@@ -600,27 +591,37 @@ pub mod kernels {
             implicit_conv(g, batch, x, w, bias, &mut y, false, kernel);
             return y;
         }
-        // Each sample's output planes, `[c_out, pixels]`, are one product `W·cols_b` written
-        // where they lie in `y` (no zero-fill first, no copy from a `[c_out, batch·pixels]` layout).
-        let (k, pixels, out_len) = (g.patch_len(), g.out_pixels(), g.out_len());
+        // Sample by sample, in parallel: the sample's column matrix (`[c_in·k·k, pixels]`, in a
+        // buffer of the task's that stays in cache), and its output planes `[c_out, pixels]` as
+        // one product `W·cols_b` written where they lie in `y` (no zero-fill first, no copy from a
+        // `[c_out, batch·pixels]` layout).
+        let (k, pixels, out_len, taps) = (g.patch_len(), g.out_pixels(), g.out_len(), taps(g));
+        // (A geometry whose samples hold no input values but some output would leave the output
+        // unwritten below; `ConvGeometry::conv` makes none.)
+        assert!(
+            g.in_len() > 0 || out_len == 0,
+            "conv forward: a geometry without input values"
+        );
         let mut y: Vec<f32> = Vec::with_capacity(batch * out_len);
         let weights = StridedMatrix {
             values: w,
             strides: (k, 1),
         };
-        for_each_chunk(g, batch, |first, count, cols| {
-            let n = count * pixels;
-            im2col_into(g, count, &x[first * g.in_len()..][..count * g.in_len()], cols);
-            let cols = &*cols;
-            y.spare_capacity_mut()[first * out_len..][..count * out_len]
-                .par_chunks_mut(out_len.max(1))
-                .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
-                .enumerate()
-                .for_each(|(b, planes)| {
-                    let columns = sample_columns(cols, n, pixels, b);
+        y.spare_capacity_mut()[..batch * out_len]
+            .par_chunks_mut(out_len.max(1))
+            .zip(x[..batch * g.in_len()].par_chunks(g.in_len().max(1)))
+            .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
+            .for_each_init(
+                || vec![0.0; k * pixels],
+                |cols, (planes, x_b)| {
+                    im2col_with_taps(g, 1, x_b, cols, &taps);
+                    let columns = StridedMatrix {
+                        values: cols,
+                        strides: (pixels, 1),
+                    };
                     matmul_strided_uninit((g.c_out, k, pixels), weights, columns, planes, pixels);
-                });
-        });
+                },
+            );
         // SAFETY: every sample's `c_out` rows of `pixels` values, its whole `out_len`, were
         // written above (`matmul_strided_uninit` writes each value of its block).
         unsafe { y.set_len(batch * out_len) };
