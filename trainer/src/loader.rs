@@ -259,11 +259,20 @@ struct ElfInfo {
 impl ElfInfo {
     /// Parses the 64-bit ELF shared library at `path`; the error says why it is not one.
     fn read(path: &Path) -> std::result::Result<ElfInfo, String> {
-        let data = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
-        Self::parse(&data, false)
+        Self::read_file(path, false)
     }
 
-    fn parse(data: &[u8], keep_defined: bool) -> std::result::Result<ElfInfo, String> {
+    /// [`ElfInfo::read`], keeping the defined symbols when `keep_defined`. Only the parts the
+    /// loader needs are read (the headers, the dynamic section, the dynamic symbols and their
+    /// strings), not the whole file: a release `libnash_core.so` with debug information is ~30
+    /// MB, which read whole set every run's peak resident memory.
+    fn read_file(path: &Path, keep_defined: bool) -> std::result::Result<ElfInfo, String> {
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+        let cache = object::ReadCache::new(file);
+        Self::parse(&cache, keep_defined)
+    }
+
+    fn parse<'data, R: object::ReadRef<'data>>(data: R, keep_defined: bool) -> std::result::Result<ElfInfo, String> {
         let not_elf = |e: object::read::Error| format!("not a 64-bit ELF shared library ({e})");
         let header = elf::FileHeader64::<Endianness>::parse(data).map_err(not_elf)?;
         let endian = header.endian().map_err(not_elf)?;
@@ -276,7 +285,11 @@ impl ElfInfo {
             let strings = sections.strings(endian, data, strings_index).map_err(not_elf)?;
             for entry in entries {
                 if entry.tag32(endian) == Some(elf::DT_NEEDED) {
-                    let name = entry.string(endian, strings).map_err(not_elf)?;
+                    let offset = u32::try_from(Into::<u64>::into(entry.d_val(endian)))
+                        .map_err(|_| "not a 64-bit ELF shared library (a DT_NEEDED offset past 4 GB)".to_string())?;
+                    let name = strings.get(offset).map_err(|()| {
+                        "not a 64-bit ELF shared library (a DT_NEEDED name past its string table)".to_string()
+                    })?;
                     info.needed.push(String::from_utf8_lossy(name).into_owned());
                 }
             }
@@ -349,8 +362,7 @@ fn read_host_abi() -> std::result::Result<HostAbi, String> {
              trainer with `-C prefer-dynamic` (the workspace's .cargo/config.toml sets it)"
                 .to_string()
         })?;
-    let data = std::fs::read(&core_path).map_err(|e| format!("cannot read {}: {e}", core_path.display()))?;
-    let core = ElfInfo::parse(&data, true).map_err(|e| format!("{}: {e}", core_path.display()))?;
+    let core = ElfInfo::read_file(&core_path, true).map_err(|e| format!("{}: {e}", core_path.display()))?;
     debug!(std = %std_name, core = %core_path.display(), symbols = core.defined.len(), "host ABI");
     Ok(HostAbi {
         std_name,
@@ -451,7 +463,7 @@ mod tests {
 
     #[test]
     fn non_elf_is_refused() {
-        let err = ElfInfo::parse(b"INPUT(-lfoo)\n", false).unwrap_err();
+        let err = ElfInfo::parse(&b"INPUT(-lfoo)\n"[..], false).unwrap_err();
         assert!(err.contains("not a 64-bit ELF"), "{err}");
     }
 }
