@@ -355,21 +355,10 @@ pub fn matmul(
         c_row_stride: n as isize,
         accumulate,
     };
-    // The blocks depend on the pool's size only, not on whether this thread may split now: the
-    // element sums of gemm's microkernels depend on the block shapes, and a training step must give
-    // the same bits whatever the split governor decided. Unsplit, the blocks run one after the
-    // other on this thread.
-    let threads = rayon::current_num_threads();
-    let parts = if threads > 1 && m * k * n >= PARALLEL_MIN_WORK {
-        threads.min(m.max(n) / SPLIT_ALIGN).max(1)
-    } else {
-        1
-    };
-    let parallel = split_threads() > 1;
     // SAFETY: the assert above keeps every index `i * rs + j * cs` of each operand in bounds
     // (row-major `[m, k]` / `[k, m]` for `a`, `[k, n]` / `[n, k]` for `b`, `[m, n]` for `c`), and
     // `c` is borrowed mutably, so it aliases neither input.
-    unsafe { product.split((m, k, n), parts, parallel) }
+    unsafe { product.run((m, k, n)) }
 }
 
 /// A matrix operand inside a slice: element `(i, j)` at `i·strides.0 + j·strides.1`, e.g. a plane
@@ -497,13 +486,7 @@ unsafe fn strided_product(
         c_row_stride: c_row_stride as isize,
         accumulate,
     };
-    let threads = rayon::current_num_threads();
-    let parts = if threads > 1 && m * k * n >= PARALLEL_MIN_WORK {
-        threads.min(m.max(n) / SPLIT_ALIGN).max(1)
-    } else {
-        1
-    };
-    product.split((m, k, n), parts, split_threads() > 1)
+    product.run((m, k, n))
 }
 
 /// Whether `c = a·bᵀ` (`b` stored `[n, k]`) is faster as `(b·aᵀ)ᵀ`: true when `a` has at most 64
@@ -583,6 +566,25 @@ unsafe impl Send for Product {}
 unsafe impl Sync for Product {}
 
 impl Product {
+    /// Computes the whole `[m, n]` product: cut into one block per thread of the pool when it has
+    /// at least [`PARALLEL_MIN_WORK`] multiply-adds, the blocks run in parallel when this thread
+    /// may split its work now ([`split_threads`]). The blocks depend on the pool's size only, not
+    /// on whether this thread may split now: the element sums of gemm's microkernels depend on the
+    /// block shapes, and a training step must give the same bits whatever the split governor
+    /// decided. Unsplit, the blocks run one after the other on this thread.
+    ///
+    /// # Safety
+    /// As [`Product::split`].
+    unsafe fn run(self, (m, k, n): (usize, usize, usize)) {
+        let threads = rayon::current_num_threads();
+        let parts = if threads > 1 && m * k * n >= PARALLEL_MIN_WORK {
+            threads.min(m.max(n) / SPLIT_ALIGN).max(1)
+        } else {
+            1
+        };
+        self.split((m, k, n), parts, split_threads() > 1)
+    }
+
     /// Computes the `[m, n]` block in `parts` blocks along its longer side, in parallel when
     /// `parallel`, else one after the other.
     ///
@@ -737,64 +739,48 @@ mod tests {
             // read at strides (1, k); `c` with 2 values between its rows.
             let a = values(m * (k + 3), 1);
             let b = values(n * k, 2);
+            let a_op = StridedMatrix {
+                values: &a,
+                strides: (k + 3, 1),
+            };
+            let b_op = StridedMatrix {
+                values: &b,
+                strides: (1, k),
+            };
             let c_rs = n + 2;
             let start = values(m * c_rs, 3);
-            for accumulate in [false, true] {
-                let mut want = start.clone();
-                strided_reference((m, k, n), (&a, (k + 3, 1)), (&b, (1, k)), &mut want, c_rs, accumulate);
-                let mut got = start.clone();
-                pool.install(|| {
-                    matmul_strided(
-                        (m, k, n),
-                        StridedMatrix {
-                            values: &a,
-                            strides: (k + 3, 1),
-                        },
-                        StridedMatrix {
-                            values: &b,
-                            strides: (1, k),
-                        },
-                        &mut got,
-                        c_rs,
-                        accumulate,
-                    )
-                });
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
                     assert!(
                         (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{m}x{k}x{n} at {i}: {g} vs {w}"
+                        "{what} {m}x{k}x{n} at {i}: {g} vs {w}"
                     );
                 }
-                // Written into uninitialized values: the same results, the values between the rows
-                // untouched.
-                let mut uninit: Vec<std::mem::MaybeUninit<f32>> =
-                    start.iter().map(|&v| std::mem::MaybeUninit::new(v)).collect();
-                pool.install(|| {
-                    matmul_strided_uninit(
-                        (m, k, n),
-                        StridedMatrix {
-                            values: &a,
-                            strides: (k + 3, 1),
-                        },
-                        StridedMatrix {
-                            values: &b,
-                            strides: (1, k),
-                        },
-                        &mut uninit,
-                        c_rs,
-                    )
-                });
-                let mut written = start.clone();
-                strided_reference((m, k, n), (&a, (k + 3, 1)), (&b, (1, k)), &mut written, c_rs, false);
-                for (i, (v, w)) in uninit.iter().zip(&written).enumerate() {
-                    // SAFETY: every value was initialized before the call.
-                    let v = unsafe { v.assume_init() };
-                    assert!(
-                        (v - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "uninit {m}x{k}x{n} at {i}: {v} vs {w}"
-                    );
-                }
+            };
+            let reference = |accumulate: bool| {
+                let mut want = start.clone();
+                let (a, b) = ((&a[..], a_op.strides), (&b[..], b_op.strides));
+                strided_reference((m, k, n), a, b, &mut want, c_rs, accumulate);
+                want
+            };
+            for accumulate in [false, true] {
+                let mut got = start.clone();
+                pool.install(|| matmul_strided((m, k, n), a_op, b_op, &mut got, c_rs, accumulate));
+                close(
+                    &got,
+                    &reference(accumulate),
+                    if accumulate { "accumulated" } else { "written" },
+                );
             }
+            // Written into uninitialized values: the same results, the values between the rows
+            // untouched.
+            let mut uninit: Vec<std::mem::MaybeUninit<f32>> =
+                start.iter().map(|&v| std::mem::MaybeUninit::new(v)).collect();
+            pool.install(|| matmul_strided_uninit((m, k, n), a_op, b_op, &mut uninit, c_rs));
+            // SAFETY: every value was initialized before the call.
+            let got: Vec<f32> = uninit.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let want = reference(false);
+            close(&got, &want, "uninit");
         }
     }
 

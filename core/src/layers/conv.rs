@@ -584,6 +584,45 @@ pub mod kernels {
     /// Samples per task of the column route's per-sample products.
     const SAMPLES_PER_TASK: usize = 4;
 
+    /// Calls `f(cols_b, out_b)` for every sample `b` of `batch`, in parallel over samples: `cols_b`
+    /// the sample's column matrix of `inputs` (`[batch, c_in·h_in·w_in]`; im2col, `[c_in·k·k,
+    /// pixels]`) in a buffer of the task's that stays in cache, `out_b` the sample's `out_len`
+    /// values of `out` (`[batch, c_out·h_out·w_out]`).
+    ///
+    /// # Panics
+    /// When `inputs` or `out` is shorter than `batch` samples, or the geometry's samples hold no
+    /// input values but some output values (`ConvGeometry::conv` makes none): `f` must see every
+    /// sample of `out`, which the forward convolution counts as written.
+    fn for_each_sample_columns<T: Send>(
+        g: &ConvGeometry,
+        batch: usize,
+        inputs: &[f32],
+        out: &mut [T],
+        f: impl Fn(StridedMatrix<'_>, &mut [T]) + Sync,
+    ) {
+        let (in_len, out_len, taps) = (g.in_len(), g.out_len(), taps(g));
+        assert!(
+            in_len > 0 || out_len == 0,
+            "conv column route: a geometry without input values"
+        );
+        let columns_len = g.patch_len() * g.out_pixels();
+        out[..batch * out_len]
+            .par_chunks_mut(out_len.max(1))
+            .zip(inputs[..batch * in_len].par_chunks(in_len.max(1)))
+            .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
+            .for_each_init(
+                || vec![0.0; columns_len],
+                |cols, (out_b, inputs_b)| {
+                    im2col_with_taps(g, 1, inputs_b, cols, &taps);
+                    let columns = StridedMatrix {
+                        values: cols,
+                        strides: (g.out_pixels(), 1),
+                    };
+                    f(columns, out_b);
+                },
+            );
+    }
+
     /// Convolution: `x` `[batch, in_len]`, `w` `[c_out, c_in·k·k]` → `[batch, out_len]`.
     pub fn conv_forward(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         if let Some(kernel) = implicit_route(g.c_out, g.patch_len()) {
@@ -595,33 +634,21 @@ pub mod kernels {
         // buffer of the task's that stays in cache), and its output planes `[c_out, pixels]` as
         // one product `W·cols_b` written where they lie in `y` (no zero-fill first, no copy from a
         // `[c_out, batch·pixels]` layout).
-        let (k, pixels, out_len, taps) = (g.patch_len(), g.out_pixels(), g.out_len(), taps(g));
-        // (A geometry whose samples hold no input values but some output would leave the output
-        // unwritten below; `ConvGeometry::conv` makes none.)
-        assert!(
-            g.in_len() > 0 || out_len == 0,
-            "conv forward: a geometry without input values"
-        );
+        let (k, pixels, out_len) = (g.patch_len(), g.out_pixels(), g.out_len());
         let mut y: Vec<f32> = Vec::with_capacity(batch * out_len);
         let weights = StridedMatrix {
             values: w,
             strides: (k, 1),
         };
-        y.spare_capacity_mut()[..batch * out_len]
-            .par_chunks_mut(out_len.max(1))
-            .zip(x[..batch * g.in_len()].par_chunks(g.in_len().max(1)))
-            .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
-            .for_each_init(
-                || vec![0.0; k * pixels],
-                |cols, (planes, x_b)| {
-                    im2col_with_taps(g, 1, x_b, cols, &taps);
-                    let columns = StridedMatrix {
-                        values: cols,
-                        strides: (pixels, 1),
-                    };
-                    matmul_strided_uninit((g.c_out, k, pixels), weights, columns, planes, pixels);
-                },
-            );
+        for_each_sample_columns(
+            g,
+            batch,
+            x,
+            &mut y.spare_capacity_mut()[..batch * out_len],
+            |columns, planes| {
+                matmul_strided_uninit((g.c_out, k, pixels), weights, columns, planes, pixels);
+            },
+        );
         // SAFETY: every sample's `c_out` rows of `pixels` values, its whole `out_len`, were
         // written above (`matmul_strided_uninit` writes each value of its block).
         unsafe { y.set_len(batch * out_len) };
@@ -775,7 +802,6 @@ pub mod kernels {
         y
     }
 
-    /// `y +=` the transposed convolution of `x` through column matrices (`Wᵀ·x`, then col2im).
     /// `dW += Σ_b planes_b·cols_bᵀ` (`dW` `[c_out, c_in·k·k]`): for each sample in order, its
     /// planes (`planes`: `[batch, c_out, pixels]`, read where they lie) times the transpose of
     /// its columns of the column matrix of `patches` (`[batch, c_in·h_in·w_in]`), built a chunk
@@ -804,7 +830,8 @@ pub mod kernels {
         });
     }
 
-    /// Sample by sample, in parallel: the sample's column matrix `Wᵀ·x_b` (`[c_in·k·k, pixels]`,
+    /// `y +=` the transposed convolution of `x` through column matrices, sample by sample in
+    /// parallel: the sample's column matrix `Wᵀ·x_b` (`[c_in·k·k, pixels]`,
     /// from `x_b`'s planes where they lie, into a buffer of the task's that stays in cache), summed
     /// into `y_b` by col2im.
     fn conv_transpose_through_columns(g: &ConvGeometry, batch: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
@@ -869,26 +896,14 @@ pub mod kernels {
         if let Some(dx) = out.input {
             // The convolution of `dy`, sample by sample: `dx_b += W·cols_b`, from the sample's
             // column matrix in a buffer of the task's, into `dx_b`'s planes where they lie.
-            let (k, pixels, taps) = (g.patch_len(), g.out_pixels(), taps(g));
+            let (k, pixels) = (g.patch_len(), g.out_pixels());
             let weights = StridedMatrix {
                 values: w,
                 strides: (k, 1),
             };
-            dx[..batch * g.out_len()]
-                .par_chunks_mut(g.out_len().max(1))
-                .zip(dy[..batch * g.in_len()].par_chunks(g.in_len().max(1)))
-                .with_min_len(crate::kernels::min_items_per_task(SAMPLES_PER_TASK))
-                .for_each_init(
-                    || vec![0.0; k * pixels],
-                    |cols, (dx_b, dy_b)| {
-                        im2col_with_taps(g, 1, dy_b, cols, &taps);
-                        let columns = StridedMatrix {
-                            values: cols,
-                            strides: (pixels, 1),
-                        };
-                        matmul_strided((g.c_out, k, pixels), weights, columns, dx_b, pixels, true);
-                    },
-                );
+            for_each_sample_columns(g, batch, dy, &mut dx[..batch * g.out_len()], |columns, dx_b| {
+                matmul_strided((g.c_out, k, pixels), weights, columns, dx_b, pixels, true);
+            });
         }
         if let Some(db) = out.bias {
             add_channel_sums(dy, batch, g.c_in, g.h_in * g.w_in, db);
