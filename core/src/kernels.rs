@@ -58,23 +58,32 @@ pub fn sum_blocks_in_lanes<'a>(blocks: impl Iterator<Item = &'a [f32]>, f: impl 
     let mut lanes = [[0.0f64; 8]; LANE_SETS];
     let mut tails = 0.0f64;
     for values in blocks {
-        let mut wide = values.chunks_exact(8 * LANE_SETS);
-        for chunk in &mut wide {
-            for (set, eight) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
-                for j in 0..8 {
-                    set[j] += f(eight[j]);
-                }
-            }
-        }
-        let mut narrow = wide.remainder().chunks_exact(8);
-        for (set, eight) in lanes.iter_mut().zip(&mut narrow) {
+        let tail = add_runs_to_lanes(&mut lanes, values, &f);
+        tails += tail.iter().map(|&x| f(x)).sum::<f64>();
+    }
+    lanes.iter().flatten().sum::<f64>() + tails
+}
+
+/// Adds `f(x)` of `values` into `lanes` as [`sum_blocks_in_lanes`] does for one block (runs of 32
+/// into all four sets, the remaining runs of 8 into one set each) and returns the tail of fewer
+/// than eight values it left out.
+#[inline(always)]
+fn add_runs_to_lanes<'v>(lanes: &mut [[f64; 8]; LANE_SETS], values: &'v [f32], f: impl Fn(f32) -> f64) -> &'v [f32] {
+    let mut wide = values.chunks_exact(8 * LANE_SETS);
+    for chunk in &mut wide {
+        for (set, eight) in lanes.iter_mut().zip(chunk.chunks_exact(8)) {
             for j in 0..8 {
                 set[j] += f(eight[j]);
             }
         }
-        tails += narrow.remainder().iter().map(|&x| f(x)).sum::<f64>();
     }
-    lanes.iter().flatten().sum::<f64>() + tails
+    let mut narrow = wide.remainder().chunks_exact(8);
+    for (set, eight) in lanes.iter_mut().zip(&mut narrow) {
+        for j in 0..8 {
+            set[j] += f(eight[j]);
+        }
+    }
+    narrow.remainder()
 }
 
 /// Sets of eight f64 accumulators [`sum_blocks_in_lanes`] and [`sum_of_squares`] keep.
@@ -99,21 +108,7 @@ pub fn sum_and_dot_blocks_in_lanes<'a>(blocks: impl Iterator<Item = (&'a [f32], 
         // Two passes over the block (in L1 by the second), each the shape of
         // `sum_blocks_in_lanes`: LLVM pairs the `sums` and `dots` of one loop over both into
         // 2-lane vectors built value by value, and keeps that loop scalar.
-        let mut wide = a.chunks_exact(8 * LANE_SETS);
-        for chunk in &mut wide {
-            for (set, eight) in sums.iter_mut().zip(chunk.chunks_exact(8)) {
-                for j in 0..8 {
-                    set[j] += eight[j] as f64;
-                }
-            }
-        }
-        let mut narrow = wide.remainder().chunks_exact(8);
-        for (set, eight) in sums.iter_mut().zip(&mut narrow) {
-            for j in 0..8 {
-                set[j] += eight[j] as f64;
-            }
-        }
-        let whole = n - narrow.remainder().len();
+        let whole = n - add_runs_to_lanes(&mut sums, a, |x| x as f64).len();
         let mut wide = a[..whole]
             .chunks_exact(8 * LANE_SETS)
             .zip(b[..whole].chunks_exact(8 * LANE_SETS));
@@ -342,23 +337,18 @@ pub fn matmul(
     if transpose_b && !transpose_a && transposing_beats_gathering((m, k, n)) {
         return matmul_through_transposes((m, k, n), a, b, c, accumulate);
     }
-    // gemm's strides: element (i, j) of an operand lives at `i * rs + j * cs`.
-    let (a_rs, a_cs) = if transpose_a { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if transpose_b { (1, k) } else { (n, 1) };
-    configure_gemm();
-    let product = Product {
-        a: a.as_ptr(),
-        a_strides: (a_rs as isize, a_cs as isize),
-        b: b.as_ptr(),
-        b_strides: (b_rs as isize, b_cs as isize),
-        c: c.as_mut_ptr(),
-        c_row_stride: n as isize,
-        accumulate,
+    let a = StridedMatrix {
+        values: a,
+        strides: if transpose_a { (1, m) } else { (k, 1) },
+    };
+    let b = StridedMatrix {
+        values: b,
+        strides: if transpose_b { (1, k) } else { (n, 1) },
     };
     // SAFETY: the assert above keeps every index `i * rs + j * cs` of each operand in bounds
     // (row-major `[m, k]` / `[k, m]` for `a`, `[k, n]` / `[n, k]` for `b`, `[m, n]` for `c`), and
     // `c` is borrowed mutably, so it aliases neither input.
-    unsafe { product.run((m, k, n)) }
+    unsafe { strided_product((m, k, n), a, b, c.as_mut_ptr(), n, accumulate) }
 }
 
 /// A matrix operand inside a slice: element `(i, j)` at `i·strides.0 + j·strides.1`, e.g. a plane
@@ -452,7 +442,7 @@ fn check_strided(
     );
 }
 
-/// The product of [`matmul_strided`] into `c`.
+/// The product of [`matmul`] (past its transposes' route) and [`matmul_strided`] into `c`.
 ///
 /// # Safety
 /// The operands must hold their matrices at their strides, `c` must hold `m` rows of `n` values
