@@ -898,26 +898,43 @@ fn new_plugin(args: &NewPluginArgs) -> anyhow::Result<()> {
 /// The message of the last panic, recorded by the panic hook.
 static PANIC_MESSAGE: Mutex<Option<String>> = Mutex::new(None);
 
-/// Keeps every thread's allocations in glibc's main arena, before any thread starts (unless
-/// `GLIBC_TUNABLES` sets `arena_max` itself).
+/// Sets glibc's allocator for training, before any thread starts; each setting is left to
+/// `GLIBC_TUNABLES` where that sets it:
 ///
-/// A compute worker otherwise gets an arena of its own, whose 64 MB heaps fragment depending on
-/// where the address-space layout puts them: the 28x28 DCGAN at 1 thread peaked at 124 MB in about
-/// one process in ten (always, with address randomization off) instead of 103-107 MB; with one
-/// arena every process peaked at 105 MB, at the same speed (docs/performance.md).
-fn use_one_malloc_arena() {
+/// - Every thread's allocations stay in the main arena. A compute worker otherwise gets an arena
+///   of its own, whose 64 MB heaps fragment depending on where the address-space layout puts them:
+///   the 28x28 DCGAN at 1 thread peaked at 124 MB in about one process in ten (always, with
+///   address randomization off) instead of 103-107 MB; with one arena every process peaked at 105
+///   MB, at the same speed (docs/performance.md).
+/// - Buffers up to 32 MiB come from the heap, which keeps up to 64 MiB of free memory at its top,
+///   instead of glibc's dynamic threshold (from 128 KiB up to the largest buffer freed so far):
+///   under it, each of the DCGAN's 3-4 MB buffers was mapped and unmapped per op, and its steps
+///   ran 19% slower in page faults. These are the values the threshold had reached by itself
+///   while the plugin loader read `libnash_core.so` whole (33 MB) and freed it; reading only what
+///   it parses left the threshold low (2026-11-29).
+fn configure_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max")) {
-        // SAFETY: mallopt only sets a parameter of the allocator; called before any other thread
-        // exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
+    {
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        let settings = [
+            ("arena_max", libc::M_ARENA_MAX, 1),
+            ("mmap_threshold", libc::M_MMAP_THRESHOLD, 32 << 20),
+            ("trim_threshold", libc::M_TRIM_THRESHOLD, 64 << 20),
+        ];
+        for (tunable, parameter, value) in settings {
+            if !tunables.contains(tunable) {
+                // SAFETY: mallopt only sets a parameter of the allocator; called before any other
+                // thread exists.
+                unsafe {
+                    libc::mallopt(parameter, value);
+                }
+            }
         }
     }
 }
 
 fn main() -> ExitCode {
-    use_one_malloc_arena();
+    configure_malloc();
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.quiet);
     let show_backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
