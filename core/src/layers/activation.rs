@@ -91,11 +91,39 @@ impl ActivationFn {
     /// `values`: every one of them written), in one pass on the widest vectors, split across the
     /// pool's threads in tasks of [`crate::kernels::ELEMENTWISE_VALUES_PER_TASK`] values.
     pub fn apply_with_slopes(&self, values: &mut [f32], slopes: &mut [MaybeUninit<f32>]) {
+        self.apply_after_bias(values, &[], slopes)
+    }
+
+    /// Replaces every value `x` of each row of `values` (rows as long as `bias`) by `f(x + b)`,
+    /// `b` its column's bias, and returns the slopes `f'(x + b)`, in one pass: a linear layer adds
+    /// its bias in its activation's pass instead of writing the bias rows first.
+    pub fn apply_after_bias_in_place(&self, values: &mut [f32], bias: &[f32]) -> Vec<f32> {
+        assert!(
+            !bias.is_empty() && values.len().is_multiple_of(bias.len()),
+            "whole rows as long as the bias"
+        );
+        let len = values.len();
+        let mut slopes = Vec::with_capacity(len);
+        self.apply_after_bias(values, bias, &mut slopes.spare_capacity_mut()[..len]);
+        // SAFETY: `apply_after_bias` wrote one slope per value.
+        unsafe { slopes.set_len(len) };
+        slopes
+    }
+
+    /// The pass of [`ActivationFn::apply_with_slopes`] (`bias` empty) and
+    /// [`ActivationFn::apply_after_bias_in_place`] (`values` in rows as long as `bias`); tasks
+    /// hold whole rows.
+    fn apply_after_bias(&self, values: &mut [f32], bias: &[f32], slopes: &mut [MaybeUninit<f32>]) {
         use rayon::prelude::*;
         #[inline(always)]
-        fn run(values: &mut [f32], slopes: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> (f32, f32) + Sync + Copy) {
+        fn run(
+            values: &mut [f32],
+            bias: &[f32],
+            slopes: &mut [MaybeUninit<f32>],
+            f: impl Fn(f32) -> (f32, f32) + Sync + Copy,
+        ) {
             let serial = |values: &mut [f32], slopes: &mut [MaybeUninit<f32>]| {
-                // An indexed loop over slices of one length, compiled for the CPU's widest vectors.
+                // Indexed loops over slices of one length, compiled for the CPU's widest vectors.
                 crate::kernels::on_widest_vectors(
                     #[inline(always)]
                     || {
@@ -103,11 +131,22 @@ impl ActivationFn {
                         // closure's reference, LLVM cannot tell that the stores below leave them
                         // unchanged, reloads them every value and keeps the loop scalar.
                         let local = f;
-                        let slopes = &mut slopes[..values.len()];
-                        for i in 0..values.len() {
-                            let (value, slope) = local(values[i]);
-                            values[i] = value;
-                            slopes[i].write(slope);
+                        if bias.is_empty() {
+                            let slopes = &mut slopes[..values.len()];
+                            for i in 0..values.len() {
+                                let (value, slope) = local(values[i]);
+                                values[i] = value;
+                                slopes[i].write(slope);
+                            }
+                            return;
+                        }
+                        let width = bias.len();
+                        for (row, row_slopes) in values.chunks_exact_mut(width).zip(slopes.chunks_exact_mut(width)) {
+                            for i in 0..width {
+                                let (value, slope) = local(row[i] + bias[i]);
+                                row[i] = value;
+                                row_slopes[i].write(slope);
+                            }
                         }
                     },
                 )
@@ -116,6 +155,11 @@ impl ActivationFn {
             if values.len() <= per_task {
                 return serial(values, slopes);
             }
+            // Whole rows per task (at least one).
+            let per_task = match bias.len() {
+                0 => per_task,
+                width => (per_task / width).max(1) * width,
+            };
             values
                 .par_chunks_mut(per_task)
                 .zip(slopes.par_chunks_mut(per_task))
@@ -126,15 +170,16 @@ impl ActivationFn {
         /// The pass, over the variant's function.
         struct Apply<'a> {
             values: &'a mut [f32],
+            bias: &'a [f32],
             slopes: &'a mut [MaybeUninit<f32>],
         }
         impl OverFunction for Apply<'_> {
             type Output = ();
             fn run<F: Fn(f32) -> (f32, f32) + Copy + Send + Sync>(self, f: F) {
-                run(self.values, self.slopes, f)
+                run(self.values, self.bias, self.slopes, f)
             }
         }
-        self.with_function(Apply { values, slopes })
+        self.with_function(Apply { values, bias, slopes })
     }
 
     /// `body` run with this activation's `x ↦ (f(x), f'(x))` as a closure of the variant's own
@@ -527,8 +572,12 @@ mod tests {
     fn the_wide_vector_pass_gives_the_portable_bits() {
         // `apply_in_place` runs compiled for AVX-512 or AVX2 where the CPU has them, split across
         // a pool's threads in tasks of `ELEMENTWISE_VALUES_PER_TASK` values; this test's own loop
-        // is the portable build on one thread. 3 full tasks and a part: whole vectors and a tail.
-        let n = 3 * crate::kernels::ELEMENTWISE_VALUES_PER_TASK + 1003;
+        // is the portable build on one thread. 3 full tasks and a part (200 rows of 1,003 below):
+        // whole vectors and a tail.
+        let n = 200 * 1003;
+        assert!(
+            n > 3 * crate::kernels::ELEMENTWISE_VALUES_PER_TASK && n < 4 * crate::kernels::ELEMENTWISE_VALUES_PER_TASK
+        );
         let xs: Vec<f32> = (0..n).map(|i| (i % 1003) as f32 * 0.027 - 13.5).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let functions = [
@@ -539,15 +588,27 @@ mod tests {
             ActivationFn::Sigmoid,
             ActivationFn::Gelu,
         ];
+        // The bias form: rows of 1,003 (no divisor of a task's values), so that tasks are cut
+        // at whole rows, and `f(x + b)` is the same bits as the portable loop's.
+        let bias: Vec<f32> = (0..1003).map(|j| (j % 7) as f32 * 0.31 - 0.9).collect();
         for f in functions {
             let mut values = xs.clone();
             let slopes = pool.install(|| f.apply_in_place(&mut values));
+            let mut biased = xs.clone();
+            let biased_slopes = pool.install(|| f.apply_after_bias_in_place(&mut biased, &bias));
             for (i, &x) in xs.iter().enumerate() {
                 let (value, slope) = std::hint::black_box(f).value_and_slope(x);
                 assert_eq!(
                     (values[i].to_bits(), slopes[i].to_bits()),
                     (value.to_bits(), slope.to_bits()),
                     "{f:?} at {x}"
+                );
+                let z = x + std::hint::black_box(bias[i % bias.len()]);
+                let (value, slope) = std::hint::black_box(f).value_and_slope(z);
+                assert_eq!(
+                    (biased[i].to_bits(), biased_slopes[i].to_bits()),
+                    (value.to_bits(), slope.to_bits()),
+                    "{f:?} at {x} + bias"
                 );
             }
         }

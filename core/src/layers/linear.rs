@@ -227,9 +227,9 @@ fn composite_affine(
 }
 
 /// `f(x·W + b)` (`x` `[batch, inputs]`, `W` `[inputs, outputs]`, `f` the optional fused
-/// activation) as one tape op on the host: the output starts as the bias rows, the product is
-/// accumulated into it by [`crate::kernels::matmul`] and `f` is applied in place while it is in
-/// cache, keeping the slopes `f'`. The backward pass forms `dz = dy ⊙ f'` (or takes `dy` as it is)
+/// activation) as one tape op on the host: the product writes the output and the bias is added
+/// in `f`'s pass, which keeps the slopes `f'` (without `f` the output starts as the bias rows and
+/// the product is accumulated into them). The backward pass forms `dz = dy ⊙ f'` (or takes `dy` as it is)
 /// and adds `xᵀ·dz`, the column sums of `dz` and `dz·Wᵀ` straight into the gradient buffers of `W`,
 /// `b` and `x`, leaving out a frozen `W` or `b` ([`Param::requires_grad`]) and, when
 /// `input_gradient` is false, `x`. Equal to [`composite_affine`] followed by the activation up to
@@ -249,15 +249,16 @@ fn affine(
     let (x, mut tape) = x.split_tape();
     // The weight's host copy is shared, not copied: the parameter keeps it between updates.
     let (xv, wv) = (crate::kernels::host(&x), weight.host_values());
-    // The output starts as the bias rows, or without one is written by the product alone (never
-    // zero-filled first).
-    let mut y = match bias {
-        Some(b) => {
+    // The product alone writes the output (never zero-filled first) where the bias is added in
+    // the activation's pass or there is none; otherwise the output starts as the bias rows and
+    // the product is added into them.
+    let (y, slopes) = match (bias, activation) {
+        (Some(b), None) => {
             let mut y = b.host_values().repeat(batch);
             crate::kernels::matmul((batch, inputs, outputs), &xv, false, &wv, false, &mut y, true);
-            y
+            (y, None)
         }
-        None => {
+        (bias, activation) => {
             use crate::kernels::StridedMatrix;
             let mut y = Vec::with_capacity(batch * outputs);
             crate::kernels::matmul_strided_uninit(
@@ -275,10 +276,13 @@ fn affine(
             );
             // SAFETY: the product wrote each of its `batch` rows of `outputs` values, contiguous.
             unsafe { y.set_len(batch * outputs) };
-            y
+            let slopes = activation.map(|f| match bias {
+                Some(b) => f.apply_after_bias_in_place(&mut y, &b.host_values()),
+                None => f.apply_in_place(&mut y),
+            });
+            (y, slopes)
         }
     };
-    let slopes = activation.map(|f| f.apply_in_place(&mut y));
     let y = x.device().tensor_from_vec(y, (batch, outputs));
     // Frozen parameters (`Param::requires_grad`) get no gradient: no product for `dW`.
     let (xg, yg) = (x.ghost(), y.ghost());
