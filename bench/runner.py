@@ -38,7 +38,7 @@ TIMEOUT_S = 600
 #: two-thread speed changes with it (docs/performance.md): the comparison is made at the machine's usual link, and a
 #: measurement that never got it is marked. The usual link is the lower quartile of every probe so far: the far
 #: periods are the minority of the time but can last through the first probes, which the median would then take
-#: for the usual state.
+#: for the usual state; after the plan every measurement is judged again against all of the run's probes.
 LINK_FACTOR = 1.6
 LINK_RETRIES = 3
 LINK_WAIT_S = 15.0
@@ -280,6 +280,20 @@ def run_watched(point: Point, args: argparse.Namespace, watch: LinkWatch) -> lis
     return got
 
 
+def rejudge_links(records: list[dict[str, Any]], watch: LinkWatch) -> None:
+    """Marks anew which multi-thread records were measured at a far link (`link_unusual`), against the usual link of
+    every probe of the run: one that began in a far period took the far link for the usual one until near probes
+    outnumbered it, and judged its first measurements (and near ones, as unusual) against that."""
+    for r in records:
+        probes = r.get("core_round_trip_ns")
+        if "error" in r or not probes:
+            continue
+        if watch.unusual(*probes):
+            r["link_unusual"] = True
+        else:
+            r.pop("link_unusual", None)
+
+
 def _only_far(records: list[dict[str, Any]], point: Point) -> bool:
     """Whether `point`'s successful records are all marked `link_unusual` (and there is at least one)."""
     mine = [
@@ -384,8 +398,10 @@ def main() -> int:
             for r in got
         )
         print(f" {summary}", file=sys.stderr, flush=True)
-    # Multi-thread measurements that never got the usual link (every attempt far, which long far periods do) run
-    # once more at the end, when the link may be back; the merge keeps only rounds at the usual link.
+    # Multi-thread measurements that never got the usual link (judged over the whole run's probes; every attempt
+    # far, which long far periods do) run once more at the end, when the link may be back; the merge keeps only
+    # rounds at the usual link.
+    rejudge_links(records, watch)
     far = [p for p in points if p.threads > 1 and _only_far(records, p)]
     for n, point in enumerate(far, 1):
         label = f"{point.framework} {point.workload} threads={point.threads} batch={point.batch} width={point.width}"
