@@ -17,7 +17,7 @@ use crate::tensor::Device;
 pub mod implicit_conv;
 mod transpose;
 
-pub use transpose::transpose_into;
+pub use transpose::{transpose_into, transpose_strided, transpose_strided_uninit, Strided, StridedMut};
 
 /// The values of a contiguous tensor in logical order: a plain copy, unlike the strided iterator
 /// of `as_vec` (dfdx lends no borrowed slice of a tensor's data).

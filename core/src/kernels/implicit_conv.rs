@@ -32,6 +32,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+pub mod batch_inner;
+
 /// Grid points per tile: two AVX-512 registers of `f32`.
 pub const TILE_COLUMNS: usize = 32;
 

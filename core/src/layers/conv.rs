@@ -216,7 +216,7 @@ pub mod kernels {
         kernel: Microkernel,
     ) {
         let taps = conv_taps(g);
-        let (gather, planes) = conv_patches(g, batch, x, &taps);
+        let gather = conv_gather(g, &taps);
         // Tap-major contraction: index `t·c_in + c` is `w[m, c, t]`.
         let k2 = g.kernel * g.kernel;
         let taps_in_kernel: Vec<usize> = (0..k2).collect();
@@ -231,6 +231,14 @@ pub mod kernels {
                 offset: (0, 0),
             },
         };
+        // Whole tiles of samples: the batch-innermost route (no padded copy, no panel).
+        if implicit_conv::batch_inner::fits(batch, g.c_in, &gather, &[product]) {
+            let (samples, planes) = ((batch, g.c_in), (g.h_in, g.w_in));
+            let products = [product];
+            implicit_conv::batch_inner::convolve(x, samples, planes, &gather, &products, bias, out, accumulate, kernel);
+            return;
+        }
+        let planes = conv_planes(g, batch, x, &gather);
         implicit_conv::convolve(&planes, &gather, &[product], bias, out, accumulate, kernel);
     }
 
@@ -242,24 +250,20 @@ pub mod kernels {
             .collect()
     }
 
-    /// Where the convolution `g` reads its patches, and zero-padded copies of the planes of `x`
-    /// (`[batch, c_in·h_in·w_in]`) that hold them.
-    fn conv_patches<'t>(
-        g: &ConvGeometry,
-        batch: usize,
-        x: &[f32],
-        taps: &'t [(isize, isize)],
-    ) -> (Gather<'t>, PaddedPlanes) {
-        let gather = Gather {
+    /// Where the convolution `g` reads its patches.
+    fn conv_gather<'t>(g: &ConvGeometry, taps: &'t [(isize, isize)]) -> Gather<'t> {
+        Gather {
             stride: g.stride,
             taps,
             grid: (g.h_out, g.w_out),
-        };
+        }
+    }
+
+    /// Zero-padded copies of the planes of `x` (`[batch, c_in·h_in·w_in]`) that hold the patches
+    /// of `gather`.
+    fn conv_planes(g: &ConvGeometry, batch: usize, x: &[f32], gather: &Gather<'_>) -> PaddedPlanes {
         let (before, after) = gather.padding((g.h_in, g.w_in));
-        (
-            gather,
-            PaddedPlanes::new(x, (batch, g.c_in), (g.h_in, g.w_in), before, after),
-        )
+        PaddedPlanes::new(x, (batch, g.c_in), (g.h_in, g.w_in), before, after)
     }
 
     /// `dw +=` the weight gradient of the convolution `g` of `x` (`[batch, c_in·h_in·w_in]`) from the
@@ -273,7 +277,8 @@ pub mod kernels {
         kernel: Microkernel,
     ) {
         let taps = conv_taps(g);
-        let (gather, planes) = conv_patches(g, batch, x, &taps);
+        let gather = conv_gather(g, &taps);
+        let planes = conv_planes(g, batch, x, &gather);
         implicit_conv::weight_gradient(&planes, &gather, dy, g.c_out, dw, kernel);
     }
 
@@ -330,14 +335,14 @@ pub mod kernels {
             .zip(&group_taps)
             .map(|(&grid, taps)| Gather { stride: 1, taps, grid })
             .collect();
-        // One padded copy of the input that covers every phase's taps.
+        // One padded copy of the input that covers every phase's taps, made if a group needs it.
         let (mut before, mut after) = ((0, 0), (0, 0));
         for gather in &gathers {
             let (b, a) = gather.padding((g.h_out, g.w_out));
             before = (before.0.max(b.0), before.1.max(b.1));
             after = (after.0.max(a.0), after.1.max(a.1));
         }
-        let planes = PaddedPlanes::new(x, (batch, g.c_out), (g.h_out, g.w_out), before, after);
+        let mut planes = None;
         let k2 = g.kernel * g.kernel;
         for (gather, members) in gathers.iter().zip(&groups) {
             // Each phase's taps as indices into the gather's, and its weights, `[c_in, taps·c_out]`
@@ -383,7 +388,15 @@ pub mod kernels {
                     },
                 })
                 .collect();
-            implicit_conv::convolve(&planes, gather, &products, None, out, true, kernel);
+            // Whole tiles of samples and phases that cover the output: the batch-innermost route.
+            if implicit_conv::batch_inner::fits(batch, g.c_out, gather, &products) {
+                let (samples, planes) = ((batch, g.c_out), (g.h_out, g.w_out));
+                implicit_conv::batch_inner::convolve(x, samples, planes, gather, &products, None, out, true, kernel);
+                continue;
+            }
+            let planes =
+                planes.get_or_insert_with(|| PaddedPlanes::new(x, (batch, g.c_out), (g.h_out, g.w_out), before, after));
+            implicit_conv::convolve(planes, gather, &products, None, out, true, kernel);
         }
     }
 
@@ -1893,8 +1906,9 @@ mod tests {
         let mut h = Harness::new(11);
         // (c_in, h, w, c_out, kernel, stride, padding): the DCGAN's shapes, tiles' edges (rows past
         // 12 and 24, grids past 32 points), kernels smaller than the stride (output phases no tap
-        // reaches), paddings past the kernel, one input channel, wide strides.
-        for (c_in, hh, ww, c_out, k, s, p) in [
+        // reaches), paddings past the kernel, one input channel, wide strides. At 3 samples the
+        // padded-panel route; at 32 the batch-innermost one where its products cover the output.
+        let shapes = [
             (3, 7, 5, 13, 4, 2, 1),
             (2, 5, 5, 26, 3, 1, 1),
             (1, 9, 7, 5, 5, 2, 0),
@@ -1902,9 +1916,9 @@ mod tests {
             (2, 3, 5, 2, 1, 2, 0),
             (3, 2, 2, 25, 2, 1, 3),
             (16, 14, 14, 12, 4, 2, 1),
-        ] {
+        ];
+        for ((c_in, hh, ww, c_out, k, s, p), batch) in shapes.into_iter().flat_map(|g| [(g, 3), (g, 32)]) {
             let g = ConvGeometry::conv(c_in, hh, ww, c_out, k, s, p).unwrap();
-            let batch = 3;
             let x = h.values(batch * g.in_len());
             let w = h.values(g.weight_len());
             let bias = h.values(c_out);
@@ -1966,10 +1980,16 @@ mod tests {
     #[test]
     fn implicit_gemm_convolutions_give_the_same_bits_on_one_thread_and_on_three() {
         // Deep enough for 8 blocks of the weight gradient's contraction rows (3 tasks on 3
-        // threads), 2 of its reduction steps, several tiles of grid points and of rows.
+        // threads), 2 of its reduction steps, several tiles of grid points and of rows; at 6
+        // samples the padded-panel route, at 32 the batch-innermost one.
+        for batch in [6, 32] {
+            same_bits_on_one_thread_and_on_three(batch);
+        }
+    }
+
+    fn same_bits_on_one_thread_and_on_three(batch: usize) {
         let mut h = Harness::new(5);
         let g = ConvGeometry::conv(16, 14, 14, 40, 4, 2, 1).unwrap();
-        let batch = 6;
         let (x, w, dy) = (
             h.values(batch * g.in_len()),
             h.values(g.weight_len()),

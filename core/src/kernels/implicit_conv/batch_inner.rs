@@ -1,0 +1,485 @@
+//! The batch-innermost route of [`super::convolve`]: the input is laid out `[pixel, channel,
+//! sample]` once per call, so that the 32 columns of a tile are 32 samples at one grid point and
+//! every contraction row of the tile is one contiguous run of 32 input values. The microkernel then
+//! reads its rows in place: no panel is packed, no padded copy of the input is made (a tap that
+//! falls outside the input is left out of the tile's contraction instead of multiplied by zeros:
+//! 14% of the products of a 4x4, stride-2, padding-1 convolution onto 7x7), and each row of a tile
+//! is 32 contiguous values of a `[pixel, row, sample]` result, which is laid back out to
+//! `[sample, row, pixel]` once at the end. The price is the two layout passes over the input and
+//! the result, against the packing (each input value gathered once per tap that reads it) and the
+//! strided write-back of [`super::convolve`]'s route.
+//!
+//! The sums are those of [`super::convolve`] in the same order, without the terms of taps outside
+//! the input (each a multiply-add of a zero, which leaves a finite sum unchanged).
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::{Gather, Microkernel, Product, SharedOutput, TILE_COLUMNS, TILE_ROWS};
+use crate::kernels::{transpose_strided, transpose_strided_uninit, Strided, StridedMut};
+
+/// Whether [`convolve`] computes a call of `batch` samples of `channels` channels with these
+/// products: whole tiles of samples, some rows and channels, and products whose pixels cover the
+/// output planes once (every output value is then one tile's, and the result needs no zero-fill).
+pub fn fits(batch: usize, channels: usize, gather: &Gather<'_>, products: &[Product<'_>]) -> bool {
+    let Some(first) = products.first() else {
+        return false;
+    };
+    if batch == 0 || !batch.is_multiple_of(TILE_COLUMNS) || channels == 0 || first.weights.rows == 0 {
+        return false;
+    }
+    let planes = first.scatter.planes;
+    let mut covered = vec![false; planes.0 * planes.1];
+    for product in products {
+        let (stride, offset) = (product.scatter.stride, product.scatter.offset);
+        if product.scatter.planes != planes {
+            return false;
+        }
+        for oy in 0..gather.grid.0 {
+            for ox in 0..gather.grid.1 {
+                let (y, x) = (oy * stride + offset.0, ox * stride + offset.1);
+                if y >= planes.0 || x >= planes.1 || std::mem::replace(&mut covered[y * planes.1 + x], true) {
+                    return false;
+                }
+            }
+        }
+    }
+    covered.iter().all(|&c| c)
+}
+
+/// [`super::convolve`] of `x` (`[batch, channels, h, w]`, not padded) through the batch-innermost
+/// layout, for calls that [`fits`] allows.
+///
+/// # Panics
+/// When the operands do not have these shapes or the call does not fit (bugs in the calling
+/// kernel, never user input).
+#[allow(clippy::too_many_arguments)]
+pub fn convolve(
+    x: &[f32],
+    (batch, channels): (usize, usize),
+    (h, w): (usize, usize),
+    gather: &Gather<'_>,
+    products: &[Product<'_>],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    accumulate: bool,
+    kernel: Microkernel,
+) {
+    assert!(
+        fits(batch, channels, gather, products),
+        "batch-inner conv: the call does not fit the route"
+    );
+    let rows = products[0].weights.rows;
+    let planes = products[0].scatter.planes;
+    let (pixels, out_pixels) = (h * w, planes.0 * planes.1);
+    assert!(
+        x.len() >= batch * channels * pixels,
+        "batch-inner conv: input too short"
+    );
+    assert!(
+        out.len() >= batch * rows * out_pixels,
+        "batch-inner conv: output too short"
+    );
+    assert!(bias.is_none_or(|b| b.len() >= rows), "batch-inner conv: bias too short");
+    for product in products {
+        assert!(
+            product.weights.rows == rows && product.weights.depth == product.taps.len() * channels,
+            "batch-inner conv: the products' weights"
+        );
+        assert!(
+            product.taps.iter().all(|&t| t < gather.taps.len()),
+            "batch-inner conv: a product's tap is not the gather's"
+        );
+    }
+    let input = to_batch_inner(&x[..batch * channels * pixels], batch, channels, pixels);
+    // `[out pixel, row, sample]`: every value written by one tile (the products cover the planes).
+    let len = out_pixels * rows * batch;
+    let mut result: Vec<f32> = Vec::with_capacity(len);
+    let output = SharedOutput(result.spare_capacity_mut().as_mut_ptr().cast());
+    let sample_blocks = batch / TILE_COLUMNS;
+    let grid_pixels = gather.grid.0 * gather.grid.1;
+    (0..grid_pixels * sample_blocks)
+        .into_par_iter()
+        .with_min_len(crate::kernels::min_items_per_task(2))
+        .for_each_init(Vec::new, |segments: &mut Vec<(usize, usize)>, task| {
+            let (point, block) = (task / sample_blocks, task % sample_blocks);
+            let (oy, ox) = (point / gather.grid.1, point % gather.grid.1);
+            let first_sample = block * TILE_COLUMNS;
+            for product in products {
+                let (stride, offset) = (product.scatter.stride, product.scatter.offset);
+                let out_pixel = (oy * stride + offset.0) * planes.1 + ox * stride + offset.1;
+                // The product's taps inside the input: (where its rows start, first contraction row).
+                segments.clear();
+                for (i, &t) in product.taps.iter().enumerate() {
+                    let (dy, dx) = gather.taps[t];
+                    let y = (oy * gather.stride) as isize + dy;
+                    let x = (ox * gather.stride) as isize + dx;
+                    if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
+                        let pixel = y as usize * w + x as usize;
+                        segments.push((pixel * channels * batch + first_sample, i * channels));
+                    }
+                }
+                for first_row in (0..rows).step_by(TILE_ROWS) {
+                    let block_rows = TILE_ROWS.min(rows - first_row);
+                    let weights = product.weights.block(first_row);
+                    let tile_bias = bias.map(|b| &b[first_row..first_row + block_rows]);
+                    // SAFETY: the tile's rows are the `block_rows` runs of 32 values of output
+                    // pixel `out_pixel`, rows `first_row..`, samples `first_sample..` of
+                    // `result`, which only this task writes (one pixel per product and grid point,
+                    // the products' pixels distinct: `fits`); each segment's `channels` rows of 32
+                    // values at stride `batch` lie inside `input` (the pixel is inside the planes,
+                    // `first_sample + 32 <= batch`), and `weights` holds `block_rows` values per
+                    // contraction row of the product.
+                    unsafe {
+                        let tile = output.at((out_pixel * rows + first_row) * batch + first_sample);
+                        multiply_rows(
+                            kernel,
+                            block_rows,
+                            Rows {
+                                values: &input,
+                                segments,
+                                count: channels,
+                                stride: batch,
+                            },
+                            weights,
+                            tile_bias,
+                            tile,
+                            batch,
+                        );
+                    }
+                }
+            }
+        });
+    // SAFETY: every `(out pixel, row, sample)` value was written by its tile above.
+    unsafe { result.set_len(len) };
+    from_batch_inner(&result, batch, rows, out_pixels, out, accumulate);
+}
+
+/// `x` (`[batch, channels, pixels]`) laid out as `[pixels, channels, batch]`, in parallel over
+/// blocks of pixels (each a contiguous block of the result).
+fn to_batch_inner(x: &[f32], batch: usize, channels: usize, pixels: usize) -> Vec<f32> {
+    let len = batch * channels * pixels;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let pixels_per_chunk = pixels.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(pixels_per_chunk * channels * batch)
+        .enumerate()
+        .for_each(|(chunk, dst): (usize, &mut [MaybeUninit<f32>])| {
+            let first = chunk * pixels_per_chunk;
+            let count = dst.len() / (channels * batch);
+            for c in 0..channels {
+                // Rows: the samples; columns: this chunk's pixels of channel `c`.
+                transpose_strided_uninit(
+                    Strided(&x[c * pixels + first..], channels * pixels),
+                    (batch, count),
+                    &mut dst[c * batch..],
+                    channels * batch,
+                );
+            }
+        });
+    // SAFETY: each chunk's `count` pixels of every channel and sample were written above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `out (+)=` `result` (`[pixels, rows, batch]`) laid out as `[batch, rows, pixels]`, in parallel
+/// over blocks of samples (each a contiguous block of `out`).
+fn from_batch_inner(result: &[f32], batch: usize, rows: usize, pixels: usize, out: &mut [f32], accumulate: bool) {
+    let samples_per_chunk = batch.div_ceil(rayon::current_num_threads().max(1) * 2).max(1);
+    out[..batch * rows * pixels]
+        .par_chunks_mut(samples_per_chunk * rows * pixels)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let first = chunk * samples_per_chunk;
+            let count = dst.len() / (rows * pixels);
+            for m in 0..rows {
+                // Rows: the pixels; columns: this chunk's samples of row `m`.
+                transpose_strided(
+                    Strided(&result[m * batch + first..], rows * batch),
+                    (pixels, count),
+                    StridedMut(&mut dst[m * pixels..], rows * pixels),
+                    accumulate,
+                );
+            }
+        });
+}
+
+/// Contraction rows read in place: per segment `(start, first)`, `count` rows of 32 values from
+/// `values[start..]` on, `stride` apart, which are contraction rows `first..first + count`.
+struct Rows<'a> {
+    values: &'a [f32],
+    segments: &'a [(usize, usize)],
+    count: usize,
+    stride: usize,
+}
+
+/// `tile[r·tile_stride + i] = bias[r] + Σ_j weights[j·rows + r] · row_j[i]` for the tile's `rows`
+/// rows (1 to [`TILE_ROWS`]) of 32 values, `j` over the contraction rows of `source`'s segments in
+/// order (the sum in that order, the bias added last).
+///
+/// # Safety
+/// For every `r < rows`, the 32 values from `tile + r·tile_stride` on must be valid for writes and
+/// no other thread may touch them during the call; every segment's rows must lie inside
+/// `source.values` and `weights` must hold `rows` values per contraction row.
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply_rows(
+    kernel: Microkernel,
+    rows: usize,
+    source: Rows<'_>,
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    tile: *mut f32,
+    tile_stride: usize,
+) {
+    macro_rules! dispatch {
+        ($run:ident) => {
+            match rows {
+                1 => $run::<1>(&source, weights, bias, tile, tile_stride),
+                2 => $run::<2>(&source, weights, bias, tile, tile_stride),
+                3 => $run::<3>(&source, weights, bias, tile, tile_stride),
+                4 => $run::<4>(&source, weights, bias, tile, tile_stride),
+                5 => $run::<5>(&source, weights, bias, tile, tile_stride),
+                6 => $run::<6>(&source, weights, bias, tile, tile_stride),
+                7 => $run::<7>(&source, weights, bias, tile, tile_stride),
+                8 => $run::<8>(&source, weights, bias, tile, tile_stride),
+                9 => $run::<9>(&source, weights, bias, tile, tile_stride),
+                10 => $run::<10>(&source, weights, bias, tile, tile_stride),
+                11 => $run::<11>(&source, weights, bias, tile, tile_stride),
+                _ => $run::<12>(&source, weights, bias, tile, tile_stride),
+            }
+        };
+    }
+    assert!(rows <= TILE_ROWS && bias.is_none_or(|b| b.len() == rows));
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 (the microkernel was chosen for it); the rest is the caller's.
+        Microkernel::Avx512 => unsafe { dispatch!(avx512_rows) },
+        // SAFETY: as this function's.
+        Microkernel::Portable => unsafe { dispatch!(portable_rows) },
+    }
+}
+
+/// The portable tile of `R` rows (multiply, then add, as [`super::portable_tile`]).
+///
+/// # Safety
+/// As [`multiply_rows`]'s, for `R` rows.
+unsafe fn portable_rows<const R: usize>(
+    source: &Rows<'_>,
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    tile: *mut f32,
+    tile_stride: usize,
+) {
+    let mut sums = [[0.0f32; TILE_COLUMNS]; R];
+    for &(start, first) in source.segments {
+        for k in 0..source.count {
+            let values = &source.values[start + k * source.stride..][..TILE_COLUMNS];
+            let row_weights = &weights[(first + k) * R..][..R];
+            for (sum, &w) in sums.iter_mut().zip(row_weights) {
+                for (s, &v) in sum.iter_mut().zip(values) {
+                    *s += w * v;
+                }
+            }
+        }
+    }
+    for (r, sum) in sums.iter().enumerate() {
+        let add = bias.map_or(0.0, |b| b[r]);
+        for (i, &s) in sum.iter().enumerate() {
+            // SAFETY: value `i < 32` of row `r` of the caller's tile.
+            unsafe { *tile.add(r * tile_stride + i) = s + add };
+        }
+    }
+}
+
+/// The AVX-512 tile of `R` rows: the 2·`R` accumulators in registers, one fused multiply-add per
+/// register and contraction row, as [`super::avx512::multiply_tile`].
+///
+/// # Safety
+/// As [`multiply_rows`]'s, for `R` rows; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_rows<const R: usize>(
+    source: &Rows<'_>,
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    tile: *mut f32,
+    tile_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut low: [__m512; R] = [_mm512_setzero_ps(); R];
+    let mut high: [__m512; R] = [_mm512_setzero_ps(); R];
+    let values = source.values.as_ptr();
+    for &(start, first) in source.segments {
+        // SAFETY (the loads): the segment's rows lie inside `source.values`, its weights inside
+        // `weights` (the caller's).
+        let mut row = unsafe { values.add(start) };
+        let mut row_weights = unsafe { weights.as_ptr().add(first * R) };
+        for _ in 0..source.count {
+            unsafe {
+                let values_low = _mm512_loadu_ps(row);
+                let values_high = _mm512_loadu_ps(row.add(16));
+                for r in 0..R {
+                    let w = _mm512_set1_ps(*row_weights.add(r));
+                    low[r] = _mm512_fmadd_ps(w, values_low, low[r]);
+                    high[r] = _mm512_fmadd_ps(w, values_high, high[r]);
+                }
+                row = row.add(source.stride);
+                row_weights = row_weights.add(R);
+            }
+        }
+    }
+    for r in 0..R {
+        let add = _mm512_set1_ps(bias.map_or(0.0, |b| b[r]));
+        // SAFETY: row `r` of the caller's tile.
+        unsafe {
+            _mm512_storeu_ps(tile.add(r * tile_stride), _mm512_add_ps(low[r], add));
+            _mm512_storeu_ps(tile.add(r * tile_stride + 16), _mm512_add_ps(high[r], add));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{PackedWeights, PaddedPlanes, Scatter};
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 - 0.5)
+            .collect()
+    }
+
+    fn microkernels() -> Vec<Microkernel> {
+        let mut all = vec![Microkernel::Portable];
+        all.extend(Microkernel::fastest());
+        all
+    }
+
+    /// A convolution (one product over every tap, stride 2, padding 1) and the four output phases of
+    /// a transposed one (stride 2: each phase a stride-1 product over its four of the nine taps),
+    /// through this route and through the padded-panel route: the same values, written and added.
+    #[test]
+    fn matches_the_padded_panel_route() {
+        for kernel in microkernels() {
+            for (batch, channels, rows, side) in [(32, 3, 5, 6), (64, 8, 13, 7), (32, 16, 24, 4)] {
+                // The convolution: 4x4 kernel, stride 2, padding 1, onto side/2.
+                let taps: Vec<(isize, isize)> = (0..4).flat_map(|i| (0..4).map(move |j| (i - 1, j - 1))).collect();
+                let out_side = side / 2;
+                let gather = Gather {
+                    stride: 2,
+                    taps: &taps,
+                    grid: (out_side, out_side),
+                };
+                let w = values(rows * channels * 16, 7);
+                let offsets: Vec<usize> = (0..16).collect();
+                let weights = PackedWeights::gather(&w, rows, channels * 16, &offsets, (channels, 16));
+                let all: Vec<usize> = (0..16).collect();
+                let products = [Product {
+                    weights: &weights,
+                    taps: &all,
+                    scatter: Scatter {
+                        planes: (out_side, out_side),
+                        stride: 1,
+                        offset: (0, 0),
+                    },
+                }];
+                // The transposed convolution's phases: 3x3 taps of stride 1 onto twice the side.
+                let phase_taps: Vec<(isize, isize)> = (-1..=1).flat_map(|i| (-1..=1).map(move |j| (i, j))).collect();
+                let phase_gather = Gather {
+                    stride: 1,
+                    taps: &phase_taps,
+                    grid: (side, side),
+                };
+                let phase_weights: Vec<PackedWeights> = (0..4)
+                    .map(|p| {
+                        PackedWeights::gather(
+                            &values(rows * channels * 4, 11 + p),
+                            rows,
+                            channels * 4,
+                            &[0, 1, 2, 3],
+                            (channels, 4),
+                        )
+                    })
+                    .collect();
+                let phase_tap_sets: [Vec<usize>; 4] =
+                    [vec![0, 1, 3, 4], vec![1, 2, 4, 5], vec![3, 4, 6, 7], vec![4, 5, 7, 8]];
+                let phases: Vec<Product<'_>> = (0..4)
+                    .map(|p| Product {
+                        weights: &phase_weights[p],
+                        taps: &phase_tap_sets[p],
+                        scatter: Scatter {
+                            planes: (2 * side, 2 * side),
+                            stride: 2,
+                            offset: (p / 2, p % 2),
+                        },
+                    })
+                    .collect();
+                let x = values(batch * channels * side * side, 3);
+                let bias = values(rows, 5);
+                for (gather, products, out_side, bias) in [
+                    (&gather, &products[..], out_side, Some(&bias[..])),
+                    (&gather, &products[..], out_side, None),
+                    (&phase_gather, &phases[..], 2 * side, None),
+                ] {
+                    assert!(fits(batch, channels, gather, products));
+                    let (before, after) = gather.padding((side, side));
+                    let planes = PaddedPlanes::new(&x, (batch, channels), (side, side), before, after);
+                    for accumulate in [false, true] {
+                        let start = values(batch * rows * out_side * out_side, 9);
+                        let mut want = start.clone();
+                        super::super::convolve(&planes, gather, products, bias, &mut want, accumulate, kernel);
+                        let mut got = start.clone();
+                        convolve(
+                            &x,
+                            (batch, channels),
+                            (side, side),
+                            gather,
+                            products,
+                            bias,
+                            &mut got,
+                            accumulate,
+                            kernel,
+                        );
+                        assert_eq!(
+                            got, want,
+                            "{kernel:?}, batch {batch}, {channels} -> {rows}, side {side}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fits_only_whole_tiles_of_samples_and_products_that_cover_the_planes_once() {
+        let taps = [(0isize, 0isize)];
+        let gather = Gather {
+            stride: 1,
+            taps: &taps,
+            grid: (2, 2),
+        };
+        let weights = PackedWeights::gather(&[1.0; 3], 3, 1, &[0], (1, 1));
+        let product = |planes, stride, offset| Product {
+            weights: &weights,
+            taps: &[0],
+            scatter: Scatter { planes, stride, offset },
+        };
+        assert!(fits(32, 1, &gather, &[product((2, 2), 1, (0, 0))]));
+        assert!(!fits(16, 1, &gather, &[product((2, 2), 1, (0, 0))]));
+        assert!(!fits(32, 0, &gather, &[product((2, 2), 1, (0, 0))]));
+        assert!(!fits(32, 1, &gather, &[]));
+        // Pixels left out, or written twice.
+        assert!(!fits(32, 1, &gather, &[product((3, 3), 1, (0, 0))]));
+        assert!(!fits(
+            32,
+            1,
+            &gather,
+            &[product((2, 2), 1, (0, 0)), product((2, 2), 1, (0, 0))]
+        ));
+        // Four phases of stride 2 cover a 4x4 plane once.
+        let phases: Vec<Product<'_>> = (0..4).map(|p| product((4, 4), 2, (p / 2, p % 2))).collect();
+        assert!(fits(64, 1, &gather, &phases));
+        assert!(!fits(64, 1, &gather, &phases[..3]));
+    }
+}
