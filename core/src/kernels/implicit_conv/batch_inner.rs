@@ -92,10 +92,16 @@ pub fn convolve(
             "batch-inner conv: a product's tap is not the gather's"
         );
     }
-    let input = to_batch_inner(&x[..batch * channels * pixels], batch, channels, pixels);
-    // `[out pixel, row, sample]`: every value written by one tile (the products cover the planes).
-    let len = out_pixels * rows * batch;
+    let input_stride = channels * batch + PIXEL_GAP;
+    let input = to_batch_inner(&x[..batch * channels * pixels], batch, channels, pixels, input_stride);
+    // `[out pixel, row, sample]`: every value written by one tile (the products cover the planes);
+    // each pixel's block `pixel_stride` values from the last, the gap zero.
+    let pixel_stride = rows * batch + PIXEL_GAP;
+    let len = out_pixels * pixel_stride;
     let mut result: Vec<f32> = Vec::with_capacity(len);
+    for gap in result.spare_capacity_mut()[..len].chunks_exact_mut(pixel_stride) {
+        gap[rows * batch..].fill(MaybeUninit::new(0.0));
+    }
     let output = SharedOutput(result.spare_capacity_mut().as_mut_ptr().cast());
     let sample_blocks = batch / TILE_COLUMNS;
     let grid_pixels = gather.grid.0 * gather.grid.1;
@@ -117,7 +123,7 @@ pub fn convolve(
                     let x = (ox * gather.stride) as isize + dx;
                     if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
                         let pixel = y as usize * w + x as usize;
-                        segments.push((pixel * channels * batch + first_sample, i * channels));
+                        segments.push((pixel * input_stride + first_sample, i * channels));
                     }
                 }
                 for first_row in (0..rows).step_by(TILE_ROWS) {
@@ -132,7 +138,7 @@ pub fn convolve(
                     // `first_sample + 32 <= batch`), and `weights` holds `block_rows` values per
                     // contraction row of the product.
                     unsafe {
-                        let tile = output.at((out_pixel * rows + first_row) * batch + first_sample);
+                        let tile = output.at(out_pixel * pixel_stride + first_row * batch + first_sample);
                         multiply_rows(
                             kernel,
                             block_rows,
@@ -151,52 +157,80 @@ pub fn convolve(
                 }
             }
         });
-    // SAFETY: every `(out pixel, row, sample)` value was written by its tile above.
+    // SAFETY: every `(out pixel, row, sample)` value was written by its tile above, every gap
+    // before the tiles.
     unsafe { result.set_len(len) };
-    from_batch_inner(&result, batch, rows, out_pixels, out, accumulate);
+    from_batch_inner(&result, pixel_stride, (batch, rows, out_pixels), out, accumulate);
 }
 
-/// `x` (`[batch, channels, pixels]`) laid out as `[pixels, channels, batch]`, in parallel over
-/// blocks of pixels (each a contiguous block of the result).
-fn to_batch_inner(x: &[f32], batch: usize, channels: usize, pixels: usize) -> Vec<f32> {
-    let len = batch * channels * pixels;
+/// Pixels per task of the input's layout pass: one tile of the transposition, so that each task
+/// writes its part of the laid-out input in order.
+const LAYOUT_BLOCK: usize = 8;
+
+/// `x` (`[batch, channels, pixels]`) laid out as `[pixels, channels, batch]`, each pixel's block
+/// `pixel_stride` values from the last (the gap zero, see [`PIXEL_GAP`]), in parallel over blocks
+/// of [`LAYOUT_BLOCK`] pixels (each a contiguous block of the result, written in order).
+fn to_batch_inner(x: &[f32], batch: usize, channels: usize, pixels: usize, pixel_stride: usize) -> Vec<f32> {
+    assert!(
+        pixel_stride >= channels * batch,
+        "batch-inner layout: pixel blocks overlap"
+    );
+    let len = pixel_stride * pixels;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    let pixels_per_chunk = pixels.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
     out.spare_capacity_mut()[..len]
-        .par_chunks_mut(pixels_per_chunk * channels * batch)
+        .par_chunks_mut(LAYOUT_BLOCK * pixel_stride)
+        .with_min_len(8)
         .enumerate()
         .for_each(|(chunk, dst): (usize, &mut [MaybeUninit<f32>])| {
-            let first = chunk * pixels_per_chunk;
-            let count = dst.len() / (channels * batch);
+            let first = chunk * LAYOUT_BLOCK;
+            let count = dst.len() / pixel_stride;
             for c in 0..channels {
-                // Rows: the samples; columns: this chunk's pixels of channel `c`.
+                // Rows: the samples; columns: this block's pixels of channel `c`.
                 transpose_strided_uninit(
                     Strided(&x[c * pixels + first..], channels * pixels),
                     (batch, count),
                     &mut dst[c * batch..],
-                    channels * batch,
+                    pixel_stride,
                 );
             }
+            for gap in dst.chunks_exact_mut(pixel_stride) {
+                gap[channels * batch..].fill(MaybeUninit::new(0.0));
+            }
         });
-    // SAFETY: each chunk's `count` pixels of every channel and sample were written above.
+    // SAFETY: each block's `count` pixels of every channel and sample were written above, and
+    // their gaps.
     unsafe { out.set_len(len) };
     out
 }
 
-/// `out (+)=` `result` (`[pixels, rows, batch]`) laid out as `[batch, rows, pixels]`, in parallel
-/// over blocks of samples (each a contiguous block of `out`).
-fn from_batch_inner(result: &[f32], batch: usize, rows: usize, pixels: usize, out: &mut [f32], accumulate: bool) {
-    let samples_per_chunk = batch.div_ceil(rayon::current_num_threads().max(1) * 2).max(1);
+/// Values between the blocks of two pixels in the batch-innermost layouts: a block's length is a
+/// multiple of 32 samples' rows, often a power of two, and the pixels of one row would then share
+/// the cache's sets (the layout passes read or write across the pixels: 2.5-4x slower).
+const PIXEL_GAP: usize = 16;
+
+/// `out (+)=` `result` (`[pixels, rows, batch]`, each pixel's block `pixel_stride` values from the
+/// last) laid out as `[batch, rows, pixels]`, in parallel over blocks of samples (each a
+/// contiguous block of `out`).
+fn from_batch_inner(
+    result: &[f32],
+    pixel_stride: usize,
+    (batch, rows, pixels): (usize, usize, usize),
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    // Whole tiles of samples per task: each reads the result's runs of 32 values.
+    let per_block = TILE_COLUMNS;
     out[..batch * rows * pixels]
-        .par_chunks_mut(samples_per_chunk * rows * pixels)
+        .par_chunks_mut(per_block * rows * pixels)
+        .with_min_len(2)
         .enumerate()
         .for_each(|(chunk, dst)| {
-            let first = chunk * samples_per_chunk;
+            let first = chunk * per_block;
             let count = dst.len() / (rows * pixels);
             for m in 0..rows {
-                // Rows: the pixels; columns: this chunk's samples of row `m`.
+                // Rows: the pixels; columns: this block's samples of row `m`.
                 transpose_strided(
-                    Strided(&result[m * batch + first..], rows * batch),
+                    Strided(&result[m * batch + first..], pixel_stride),
                     (pixels, count),
                     StridedMut(&mut dst[m * pixels..], rows * pixels),
                     accumulate,
