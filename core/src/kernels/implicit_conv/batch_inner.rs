@@ -108,55 +108,62 @@ pub fn convolve(
     (0..grid_pixels * sample_blocks)
         .into_par_iter()
         .with_min_len(crate::kernels::min_items_per_task(2))
-        .for_each_init(Vec::new, |segments: &mut Vec<(usize, usize)>, task| {
-            let (point, block) = (task / sample_blocks, task % sample_blocks);
-            let (oy, ox) = (point / gather.grid.1, point % gather.grid.1);
-            let first_sample = block * TILE_COLUMNS;
-            for product in products {
-                let (stride, offset) = (product.scatter.stride, product.scatter.offset);
-                let out_pixel = (oy * stride + offset.0) * planes.1 + ox * stride + offset.1;
-                // The product's taps inside the input: (where its rows start, first contraction row).
-                segments.clear();
-                for (i, &t) in product.taps.iter().enumerate() {
-                    let (dy, dx) = gather.taps[t];
-                    let y = (oy * gather.stride) as isize + dy;
-                    let x = (ox * gather.stride) as isize + dx;
-                    if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
-                        let pixel = y as usize * w + x as usize;
-                        segments.push((pixel * input_stride + first_sample, i * channels));
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(segments, block_segments): &mut (Vec<(usize, usize)>, Vec<(usize, usize)>), task| {
+                let (point, block) = (task / sample_blocks, task % sample_blocks);
+                let (oy, ox) = (point / gather.grid.1, point % gather.grid.1);
+                let first_sample = block * TILE_COLUMNS;
+                for product in products {
+                    let (stride, offset) = (product.scatter.stride, product.scatter.offset);
+                    let out_pixel = (oy * stride + offset.0) * planes.1 + ox * stride + offset.1;
+                    // The product's taps inside the input: (where its rows start, first contraction row).
+                    segments.clear();
+                    for (i, &t) in product.taps.iter().enumerate() {
+                        let (dy, dx) = gather.taps[t];
+                        let y = (oy * gather.stride) as isize + dy;
+                        let x = (ox * gather.stride) as isize + dx;
+                        if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
+                            let pixel = y as usize * w + x as usize;
+                            segments.push((pixel * input_stride + first_sample, i * channels));
+                        }
+                    }
+                    for first_row in (0..rows).step_by(TILE_ROWS) {
+                        let block_rows = TILE_ROWS.min(rows - first_row);
+                        let weights = product.weights.block(first_row);
+                        // The block's weights: `block_rows` per contraction row.
+                        block_segments.clear();
+                        block_segments.extend(segments.iter().map(|&(start, first)| (start, first * block_rows)));
+                        let tile_bias = bias.map(|b| &b[first_row..first_row + block_rows]);
+                        // SAFETY: the tile's rows are the `block_rows` runs of 32 values of output
+                        // pixel `out_pixel`, rows `first_row..`, samples `first_sample..` of
+                        // `result`, which only this task writes (one pixel per product and grid point,
+                        // the products' pixels distinct: `fits`); each segment's `channels` rows of 32
+                        // values at stride `batch` lie inside `input` (the pixel is inside the planes,
+                        // `first_sample + 32 <= batch`), and `weights` holds `block_rows` values per
+                        // contraction row of the product.
+                        unsafe {
+                            let tile = output.at(out_pixel * pixel_stride + first_row * batch + first_sample);
+                            multiply_rows(
+                                kernel,
+                                block_rows,
+                                Rows {
+                                    values: &input,
+                                    segments: block_segments,
+                                    count: channels,
+                                    stride: batch,
+                                    weight_stride: block_rows,
+                                },
+                                weights,
+                                tile_bias,
+                                tile,
+                                batch,
+                            );
+                        }
                     }
                 }
-                for first_row in (0..rows).step_by(TILE_ROWS) {
-                    let block_rows = TILE_ROWS.min(rows - first_row);
-                    let weights = product.weights.block(first_row);
-                    let tile_bias = bias.map(|b| &b[first_row..first_row + block_rows]);
-                    // SAFETY: the tile's rows are the `block_rows` runs of 32 values of output
-                    // pixel `out_pixel`, rows `first_row..`, samples `first_sample..` of
-                    // `result`, which only this task writes (one pixel per product and grid point,
-                    // the products' pixels distinct: `fits`); each segment's `channels` rows of 32
-                    // values at stride `batch` lie inside `input` (the pixel is inside the planes,
-                    // `first_sample + 32 <= batch`), and `weights` holds `block_rows` values per
-                    // contraction row of the product.
-                    unsafe {
-                        let tile = output.at(out_pixel * pixel_stride + first_row * batch + first_sample);
-                        multiply_rows(
-                            kernel,
-                            block_rows,
-                            Rows {
-                                values: &input,
-                                segments,
-                                count: channels,
-                                stride: batch,
-                            },
-                            weights,
-                            tile_bias,
-                            tile,
-                            batch,
-                        );
-                    }
-                }
-            }
-        });
+            },
+        );
     // SAFETY: every `(out pixel, row, sample)` value was written by its tile above, every gap
     // before the tiles.
     unsafe { result.set_len(len) };
@@ -203,6 +210,167 @@ fn to_batch_inner(x: &[f32], batch: usize, channels: usize, pixels: usize, pixel
     out
 }
 
+/// Whether [`weight_gradient`] computes the weight gradient of a convolution of `batch` samples
+/// with `channels` input channels and `rows` output channels: whole tiles of channels.
+pub fn fits_weight_gradient(batch: usize, channels: usize, rows: usize) -> bool {
+    batch > 0 && rows > 0 && channels > 0 && channels.is_multiple_of(TILE_COLUMNS)
+}
+
+/// `dw +=` the gradient of [`convolve`]'s weights from `x` (`[batch, channels, h, w]`, not padded)
+/// and `grad`, the gradient of its output on the grid (`[batch, rows, grid pixels]`); `dw` is
+/// `[rows, channels, taps]` row-major, as [`super::weight_gradient`]'s. Both operands are laid out
+/// `[pixel, sample, channel]` once; a tile is 12 rows by 32 channels of one tap, whose contraction
+/// runs over every grid point whose pixel under the tap is inside the input, and over its samples:
+/// each contraction row is 32 contiguous input values and 12 contiguous gradient values, read in
+/// place. The tiles' sums (grid points, then samples, in order: the same bits on any number of
+/// threads) go to a `[rows, taps, channels]` buffer, added into `dw` at the end.
+///
+/// # Panics
+/// When the operands do not have these shapes or the call does not fit (bugs in the calling
+/// kernel, never user input).
+#[allow(clippy::too_many_arguments)]
+pub fn weight_gradient(
+    x: &[f32],
+    (batch, channels): (usize, usize),
+    (h, w): (usize, usize),
+    gather: &Gather<'_>,
+    grad: &[f32],
+    rows: usize,
+    dw: &mut [f32],
+    kernel: Microkernel,
+) {
+    assert!(
+        fits_weight_gradient(batch, channels, rows),
+        "batch-inner weight gradient: the call does not fit the route"
+    );
+    let (pixels, grid_pixels, taps) = (h * w, gather.grid.0 * gather.grid.1, gather.taps.len());
+    assert!(
+        x.len() >= batch * channels * pixels,
+        "batch-inner weight gradient: input too short"
+    );
+    assert!(
+        grad.len() >= batch * rows * grid_pixels,
+        "batch-inner weight gradient: gradient too short"
+    );
+    assert!(
+        dw.len() >= rows * channels * taps,
+        "batch-inner weight gradient: weights too short"
+    );
+    if taps == 0 || grid_pixels == 0 {
+        return;
+    }
+    let input_stride = batch * channels + PIXEL_GAP;
+    let input = to_pixel_major(&x[..batch * channels * pixels], (batch, channels, pixels), input_stride);
+    let grad_stride = batch * rows + PIXEL_GAP;
+    let grad = to_pixel_major(
+        &grad[..batch * rows * grid_pixels],
+        (batch, rows, grid_pixels),
+        grad_stride,
+    );
+    // `[rows, taps, channels]`: every value written by one tile.
+    let len = rows * taps * channels;
+    let mut sums: Vec<f32> = Vec::with_capacity(len);
+    let output = SharedOutput(sums.spare_capacity_mut().as_mut_ptr().cast());
+    let (row_blocks, channel_blocks) = (rows.div_ceil(TILE_ROWS), channels / TILE_COLUMNS);
+    (0..taps * row_blocks * channel_blocks)
+        .into_par_iter()
+        .with_min_len(crate::kernels::min_items_per_task(2))
+        .for_each_init(Vec::new, |segments: &mut Vec<(usize, usize)>, task| {
+            let (t, block) = (
+                task / (row_blocks * channel_blocks),
+                task % (row_blocks * channel_blocks),
+            );
+            // Row blocks innermost: a thread's neighbouring tasks read the same input channels.
+            let (first_row, first_channel) = ((block % row_blocks) * TILE_ROWS, (block / row_blocks) * TILE_COLUMNS);
+            let block_rows = TILE_ROWS.min(rows - first_row);
+            let (dy, dx) = gather.taps[t];
+            // Per grid point whose pixel under tap `t` is inside the input: where its samples'
+            // channels and gradient rows start.
+            segments.clear();
+            for point in 0..grid_pixels {
+                let (oy, ox) = (point / gather.grid.1, point % gather.grid.1);
+                let y = (oy * gather.stride) as isize + dy;
+                let x = (ox * gather.stride) as isize + dx;
+                if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
+                    let pixel = y as usize * w + x as usize;
+                    segments.push((pixel * input_stride + first_channel, point * grad_stride + first_row));
+                }
+            }
+            // SAFETY: the tile's rows are `first_row..first_row + block_rows` of `sums` at tap `t`,
+            // channels `first_channel..+32`, which only this task writes; each segment's `batch`
+            // rows of 32 channels (stride `channels`) lie inside `input` and their `block_rows`
+            // gradient values (stride `rows`) inside `grad`.
+            unsafe {
+                let tile = output.at((first_row * taps + t) * channels + first_channel);
+                multiply_rows(
+                    kernel,
+                    block_rows,
+                    Rows {
+                        values: &input,
+                        segments,
+                        count: batch,
+                        stride: channels,
+                        weight_stride: rows,
+                    },
+                    &grad,
+                    None,
+                    tile,
+                    taps * channels,
+                );
+            }
+        });
+    // SAFETY: every `(row, tap, channel)` value was written by its tile above.
+    unsafe { sums.set_len(len) };
+    for (m, row) in dw[..rows * channels * taps]
+        .chunks_exact_mut(channels * taps)
+        .enumerate()
+    {
+        // `[taps, channels]` of row `m` added into its `[channels, taps]`.
+        transpose_strided(
+            Strided(&sums[m * taps * channels..], channels),
+            (taps, channels),
+            StridedMut(row, taps),
+            true,
+        );
+    }
+}
+
+/// `x` (`[outer, inner, pixels]`) laid out as `[pixels, outer, inner]`, each pixel's block
+/// `pixel_stride` values from the last (the gap zero), in parallel over blocks of
+/// [`LAYOUT_BLOCK`] pixels (each a contiguous block of the result, written in order).
+fn to_pixel_major(x: &[f32], (outer, inner, pixels): (usize, usize, usize), pixel_stride: usize) -> Vec<f32> {
+    assert!(
+        pixel_stride >= outer * inner,
+        "pixel-major layout: pixel blocks overlap"
+    );
+    let len = pixel_stride * pixels;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(LAYOUT_BLOCK * pixel_stride)
+        .with_min_len(8)
+        .enumerate()
+        .for_each(|(chunk, dst): (usize, &mut [MaybeUninit<f32>])| {
+            let first = chunk * LAYOUT_BLOCK;
+            let count = dst.len() / pixel_stride;
+            for o in 0..outer {
+                // Rows: the inner index; columns: this block's pixels of outer index `o`.
+                transpose_strided_uninit(
+                    Strided(&x[o * inner * pixels + first..], pixels),
+                    (inner, count),
+                    &mut dst[o * inner..],
+                    pixel_stride,
+                );
+            }
+            for gap in dst.chunks_exact_mut(pixel_stride) {
+                gap[outer * inner..].fill(MaybeUninit::new(0.0));
+            }
+        });
+    // SAFETY: each block's `count` pixels of every outer and inner index were written above, and
+    // their gaps.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Values between the blocks of two pixels in the batch-innermost layouts: a block's length is a
 /// multiple of 32 samples' rows, often a power of two, and the pixels of one row would then share
 /// the cache's sets (the layout passes read or write across the pixels: 2.5-4x slower).
@@ -239,23 +407,25 @@ fn from_batch_inner(
         });
 }
 
-/// Contraction rows read in place: per segment `(start, first)`, `count` rows of 32 values from
-/// `values[start..]` on, `stride` apart, which are contraction rows `first..first + count`.
+/// Contraction rows read in place: per segment `(start, weights_start)`, `count` rows of 32 values
+/// from `values[start..]` on, `stride` apart, whose weights (one per tile row, contiguous) are at
+/// `weights[weights_start..]` on, `weight_stride` apart.
 struct Rows<'a> {
     values: &'a [f32],
     segments: &'a [(usize, usize)],
     count: usize,
     stride: usize,
+    weight_stride: usize,
 }
 
-/// `tile[r·tile_stride + i] = bias[r] + Σ_j weights[j·rows + r] · row_j[i]` for the tile's `rows`
-/// rows (1 to [`TILE_ROWS`]) of 32 values, `j` over the contraction rows of `source`'s segments in
-/// order (the sum in that order, the bias added last).
+/// `tile[r·tile_stride + i] = bias[r] + Σ_j w_j[r] · row_j[i]` for the tile's `rows` rows (1 to
+/// [`TILE_ROWS`]) of 32 values, `j` over the contraction rows of `source`'s segments in order (the
+/// sum in that order, the bias added last), `w_j` the row's `rows` weights.
 ///
 /// # Safety
 /// For every `r < rows`, the 32 values from `tile + r·tile_stride` on must be valid for writes and
 /// no other thread may touch them during the call; every segment's rows must lie inside
-/// `source.values` and `weights` must hold `rows` values per contraction row.
+/// `source.values` and its rows' `rows` weights inside `weights`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn multiply_rows(
     kernel: Microkernel,
@@ -309,7 +479,7 @@ unsafe fn portable_rows<const R: usize>(
     for &(start, first) in source.segments {
         for k in 0..source.count {
             let values = &source.values[start + k * source.stride..][..TILE_COLUMNS];
-            let row_weights = &weights[(first + k) * R..][..R];
+            let row_weights = &weights[first + k * source.weight_stride..][..R];
             for (sum, &w) in sums.iter_mut().zip(row_weights) {
                 for (s, &v) in sum.iter_mut().zip(values) {
                     *s += w * v;
@@ -348,7 +518,7 @@ unsafe fn avx512_rows<const R: usize>(
         // SAFETY (the loads): the segment's rows lie inside `source.values`, its weights inside
         // `weights` (the caller's).
         let mut row = unsafe { values.add(start) };
-        let mut row_weights = unsafe { weights.as_ptr().add(first * R) };
+        let mut row_weights = unsafe { weights.as_ptr().add(first) };
         for _ in 0..source.count {
             unsafe {
                 let values_low = _mm512_loadu_ps(row);
@@ -359,7 +529,7 @@ unsafe fn avx512_rows<const R: usize>(
                     high[r] = _mm512_fmadd_ps(w, values_high, high[r]);
                 }
                 row = row.add(source.stride);
-                row_weights = row_weights.add(R);
+                row_weights = row_weights.add(source.weight_stride);
             }
         }
     }
