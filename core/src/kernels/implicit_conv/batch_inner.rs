@@ -110,7 +110,7 @@ pub fn convolve(
         .with_min_len(crate::kernels::min_items_per_task(2))
         .for_each_init(
             || (Vec::new(), Vec::new()),
-            |(segments, block_segments): &mut (Vec<(usize, usize)>, Vec<(usize, usize)>), task| {
+            |(segments, block_segments): &mut (Segments, Segments), task| {
                 let (point, block) = (task / sample_blocks, task % sample_blocks);
                 let (oy, ox) = (point / gather.grid.1, point % gather.grid.1);
                 let first_sample = block * TILE_COLUMNS;
@@ -275,7 +275,7 @@ pub fn weight_gradient(
     (0..taps * row_blocks * channel_blocks)
         .into_par_iter()
         .with_min_len(crate::kernels::min_items_per_task(2))
-        .for_each_init(Vec::new, |segments: &mut Vec<(usize, usize)>, task| {
+        .for_each_init(Vec::new, |segments: &mut Segments, task| {
             let (t, block) = (
                 task / (row_blocks * channel_blocks),
                 task % (row_blocks * channel_blocks),
@@ -406,6 +406,9 @@ fn from_batch_inner(
             }
         });
 }
+
+/// A tile's segments of contraction rows ([`Rows`]): where their values and their weights start.
+type Segments = Vec<(usize, usize)>;
 
 /// Contraction rows read in place: per segment `(start, weights_start)`, `count` rows of 32 values
 /// from `values[start..]` on, `stride` apart, whose weights (one per tile row, contiguous) are at
