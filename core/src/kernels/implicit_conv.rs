@@ -26,6 +26,10 @@
 //! accumulators in AVX-512 registers, and writes (or adds) the tile into the output. Each output
 //! value is one sum in contraction order, so the bits do not depend on the number of threads.
 //! Tasks (blocks of grid points) split across the pool.
+//!
+//! [`batch_inner`] computes the same products without the padded copy and the panels where the
+//! batch is whole tiles of 32 samples (and the weight gradient where the input channels are
+//! whole tiles of 32), reading its rows in place from a pixel-major layout of the input.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;

@@ -1,16 +1,23 @@
-//! The batch-innermost route of [`super::convolve`]: the input is laid out `[pixel, channel,
-//! sample]` once per call, so that the 32 columns of a tile are 32 samples at one grid point and
-//! every contraction row of the tile is one contiguous run of 32 input values. The microkernel then
-//! reads its rows in place: no panel is packed, no padded copy of the input is made (a tap that
-//! falls outside the input is left out of the tile's contraction instead of multiplied by zeros:
-//! 14% of the products of a 4x4, stride-2, padding-1 convolution onto 7x7), and each row of a tile
-//! is 32 contiguous values of a `[pixel, row, sample]` result, which is laid back out to
-//! `[sample, row, pixel]` once at the end. The price is the two layout passes over the input and
-//! the result, against the packing (each input value gathered once per tap that reads it) and the
-//! strided write-back of [`super::convolve`]'s route.
+//! The batch-innermost route of [`super::convolve`] and [`super::weight_gradient`].
 //!
-//! The sums are those of [`super::convolve`] in the same order, without the terms of taps outside
+//! [`convolve`]: the input is laid out `[pixel, channel, sample]` once per call, so that the 32
+//! columns of a tile are 32 samples at one grid point and every contraction row of the tile is one
+//! contiguous run of 32 input values. The microkernel then reads its rows in place: no panel is
+//! packed, no padded copy of the input is made (a tap that falls outside the input is left out of
+//! the tile's contraction instead of multiplied by zeros: 14% of the products of a 4x4, stride-2,
+//! padding-1 convolution onto 7x7), and each row of a tile is 32 contiguous values of a `[pixel,
+//! row, sample]` result, which is laid back out to `[sample, row, pixel]` once at the end. The price
+//! is the two layout passes over the input and the result, against the packing (each input value
+//! gathered once per tap that reads it) and the strided write-back of [`super::convolve`]'s route.
+//! Its sums are those of [`super::convolve`] in the same order, without the terms of taps outside
 //! the input (each a multiply-add of a zero, which leaves a finite sum unchanged).
+//!
+//! [`weight_gradient`]: the input and the output gradient are laid out `[pixel, sample, channel]`,
+//! and a tile is 12 output channels by 32 input channels of one tap, contracted over the grid
+//! points whose pixel under the tap is inside the input and over their samples: each contraction
+//! row is 32 contiguous input values and 12 contiguous gradient values, read in place.
+//!
+//! Both layouts leave a gap of [`PIXEL_GAP`] values between two pixels' blocks.
 
 use std::mem::MaybeUninit;
 
