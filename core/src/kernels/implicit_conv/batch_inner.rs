@@ -17,7 +17,7 @@
 //! points whose pixel under the tap is inside the input and over their samples: each contraction
 //! row is 32 contiguous input values and 12 contiguous gradient values, read in place.
 //!
-//! Both layouts leave a gap of [`PIXEL_GAP`] values between two pixels' blocks.
+//! Both layouts leave a gap of 16 values (`PIXEL_GAP`) between two pixels' blocks.
 
 use std::mem::MaybeUninit;
 
