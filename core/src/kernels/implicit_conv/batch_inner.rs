@@ -56,6 +56,19 @@ pub fn fits(batch: usize, channels: usize, gather: &Gather<'_>, products: &[Prod
     covered.iter().all(|&c| c)
 }
 
+/// Whether `batch` samples fill their tiles of 32 to three quarters or more (32 or more, or 24 to
+/// 32; 48 and up to 64, ...): a tile's columns are samples, and a batch of 16 would leave half of
+/// every multiply-add's lanes empty, where the padded route's tiles are always full.
+pub fn fills_tiles(batch: usize) -> bool {
+    batch > 0 && 4 * batch >= 3 * batch.div_ceil(TILE_COLUMNS) * TILE_COLUMNS
+}
+
+/// Whether [`weight_gradient`] computes the weight gradient of a convolution of `batch` samples
+/// with `channels` input channels and `rows` output channels: whole tiles of channels.
+pub fn fits_weight_gradient(batch: usize, channels: usize, rows: usize) -> bool {
+    batch > 0 && rows > 0 && channels > 0 && channels.is_multiple_of(TILE_COLUMNS)
+}
+
 /// [`super::convolve`] of `x` (`[batch, channels, h, w]`, not padded) through the batch-innermost
 /// layout, for calls that [`fits`] allows.
 ///
@@ -101,7 +114,7 @@ pub fn convolve(
         );
     }
     let input_stride = channels * batch + PIXEL_GAP;
-    let input = to_batch_inner(&x[..batch * channels * pixels], batch, channels, pixels, input_stride);
+    let input = to_pixel_major(x, (batch, channels, pixels), input_stride, Within::Swapped);
     // `[out pixel, row, sample]`: every value written by one tile (the products cover the planes);
     // each pixel's block `pixel_stride` values from the last, the gap zero.
     let pixel_stride = rows * batch + PIXEL_GAP;
@@ -180,59 +193,6 @@ pub fn convolve(
     from_batch_inner(&result, pixel_stride, (batch, rows, out_pixels), out, accumulate);
 }
 
-/// Pixels per task of the input's layout pass: one tile of the transposition, so that each task
-/// writes its part of the laid-out input in order.
-const LAYOUT_BLOCK: usize = 8;
-
-/// `x` (`[batch, channels, pixels]`) laid out as `[pixels, channels, batch]`, each pixel's block
-/// `pixel_stride` values from the last (the gap zero, see [`PIXEL_GAP`]), in parallel over blocks
-/// of [`LAYOUT_BLOCK`] pixels (each a contiguous block of the result, written in order).
-fn to_batch_inner(x: &[f32], batch: usize, channels: usize, pixels: usize, pixel_stride: usize) -> Vec<f32> {
-    assert!(
-        pixel_stride >= channels * batch,
-        "batch-inner layout: pixel blocks overlap"
-    );
-    let len = pixel_stride * pixels;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(LAYOUT_BLOCK * pixel_stride)
-        .with_min_len(8)
-        .enumerate()
-        .for_each(|(chunk, dst): (usize, &mut [MaybeUninit<f32>])| {
-            let first = chunk * LAYOUT_BLOCK;
-            let count = dst.len() / pixel_stride;
-            for c in 0..channels {
-                // Rows: the samples; columns: this block's pixels of channel `c`.
-                transpose_strided_uninit(
-                    Strided(&x[c * pixels + first..], channels * pixels),
-                    (batch, count),
-                    &mut dst[c * batch..],
-                    pixel_stride,
-                );
-            }
-            for gap in dst.chunks_exact_mut(pixel_stride) {
-                gap[channels * batch..].fill(MaybeUninit::new(0.0));
-            }
-        });
-    // SAFETY: each block's `count` pixels of every channel and sample were written above, and
-    // their gaps.
-    unsafe { out.set_len(len) };
-    out
-}
-
-/// Whether `batch` samples fill their tiles of 32 to three quarters or more (32 or more, or 24 to
-/// 32; 48 and up to 64, ...): a tile's columns are samples, and a batch of 16 would leave half of
-/// every multiply-add's lanes empty, where the padded route's tiles are always full.
-pub fn fills_tiles(batch: usize) -> bool {
-    batch > 0 && 4 * batch >= 3 * batch.div_ceil(TILE_COLUMNS) * TILE_COLUMNS
-}
-
-/// Whether [`weight_gradient`] computes the weight gradient of a convolution of `batch` samples
-/// with `channels` input channels and `rows` output channels: whole tiles of channels.
-pub fn fits_weight_gradient(batch: usize, channels: usize, rows: usize) -> bool {
-    batch > 0 && rows > 0 && channels > 0 && channels.is_multiple_of(TILE_COLUMNS)
-}
-
 /// `dw +=` the gradient of [`convolve`]'s weights from `x` (`[batch, channels, h, w]`, not padded)
 /// and `grad`, the gradient of its output on the grid (`[batch, rows, grid pixels]`); `dw` is
 /// `[rows, channels, taps]` row-major, as [`super::weight_gradient`]'s. Both operands are laid out
@@ -277,13 +237,9 @@ pub fn weight_gradient(
         return;
     }
     let input_stride = batch * channels + PIXEL_GAP;
-    let input = to_pixel_major(&x[..batch * channels * pixels], (batch, channels, pixels), input_stride);
+    let input = to_pixel_major(x, (batch, channels, pixels), input_stride, Within::Kept);
     let grad_stride = batch * rows + PIXEL_GAP;
-    let grad = to_pixel_major(
-        &grad[..batch * rows * grid_pixels],
-        (batch, rows, grid_pixels),
-        grad_stride,
-    );
+    let grad = to_pixel_major(grad, (batch, rows, grid_pixels), grad_stride, Within::Kept);
     // `[rows, taps, channels]`: every value written by one tile.
     let len = rows * taps * channels;
     let mut sums: Vec<f32> = Vec::with_capacity(len);
@@ -353,13 +309,32 @@ pub fn weight_gradient(
     }
 }
 
-/// `x` (`[outer, inner, pixels]`) laid out as `[pixels, outer, inner]`, each pixel's block
-/// `pixel_stride` values from the last (the gap zero), in parallel over blocks of
-/// [`LAYOUT_BLOCK`] pixels (each a contiguous block of the result, written in order).
-fn to_pixel_major(x: &[f32], (outer, inner, pixels): (usize, usize, usize), pixel_stride: usize) -> Vec<f32> {
+/// Pixels per task of the layout passes into a pixel-major layout ([`to_pixel_major`]): one tile
+/// of the transposition, so that each task writes its part of the layout in order.
+const LAYOUT_BLOCK: usize = 8;
+
+/// The order of the two leading indices of `[outer, inner, pixels]` values within each pixel's
+/// block of a pixel-major layout ([`to_pixel_major`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Within {
+    /// `[pixels, outer, inner]`.
+    Kept,
+    /// `[pixels, inner, outer]`: the batch-innermost layout of `[batch, channels, pixels]`.
+    Swapped,
+}
+
+/// `x` (`[outer, inner, pixels]`) laid out pixel-major (`within` orders each pixel's block), each
+/// pixel's block `pixel_stride` values from the last (the gap zero, see [`PIXEL_GAP`]), in parallel
+/// over blocks of [`LAYOUT_BLOCK`] pixels (each a contiguous block of the result, written in order).
+fn to_pixel_major(
+    x: &[f32],
+    (outer, inner, pixels): (usize, usize, usize),
+    pixel_stride: usize,
+    within: Within,
+) -> Vec<f32> {
     assert!(
-        pixel_stride >= outer * inner,
-        "pixel-major layout: pixel blocks overlap"
+        pixel_stride >= outer * inner && x.len() >= outer * inner * pixels,
+        "pixel-major layout: pixel blocks overlap, or the input is too short"
     );
     let len = pixel_stride * pixels;
     let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -370,12 +345,22 @@ fn to_pixel_major(x: &[f32], (outer, inner, pixels): (usize, usize, usize), pixe
         .for_each(|(chunk, dst): (usize, &mut [MaybeUninit<f32>])| {
             let first = chunk * LAYOUT_BLOCK;
             let count = dst.len() / pixel_stride;
-            for o in 0..outer {
-                // Rows: the inner index; columns: this block's pixels of outer index `o`.
+            let (parts, rows) = match within {
+                Within::Kept => (outer, inner),
+                Within::Swapped => (inner, outer),
+            };
+            for part in 0..parts {
+                // Where the transposition reads, its source's row stride, where it goes in a block.
+                let (source, stride, at) = match within {
+                    // Rows: the inner index; columns: this block's pixels of outer index `part`.
+                    Within::Kept => (part * inner * pixels, pixels, part * inner),
+                    // Rows: the outer index; columns: this block's pixels of inner index `part`.
+                    Within::Swapped => (part * pixels, inner * pixels, part * outer),
+                };
                 transpose_strided_uninit(
-                    Strided(&x[o * inner * pixels + first..], pixels),
-                    (inner, count),
-                    &mut dst[o * inner..],
+                    Strided(&x[source + first..], stride),
+                    (rows, count),
+                    &mut dst[at..],
                     pixel_stride,
                 );
             }
