@@ -231,7 +231,8 @@ pub mod kernels {
                 offset: (0, 0),
             },
         };
-        // Whole tiles of samples: the batch-innermost route (no padded copy, no panel).
+        // Tiles of samples three quarters full or more: the batch-innermost route (no padded copy,
+        // no panel).
         if implicit_conv::batch_inner::fits(batch, g.c_in, &gather, &[product]) {
             let (samples, planes) = ((batch, g.c_in), (g.h_in, g.w_in));
             let products = [product];
@@ -394,7 +395,8 @@ pub mod kernels {
                     },
                 })
                 .collect();
-            // Whole tiles of samples and phases that cover the output: the batch-innermost route.
+            // Tiles of samples three quarters full or more and phases that cover the output once: the
+            // batch-innermost route.
             if implicit_conv::batch_inner::fits(batch, g.c_out, gather, &products) {
                 let (samples, planes) = ((batch, g.c_out), (g.h_out, g.w_out));
                 implicit_conv::batch_inner::convolve(x, samples, planes, gather, &products, None, out, true, kernel);
@@ -1914,7 +1916,8 @@ mod tests {
         // 12 and 24, grids past 32 points), kernels smaller than the stride (output phases no tap
         // reaches), paddings past the kernel, one input channel, wide strides. At 3 samples the
         // padded-panel route; at 48 (a whole tile of samples and a half one) the batch-innermost one
-        // where its products cover the output.
+        // where its products cover the output; the weight gradient at 32 input channels takes the
+        // batch-innermost route at either.
         let shapes = [
             (3, 7, 5, 13, 4, 2, 1),
             (2, 5, 5, 26, 3, 1, 1),

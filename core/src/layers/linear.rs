@@ -229,11 +229,11 @@ fn composite_affine(
 /// `f(x·W + b)` (`x` `[batch, inputs]`, `W` `[inputs, outputs]`, `f` the optional fused
 /// activation) as one tape op on the host: the product writes the output and the bias is added
 /// in `f`'s pass, which keeps the slopes `f'` (without `f` the output starts as the bias rows and
-/// the product is accumulated into them). The backward pass forms `dz = dy ⊙ f'` (or takes `dy` as it is)
-/// and adds `xᵀ·dz`, the column sums of `dz` and `dz·Wᵀ` straight into the gradient buffers of `W`,
-/// `b` and `x`, leaving out a frozen `W` or `b` ([`Param::requires_grad`]) and, when
-/// `input_gradient` is false, `x`. Equal to [`composite_affine`] followed by the activation up to
-/// rounding (tested). CPU only: gradient buffers are host slices.
+/// the product is accumulated into them). The backward pass forms `dz = dy ⊙ f'` (or takes `dy`
+/// as it is) and adds `xᵀ·dz`, the column sums of `dz` and `dz·Wᵀ` straight into the gradient
+/// buffers of `W`, `b` and `x`, leaving out a frozen `W` or `b` ([`Param::requires_grad`]) and,
+/// when `input_gradient` is false, `x`. Equal to [`composite_affine`] followed by the activation
+/// up to rounding (tested). CPU only: gradient buffers are host slices.
 #[cfg(not(feature = "cuda"))]
 fn affine(
     x: Matrix<Tape>,
