@@ -217,6 +217,15 @@ impl Gather<'_> {
         (b, p / self.grid.1, p % self.grid.1)
     }
 
+    /// The pixel (`y·w + x`) of an unpadded `(h, w)` input that tap `t` reads for grid point
+    /// `(oy, ox)`, or `None` where it falls outside the input.
+    fn input_pixel(&self, (oy, ox): (usize, usize), t: usize, (h, w): (usize, usize)) -> Option<usize> {
+        let (dy, dx) = self.taps[t];
+        let y = (oy * self.stride) as isize + dy;
+        let x = (ox * self.stride) as isize + dx;
+        ((0..h as isize).contains(&y) && (0..w as isize).contains(&x)).then(|| y as usize * w + x as usize)
+    }
+
     /// The zero rows and columns `(before, after)` an input of `size` needs on each side so that
     /// every tap of every grid point lands inside its padded plane.
     pub fn padding(&self, size: (usize, usize)) -> ((usize, usize), (usize, usize)) {
@@ -358,29 +367,16 @@ pub fn convolve(
     accumulate: bool,
     kernel: Microkernel,
 ) {
-    let Some(first_product) = products.first() else {
+    if products.is_empty() {
         return;
-    };
-    let (batch, channels, rows) = (input.batch, input.channels, first_product.weights.rows);
-    let planes = first_product.scatter.planes;
+    }
+    let (batch, channels) = (input.batch, input.channels);
+    let (rows, planes) = check_products(products, channels, gather);
     let (grid_pixels, out_plane) = (gather.grid.0 * gather.grid.1, planes.0 * planes.1);
     assert!(out.len() >= batch * rows * out_plane, "implicit conv: output too short");
     assert!(bias.is_none_or(|b| b.len() >= rows), "implicit conv: bias too short");
     let columns = batch * grid_pixels;
     for product in products {
-        assert!(
-            product.weights.rows == rows && product.scatter.planes == planes,
-            "implicit conv: the products of one call differ in rows or output planes"
-        );
-        assert_eq!(
-            product.weights.depth,
-            product.taps.len() * channels,
-            "implicit conv: weight depth"
-        );
-        assert!(
-            product.taps.iter().all(|&t| t < gather.taps.len()),
-            "implicit conv: a product's tap is not the gather's"
-        );
         let (stride, offset) = (product.scatter.stride, product.scatter.offset);
         let last = |g: usize, offset: usize| (g.max(1) - 1) * stride + offset;
         assert!(
@@ -489,6 +485,31 @@ pub fn convolve(
                 }
             },
         );
+}
+
+/// The rows and output planes the products of one call share, after checking that they share them,
+/// that each one's weights are `channels` deep per tap, and that its taps are the gather's.
+///
+/// # Panics
+/// When they are not (a bug in the calling kernel).
+fn check_products(products: &[Product<'_>], channels: usize, gather: &Gather<'_>) -> (usize, (usize, usize)) {
+    let (rows, planes) = (products[0].weights.rows, products[0].scatter.planes);
+    for product in products {
+        assert!(
+            product.weights.rows == rows && product.scatter.planes == planes,
+            "implicit conv: the products of one call differ in rows or output planes"
+        );
+        assert_eq!(
+            product.weights.depth,
+            product.taps.len() * channels,
+            "implicit conv: weight depth"
+        );
+        assert!(
+            product.taps.iter().all(|&t| t < gather.taps.len()),
+            "implicit conv: a product's tap is not the gather's"
+        );
+    }
+    (rows, planes)
 }
 
 /// The products of a [`convolve`] call in the groups it computes together: each product alone, or

@@ -91,8 +91,7 @@ pub fn convolve(
         fits(batch, channels, gather, products),
         "batch-inner conv: the call does not fit the route"
     );
-    let rows = products[0].weights.rows;
-    let planes = products[0].scatter.planes;
+    let (rows, planes) = super::check_products(products, channels, gather);
     let (pixels, out_pixels) = (h * w, planes.0 * planes.1);
     assert!(
         x.len() >= batch * channels * pixels,
@@ -103,16 +102,6 @@ pub fn convolve(
         "batch-inner conv: output too short"
     );
     assert!(bias.is_none_or(|b| b.len() >= rows), "batch-inner conv: bias too short");
-    for product in products {
-        assert!(
-            product.weights.rows == rows && product.weights.depth == product.taps.len() * channels,
-            "batch-inner conv: the products' weights"
-        );
-        assert!(
-            product.taps.iter().all(|&t| t < gather.taps.len()),
-            "batch-inner conv: a product's tap is not the gather's"
-        );
-    }
     let input_stride = channels * batch + PIXEL_GAP;
     let input = to_pixel_major(x, (batch, channels, pixels), input_stride, Within::Swapped);
     // `[out pixel, row, sample]`: every value written by one tile (the products cover the planes);
@@ -142,11 +131,7 @@ pub fn convolve(
                     // The product's taps inside the input: (where its rows start, first contraction row).
                     segments.clear();
                     for (i, &t) in product.taps.iter().enumerate() {
-                        let (dy, dx) = gather.taps[t];
-                        let y = (oy * gather.stride) as isize + dy;
-                        let x = (ox * gather.stride) as isize + dx;
-                        if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
-                            let pixel = y as usize * w + x as usize;
+                        if let Some(pixel) = gather.input_pixel((oy, ox), t, (h, w)) {
                             segments.push((pixel * input_stride + first_sample, i * channels));
                         }
                     }
@@ -256,16 +241,12 @@ pub fn weight_gradient(
             // Row blocks innermost: a thread's neighbouring tasks read the same input channels.
             let (first_row, first_channel) = ((block % row_blocks) * TILE_ROWS, (block / row_blocks) * TILE_COLUMNS);
             let block_rows = TILE_ROWS.min(rows - first_row);
-            let (dy, dx) = gather.taps[t];
             // Per grid point whose pixel under tap `t` is inside the input: where its samples'
             // channels and gradient rows start.
             segments.clear();
             for point in 0..grid_pixels {
                 let (oy, ox) = (point / gather.grid.1, point % gather.grid.1);
-                let y = (oy * gather.stride) as isize + dy;
-                let x = (ox * gather.stride) as isize + dx;
-                if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
-                    let pixel = y as usize * w + x as usize;
+                if let Some(pixel) = gather.input_pixel((oy, ox), t, (h, w)) {
                     segments.push((pixel * input_stride + first_channel, point * grad_stride + first_row));
                 }
             }
