@@ -182,6 +182,68 @@ pub fn before_activation<'a>(dy: &'a [f32], slopes: Option<&[f32]>) -> std::borr
     }
 }
 
+/// [`before_activation`], and the rows of its result (each as long as `bias_gradient`) added into
+/// `bias_gradient`, row by row: a linear layer's bias gradient. Where the product stays on one
+/// thread (at most [`ELEMENTWISE_VALUES_PER_TASK`] values) each row is added while it is written,
+/// one pass instead of two; the sums are the same either way (each `bias_gradient[j]` adds the
+/// rows' values in row order).
+pub fn before_activation_adding_rows<'a>(
+    dy: &'a [f32],
+    slopes: Option<&[f32]>,
+    bias_gradient: &mut [f32],
+) -> std::borrow::Cow<'a, [f32]> {
+    let width = bias_gradient.len();
+    assert!(
+        width > 0 && dy.len().is_multiple_of(width),
+        "whole rows as long as the bias gradient"
+    );
+    match slopes {
+        Some(slopes) if dy.len() <= ELEMENTWISE_VALUES_PER_TASK => {
+            assert_eq!(dy.len(), slopes.len(), "one slope per value");
+            let mut out = Vec::with_capacity(dy.len());
+            let spare = &mut out.spare_capacity_mut()[..dy.len()];
+            on_widest_vectors(
+                #[inline(always)]
+                || {
+                    let rows = dy.chunks_exact(width).zip(slopes.chunks_exact(width));
+                    for ((dy, slopes), out) in rows.zip(spare.chunks_exact_mut(width)) {
+                        let (dy, slopes, sum) = (&dy[..width], &slopes[..width], &mut bias_gradient[..width]);
+                        for j in 0..width {
+                            let dz = dy[j] * slopes[j];
+                            out[j].write(dz);
+                            sum[j] += dz;
+                        }
+                    }
+                },
+            );
+            // SAFETY: the rows above cover `dy.len()` values, each written once.
+            unsafe { out.set_len(dy.len()) };
+            std::borrow::Cow::Owned(out)
+        }
+        slopes => {
+            let dz = before_activation(dy, slopes);
+            add_rows(&dz, bias_gradient);
+            dz
+        }
+    }
+}
+
+/// Adds the rows of `values` (each as long as `sums`) into `sums`, in row order.
+pub fn add_rows(values: &[f32], sums: &mut [f32]) {
+    let width = sums.len();
+    on_widest_vectors(
+        #[inline(always)]
+        || {
+            for row in values.chunks_exact(width) {
+                let (row, sums) = (&row[..width], &mut sums[..width]);
+                for j in 0..width {
+                    sums[j] += row[j];
+                }
+            }
+        },
+    )
+}
+
 /// Values per task when an elementwise pass splits across the pool's threads: a pass over fewer
 /// (the dense models' activations, 50,176 values at batch 64) stays on its thread, where handing
 /// half of it to another thread would cost about what it saves; the DCGAN's 400,000-800,000-value
@@ -794,6 +856,34 @@ mod tests {
             2,
             false,
         );
+    }
+
+    #[test]
+    fn the_bias_gradient_pass_matches_the_product_and_the_row_sums_in_row_order() {
+        // 64 x 784 stays on one thread (the fused loop); 100 x 784 is longer than a task (the
+        // product split across the pool, then the rows added); 5 x 3 without slopes.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (rows, width, with_slopes) in [(64, 784, true), (100, 784, true), (5, 3, false), (64, 784, false)] {
+            let dy = values(rows * width, 6);
+            let slopes = values(rows * width, 7);
+            let slopes = with_slopes.then_some(&slopes[..]);
+            let start = values(width, 8);
+            let mut sums = start.clone();
+            let dz = pool.install(|| before_activation_adding_rows(&dy, slopes, &mut sums));
+            // The definition: `dy ⊙ f'` value by value, then each column summed down the rows,
+            // starting from the gradient already there.
+            let mut expected = start.clone();
+            for i in 0..rows {
+                for (j, sum) in expected.iter_mut().enumerate() {
+                    let k = i * width + j;
+                    let z = slopes.map_or(dy[k], |s| dy[k] * s[k]);
+                    assert_eq!(dz[k].to_bits(), z.to_bits(), "{rows}x{width} value {k}");
+                    *sum += z;
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&sums), bits(&expected), "{rows}x{width} sums");
+        }
     }
 
     #[test]

@@ -291,19 +291,19 @@ fn affine(
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         // Moved out and back, not copied: dfdx lends no `&` and `&mut` to two gradients at once.
         let dy_store = std::mem::take(&mut **grads.get_or_alloc_mut(&yg)?);
-        let dz = crate::kernels::before_activation(&dy_store, slopes.as_deref());
+        // The bias gradient (the rows' sums) is added in the pass through the activation.
+        let dz = match &bg {
+            Some(bg) => crate::kernels::before_activation_adding_rows(
+                &dy_store,
+                slopes.as_deref(),
+                &mut grads.get_or_alloc_mut(bg)?[..],
+            ),
+            None => crate::kernels::before_activation(&dy_store, slopes.as_deref()),
+        };
         let dy: &[f32] = &dz;
         if let Some(wg) = &wg {
             let dw = grads.get_or_alloc_mut(wg)?;
             crate::kernels::matmul((inputs, batch, outputs), &xv, true, dy, false, &mut dw[..], true);
-        }
-        if let Some(bg) = &bg {
-            let db = grads.get_or_alloc_mut(bg)?;
-            for row in dy.chunks_exact(outputs) {
-                for (d, v) in db.iter_mut().zip(row) {
-                    *d += v;
-                }
-            }
         }
         if input_gradient {
             let dx = grads.get_or_alloc_mut(&xg)?;

@@ -67,17 +67,32 @@ fn mean_squared_error(prediction: Matrix<Tape>, target: &Matrix) -> Scalar {
     let (prediction, mut tape) = prediction.split_tape();
     let mut difference = crate::kernels::host(&prediction);
     let n = difference.len();
-    for (d, t) in difference.iter_mut().zip(crate::kernels::host(target)) {
-        *d -= t;
-    }
+    let target = crate::kernels::host(target);
+    // Indexed loops over slices of one length, compiled for the CPU's widest vectors.
+    crate::kernels::on_widest_vectors(
+        #[inline(always)]
+        || {
+            let (difference, target) = (&mut difference[..n], &target[..n]);
+            for i in 0..n {
+                difference[i] -= target[i];
+            }
+        },
+    );
     let sum = crate::kernels::sum_of_squares(&difference);
     let loss = prediction.device().tensor((sum / n as f64) as f32);
     let (pg, lg) = (prediction.ghost(), loss.ghost());
     dfdx::tensor::Tape::add_backward_op(&mut tape, move |grads| {
         let scale = 2.0 * grads.get_or_alloc_mut(&lg)?[0] / n as f32;
-        for (g, d) in grads.get_or_alloc_mut(&pg)?.iter_mut().zip(&difference) {
-            *g += scale * d;
-        }
+        let gradient = &mut grads.get_or_alloc_mut(&pg)?[..n];
+        crate::kernels::on_widest_vectors(
+            #[inline(always)]
+            || {
+                let difference = &difference[..n];
+                for i in 0..n {
+                    gradient[i] += scale * difference[i];
+                }
+            },
+        );
         Ok(())
     });
     loss.put_tape(tape)
